@@ -1,0 +1,398 @@
+"""The mesh file (``services/mesh.yaml``): agents, router, server limits and auth.
+
+Loaded with pydantic; environment variables override the file
+(``MESH_SERVER__GRACE_PERIOD_S=5``, ``MESH_AGENTS__TRIAGE__PORT=7000``: prefix
+``MESH_``, ``__`` between levels). Secrets never live in the file: settings that
+need one name the environment variable to read (``api_key_env``). A bad file
+fails with one :class:`~mesh.errors.ConfigError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from mesh.auth.config import AuthConfig
+from mesh.errors import ConfigError
+
+NAME_RE = r"^[a-z][a-z0-9_-]{0,62}$"
+DEFAULT_CONFIG = Path("services/mesh.yaml")
+ENV_CONFIG = "MESH_CONFIG"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Frozen):
+    """Transport limits shared by every service's gRPC server."""
+
+    host: str = "127.0.0.1"
+    """Address to bind (``0.0.0.0`` in containers)."""
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    """Largest message received or sent; larger ones get RESOURCE_EXHAUSTED."""
+    max_metadata_bytes: int = Field(default=16 * 1024, ge=1024)
+    """Largest header block a client may send."""
+    max_concurrent_rpcs: int = Field(default=2000, ge=1)
+    """Calls in flight per process; beyond this new calls get RESOURCE_EXHAUSTED."""
+    max_concurrent_streams: int = Field(default=1000, ge=1)
+    """HTTP/2 streams per connection."""
+    keepalive_time_s: float = Field(default=30.0, gt=0)
+    """Ping an idle connection this often."""
+    keepalive_timeout_s: float = Field(default=10.0, gt=0)
+    """Close a connection whose ping is not answered within this."""
+    min_ping_interval_s: float = Field(default=10.0, ge=0)
+    """Refuse client pings more frequent than this."""
+    grace_period_s: float = Field(default=20.0, ge=0)
+    """On SIGTERM, how long in-flight streams may take to finish."""
+    idle_stream_timeout_s: float = Field(default=300.0, gt=0)
+    """A Chat stream that carries no request for this long is closed (DEADLINE_EXCEEDED)."""
+    reflection: bool = True
+    """Serve gRPC server reflection (grpcurl needs it)."""
+
+
+class LimitsConfig(_Frozen):
+    """Per-agent limits."""
+
+    max_hops: int | None = Field(default=None, ge=0, le=100)
+    """Handoffs a turn may take once it reaches this agent (default: the mesh's)."""
+    max_tool_rounds: int = Field(default=8, ge=1, le=100)
+    """Model calls per turn (each round may call tools)."""
+    turn_timeout_s: float = Field(default=300.0, gt=0)
+    """A turn that runs longer is cancelled (the caller's deadline still applies)."""
+    tool_timeout_s: float = Field(default=30.0, gt=0)
+    """A tool call that runs longer becomes an error result."""
+    consult_timeout_s: float = Field(default=120.0, gt=0)
+    """How long to wait for the router to answer a CONSULT."""
+
+
+HandoffModeName = Literal["transfer", "consult"]
+
+
+class HandoffConfig(_Frozen):
+    """An agent this one may hand over to, and how."""
+
+    target: str
+    modes: list[HandoffModeName] = Field(default_factory=lambda: ["transfer"], min_length=1)
+    """``transfer`` (swarm) and/or ``consult`` (coordinator)."""
+    description: str = ""
+    """Shown to the model in the tool description."""
+    pass_context: list[str] = Field(default_factory=list)
+    """Context keys handed to the target; nothing else travels."""
+
+
+class SkillConfig(_Frozen):
+    name: str
+    description: str = ""
+
+
+class ProviderConfig(BaseModel):
+    """``kind`` and ``model``; every other key is the provider's own option."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str = "offline"
+    model: str = "offline-1"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _check_options(self) -> ProviderConfig:
+        from mesh.providers.registry import validate_options
+
+        try:
+            validate_options(self.kind, self.options)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class AgentConfig(_Frozen):
+    """One agent of the mesh."""
+
+    name: str = Field(default="", pattern=r"^$|" + NAME_RE)
+    """Filled in from the key under ``agents:``."""
+    description: str
+    instructions: str = ""
+    """The system prompt."""
+    port: int = Field(default=0, ge=0, le=65535)
+    """Port when run by ``mesh up`` or ``mesh agent`` (0: any free port)."""
+    provider: ProviderConfig = Field(default_factory=ProviderConfig)
+    tools: list[str] = Field(default_factory=list)
+    """Python functions as ``module:function``, importable from the config's folder."""
+    handoffs: list[HandoffConfig] = Field(default_factory=list)
+    can_end_conversation: bool = False
+    """Offer the model an ``end_conversation`` tool."""
+    skills: list[SkillConfig] = Field(default_factory=list)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    required_scopes: list[str] = Field(default_factory=list)
+    """With auth on, a caller's token must carry one of these scopes or roles."""
+    replicas: int = Field(default=1, ge=1, le=16)
+    """Processes ``mesh up`` starts for this agent."""
+
+    @field_validator("tools")
+    @classmethod
+    def _tool_refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", ref):
+                raise ValueError(f"tool {ref!r} must look like module.path:function")
+        return value
+
+
+class RouteRule(_Frozen):
+    """CONDITIONAL routing: picks an agent before any model runs."""
+
+    agent: str
+    contains: list[str] = Field(default_factory=list)
+    """Any of these words (case-insensitive) in the user's message."""
+    matches: str | None = None
+    """A regular expression searched in the user's message."""
+    context: dict[str, str] = Field(default_factory=dict)
+    """Every key must equal this value in the turn's context or call metadata."""
+
+    @field_validator("contains", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("matches")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            re.compile(value)
+        return value
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> RouteRule:
+        if not self.contains and self.matches is None and not self.context:
+            raise ValueError("a route needs contains, matches or context")
+        return self
+
+
+class SequenceConfig(_Frozen):
+    """SEQUENTIAL: a named chain where each agent's output feeds the next."""
+
+    steps: list[str] = Field(min_length=1)
+    description: str = ""
+
+
+class DnsTarget(_Frozen):
+    """A DNS name whose addresses are replicas of one agent (a headless Service)."""
+
+    agent: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class DiscoveryConfig(_Frozen):
+    static: dict[str, list[str]] = Field(default_factory=dict)
+    """agent -> host:port list (``mesh up`` fills this for the agents it starts)."""
+    dns: list[DnsTarget] = Field(default_factory=list)
+    dns_interval_s: float = Field(default=15.0, gt=0)
+    """How often DNS names are resolved again."""
+    health_interval_s: float = Field(default=2.0, gt=0)
+    """How soon an endpoint that stopped answering leaves the pool (at most)."""
+    registration: bool = True
+    """Accept agents that announce themselves on Router.Register."""
+
+
+class StoreConfig(_Frozen):
+    kind: Literal["sqlite", "redis", "memory"] = "sqlite"
+    path: str = "conversations.db"
+    """SQLite file, relative to the data dir."""
+    url_env: str = "MESH_REDIS_URL"
+    """Environment variable holding the Redis URL (it may carry a password)."""
+    url: str | None = None
+    """Redis URL without credentials, used when ``url_env`` is unset."""
+    history_limit: int = Field(default=200, ge=1)
+    """Messages of history handed to an agent per turn (the newest)."""
+    ttl_s: float | None = Field(default=None, gt=0)
+    """Forget a conversation this long after its last turn (Redis only)."""
+
+
+class RouterConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=50050, ge=0, le=65535)
+    default_agent: str = ""
+    """The agent (a triage agent) that gets turns no rule picks."""
+    routes: list[RouteRule] = Field(default_factory=list)
+    sequences: dict[str, SequenceConfig] = Field(default_factory=dict)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    """How long to wait for an agent to accept a stream."""
+    default_deadline_s: float = Field(default=300.0, gt=0)
+    """The deadline a turn gets when the client sets none."""
+
+
+class MeshConfig(BaseSettings):
+    """The whole mesh file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MESH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    name: str = "mesh"
+    max_hops: int = Field(default=10, ge=0, le=100)
+    """Handoffs a turn may take, mesh-wide (agents may set lower)."""
+    data_dir: Path = Path(".mesh")
+    """Where the router's SQLite store and the token service's keys live."""
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    source: str = Field(default="", exclude=True)
+    """The file this came from (set by :func:`load_config`)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _names_from_keys(cls, value: object) -> object:
+        if not isinstance(value, dict):
+            return value
+        out: dict[str, Any] = {}
+        for key, body in value.items():
+            if not isinstance(key, str) or not re.fullmatch(NAME_RE, key):
+                raise ValueError(f"agent name {key!r} must match {NAME_RE}")
+            if isinstance(body, dict):
+                body = {**body, "name": key}
+            out[key] = body
+        return out
+
+    @model_validator(mode="after")
+    def _references(self) -> MeshConfig:
+        names = set(self.agents)
+        routable = names | set(self.router.sequences)
+        for agent in self.agents.values():
+            for handoff in agent.handoffs:
+                if handoff.target not in names:
+                    raise ValueError(
+                        f"agents.{agent.name}.handoffs: unknown target {handoff.target!r}"
+                    )
+                if handoff.target == agent.name:
+                    raise ValueError(f"agents.{agent.name}.handoffs: an agent cannot hand to itself")
+        if self.router.default_agent and self.router.default_agent not in routable:
+            raise ValueError(f"router.default_agent: unknown agent {self.router.default_agent!r}")
+        for i, route in enumerate(self.router.routes):
+            if route.agent not in routable:
+                raise ValueError(f"router.routes.{i}.agent: unknown agent {route.agent!r}")
+        for seq_name, seq in self.router.sequences.items():
+            if seq_name in names:
+                raise ValueError(f"router.sequences.{seq_name}: clashes with an agent's name")
+            for step in seq.steps:
+                if step not in names:
+                    raise ValueError(f"router.sequences.{seq_name}.steps: unknown agent {step!r}")
+        return self
+
+    def agent(self, name: str) -> AgentConfig:
+        """The named agent, or a ConfigError listing the known ones."""
+        try:
+            return self.agents[name]
+        except KeyError:
+            known = ", ".join(sorted(self.agents)) or "none"
+            where = f" in {self.source}" if self.source else ""
+            raise ConfigError(f"unknown agent {name!r}{where} (known: {known})") from None
+
+    def max_hops_for(self, agent: str) -> int:
+        own = self.agents[agent].limits.max_hops if agent in self.agents else None
+        return self.max_hops if own is None else min(own, self.max_hops)
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder of the config file (tool modules are imported from here)."""
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
+    """``--config``, else ``$MESH_CONFIG``, else ``services/mesh.yaml``."""
+    if path:
+        return Path(path)
+    env = os.environ.get(ENV_CONFIG)
+    return Path(env) if env else DEFAULT_CONFIG
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after[_check_options()]",))
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> MeshConfig:
+    """Load and validate the mesh file; environment variables override it."""
+    file = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file (set --config or {ENV_CONFIG})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{file}{where}: invalid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping, not {type(raw).__name__}")
+    return config_from_dict(raw, source=str(file))
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "<config>") -> MeshConfig:
+    try:
+        return MeshConfig(**{**raw, "source": source})
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(
+                str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union"))
+            )
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc}: {msg}" if loc else msg)
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+__all__ = [
+    "AgentConfig",
+    "ConfigError",
+    "DiscoveryConfig",
+    "HandoffConfig",
+    "LimitsConfig",
+    "MeshConfig",
+    "ProviderConfig",
+    "RouterConfig",
+    "ServerSettings",
+    "config_from_dict",
+    "load_config",
+]
+

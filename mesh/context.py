@@ -1,0 +1,58 @@
+"""Per-call state shared by interceptors, servicers and tools.
+
+Server interceptors fill these context variables before the servicer runs; the
+servicer, tools and outgoing client interceptors read them. Nothing here is
+gRPC-specific, so the logic under the servicers can use it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Metadata keys the mesh reads and forwards on every hop.
+MD_AUTHORIZATION = "authorization"
+MD_HOP_PATH = "x-mesh-hop-path"
+MD_CONVERSATION_ID = "x-mesh-conversation-id"
+MD_REQUEST_ID = "x-request-id"
+MD_TRACEPARENT = "traceparent"
+#: Forwarded as-is from the incoming call to the next hop.
+FORWARDED_KEYS = (MD_CONVERSATION_ID, MD_REQUEST_ID, MD_TRACEPARENT)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a call acts for, as the validated token says."""
+
+    subject: str
+    """The user (``sub``) the call acts for."""
+    issuer: str = ""
+    """The token's ``iss``."""
+    audience: str = ""
+    """The audience the token was issued for (this service)."""
+    scopes: frozenset[str] = frozenset()
+    """Scopes from ``scp``/``scope`` plus app roles from ``roles``."""
+    actor_chain: tuple[str, ...] = ()
+    """Delegation chain from nested ``act`` claims, outermost (latest) first."""
+    claims: Mapping[str, Any] = field(default_factory=dict)
+    """All validated claims."""
+
+
+current_principal: ContextVar[Principal | None] = ContextVar("mesh_principal", default=None)
+#: The raw bearer token of the incoming call; never log it.
+current_token: ContextVar[str | None] = ContextVar("mesh_token", default=None)
+#: Agents the current turn has passed through, in order.
+current_hop_path: ContextVar[tuple[str, ...]] = ContextVar("mesh_hop_path", default=())
+current_conversation_id: ContextVar[str] = ContextVar("mesh_conversation_id", default="")
+current_request_id: ContextVar[str] = ContextVar("mesh_request_id", default="")
+
+
+def parse_hop_path(value: str) -> tuple[str, ...]:
+    """Parse the ``x-mesh-hop-path`` header (comma-separated agent names)."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def format_hop_path(path: tuple[str, ...] | list[str]) -> str:
+    return ",".join(path)
