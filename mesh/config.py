@@ -90,7 +90,9 @@ class HandoffConfig(_Frozen):
     """An agent this one may hand over to, and how."""
 
     target: str
-    modes: list[HandoffModeName] = Field(default_factory=lambda: ["transfer"], min_length=1)
+    modes: list[HandoffModeName] = Field(
+        default_factory=lambda: list[HandoffModeName](["transfer"]), min_length=1
+    )
     """``transfer`` (swarm) and/or ``consult`` (coordinator)."""
     description: str = ""
     """Shown to the model in the tool description."""
@@ -304,7 +306,9 @@ class MeshConfig(BaseSettings):
                         f"agents.{agent.name}.handoffs: unknown target {handoff.target!r}"
                     )
                 if handoff.target == agent.name:
-                    raise ValueError(f"agents.{agent.name}.handoffs: an agent cannot hand to itself")
+                    raise ValueError(
+                        f"agents.{agent.name}.handoffs: an agent cannot hand to itself"
+                    )
         if self.router.default_agent and self.router.default_agent not in routable:
             raise ValueError(f"router.default_agent: unknown agent {self.router.default_agent!r}")
         for i, route in enumerate(self.router.routes):
@@ -395,4 +399,3 @@ __all__ = [
     "config_from_dict",
     "load_config",
 ]
-

@@ -9,7 +9,7 @@ adapters turn them into a status with a ``google.rpc.ErrorInfo`` detail (and a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -260,7 +260,8 @@ def from_rpc_error(err: grpc.RpcError) -> MeshError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    return from_status(code, details or "", list(trailing or ()))
+    pairs = cast(Sequence[tuple[str, str | bytes]], tuple(trailing or ()))
+    return from_status(code, details or "", pairs)
 
 
 # Keep google.rpc.Code importable for callers that want the numeric table.

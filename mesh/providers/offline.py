@@ -174,9 +174,7 @@ class OfflineProvider:
     def _words(self, messages: list[ChatMessage]) -> int:
         return sum(len(m.content.split()) for m in messages)
 
-    def _plan(
-        self, request: ModelRequest
-    ) -> tuple[str, list[ToolCallRequest]]:
+    def _plan(self, request: ModelRequest) -> tuple[str, list[ToolCallRequest]]:
         messages = list(request.messages)
         tools = {tool.name for tool in request.tools}
         fmt = _SafeFormat(agent=request.agent or self.agent, model=self.model)
@@ -201,13 +199,16 @@ class OfflineProvider:
                 prefix = "transfer_to_" if rule.mode == "transfer" else "ask_"
                 name = prefix + rule.handoff
                 if name in tools:
-                    args = {"reason": rule.reason or f"matched rule for {rule.handoff}",
-                            "message": text}
+                    args = {
+                        "reason": rule.reason or f"matched rule for {rule.handoff}",
+                        "message": text,
+                    }
                     return "", [ToolCallRequest(call_id, name, args)]
             if rule.consult:
                 calls = [
                     ToolCallRequest(
-                        f"{call_id}_{i}", f"ask_{target}",
+                        f"{call_id}_{i}",
+                        f"ask_{target}",
                         {"reason": rule.reason or "consult", "message": text},
                     )
                     for i, target in enumerate(rule.consult)

@@ -1,0 +1,377 @@
+"""One agent's turn loop, with no knowledge of gRPC.
+
+A turn: the model streams text and tool calls; ordinary tools run (concurrently)
+and their results go back to the model; ``ask_<agent>`` calls become CONSULT
+handoff requests whose answers arrive through the :class:`ConsultBroker`;
+``transfer_to_<agent>`` ends the turn with a TRANSFER request; the turn ends with
+a :class:`Final`. Cancelling the task that iterates :meth:`AgentRuntime.run_turn`
+closes the model stream and cancels running tools at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mesh.config import AgentConfig, MeshConfig
+from mesh.errors import MeshError
+from mesh.providers.base import (
+    ChatMessage,
+    ModelRequest,
+    Provider,
+    Stop,
+    TextDelta,
+    ToolCall,
+    ToolCallRequest,
+    ToolSpec,
+    UsageReport,
+)
+from mesh.tools import FunctionTool
+
+log = logging.getLogger("mesh.agent")
+
+TRANSFER_PREFIX = "transfer_to_"
+CONSULT_PREFIX = "ask_"
+END_TOOL = "end_conversation"
+Mode = Literal["transfer", "consult", "end_conversation"]
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    """What a turn starts from (from a Chat turn or a Handoff)."""
+
+    conversation_id: str
+    message: str
+    history: Sequence[ChatMessage] = ()
+    context: Mapping[str, str] = field(default_factory=dict)
+    turn_id: str = ""
+    hop_path: tuple[str, ...] = ()
+    source_agent: str = ""
+    """The agent that handed over (empty for a Chat turn)."""
+    mode: Mode | None = None
+    """How it was handed over (None for a Chat turn)."""
+    reason: str = ""
+    hops_remaining: int | None = None
+    """Handoffs still allowed; at 0 no handoff tool is offered."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCalled:
+    call: ToolCallRequest
+
+
+@dataclass(frozen=True)
+class ToolReturned:
+    call_id: str
+    name: str
+    content: str
+    is_error: bool
+
+
+@dataclass(frozen=True)
+class HandoffRequested:
+    call_id: str
+    target: str
+    mode: Mode
+    reason: str
+    message: str
+    context: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Final:
+    content: str
+    input_tokens: int
+    output_tokens: int
+    stop_reason: str
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    code: str
+    message: str
+    reason: str
+
+
+RuntimeEvent = Delta | ToolCalled | ToolReturned | HandoffRequested | Final | ErrorInfo
+
+
+@dataclass(frozen=True)
+class ConsultAnswer:
+    content: str
+    is_error: bool = False
+    agent: str = ""
+
+
+class ConsultBroker:
+    """Matches CONSULT answers arriving on the request stream to waiting turns."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, asyncio.Future[ConsultAnswer]] = {}
+
+    def expect(self, call_id: str) -> asyncio.Future[ConsultAnswer]:
+        future: asyncio.Future[ConsultAnswer] = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = future
+        return future
+
+    def resolve(self, call_id: str, answer: ConsultAnswer) -> bool:
+        """Deliver an answer; False when nobody waits for ``call_id``."""
+        future = self._waiting.pop(call_id, None)
+        if future is None or future.done():
+            return False
+        future.set_result(answer)
+        return True
+
+    def forget(self, call_id: str) -> None:
+        self._waiting.pop(call_id, None)
+
+
+def _handoff_params(required_message: bool) -> dict[str, Any]:
+    props = {
+        "reason": {"type": "string", "description": "Why this agent should take part."},
+        "message": {
+            "type": "string",
+            "description": "What to ask or hand over, in full (the other agent sees only this "
+            "and the conversation history).",
+        },
+    }
+    return {
+        "type": "object",
+        "properties": props,
+        "required": ["reason", "message"] if required_message else ["reason"],
+        "additionalProperties": False,
+    }
+
+
+class AgentRuntime:
+    """Runs turns for one configured agent."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        mesh: MeshConfig,
+        provider: Provider,
+        tools: Mapping[str, FunctionTool] | None = None,
+        *,
+        version: str = "",
+    ) -> None:
+        self.config = config
+        self.mesh = mesh
+        self.provider = provider
+        self.tools = dict(tools or {})
+        self.version = version
+        self._handoff_specs: dict[str, tuple[str, Mode, ToolSpec]] = {}
+        for handoff in config.handoffs:
+            about = handoff.description or (
+                mesh.agents[handoff.target].description if handoff.target in mesh.agents else ""
+            )
+            if "transfer" in handoff.modes:
+                name = TRANSFER_PREFIX + handoff.target
+                spec = ToolSpec(
+                    name,
+                    f"Transfer the conversation to {handoff.target}: {about}".strip(),
+                    _handoff_params(False),
+                )
+                self._handoff_specs[name] = (handoff.target, "transfer", spec)
+            if "consult" in handoff.modes:
+                name = CONSULT_PREFIX + handoff.target
+                spec = ToolSpec(
+                    name,
+                    f"Ask {handoff.target} and get its answer back: {about}".strip(),
+                    _handoff_params(True),
+                )
+                self._handoff_specs[name] = (handoff.target, "consult", spec)
+        if config.can_end_conversation:
+            spec = ToolSpec(
+                END_TOOL,
+                "End the conversation when the user is done.",
+                {
+                    "type": "object",
+                    "properties": {"reason": {"type": "string"}},
+                    "additionalProperties": False,
+                },
+            )
+            self._handoff_specs[END_TOOL] = ("", "end_conversation", spec)
+        clash = set(self.tools) & set(self._handoff_specs)
+        if clash:
+            raise MeshError(f"tool names clash with handoff tools: {sorted(clash)}")
+        self._pass_context = {h.target: set(h.pass_context) for h in config.handoffs}
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def tool_specs(self, turn: TurnInput) -> list[ToolSpec]:
+        specs = [tool.spec for tool in self.tools.values()]
+        for target, mode, spec in self._handoff_specs.values():
+            if mode != "end_conversation" and turn.hops_remaining == 0:
+                continue
+            if target and target in turn.hop_path and mode == "consult":
+                continue  # the router would refuse it as a cycle
+            specs.append(spec)
+        return specs
+
+    def _system(self, turn: TurnInput) -> str:
+        system = self.config.instructions
+        if turn.source_agent and turn.mode == "consult":
+            system += (
+                f"\n\n{turn.source_agent} is consulting you ({turn.reason}). "
+                "Answer its question directly."
+            )
+        elif turn.source_agent:
+            system += (
+                f"\n\n{turn.source_agent} transferred this conversation to you ({turn.reason})."
+            )
+        return system.strip()
+
+    async def run_turn(
+        self, turn: TurnInput, consults: ConsultBroker | None = None
+    ) -> AsyncIterator[RuntimeEvent]:
+        """Run one turn, yielding events; ends with a Final (or raises a MeshError)."""
+        broker = consults or ConsultBroker()
+        messages: list[ChatMessage] = [*turn.history, ChatMessage("user", turn.message)]
+        specs = self.tool_specs(turn)
+        offered = {spec.name for spec in specs}
+        usage_in = usage_out = 0
+        text = ""
+        limits = self.config.limits
+        for _round in range(limits.max_tool_rounds):
+            text = ""
+            calls: list[ToolCallRequest] = []
+            request = ModelRequest(
+                system=self._system(turn),
+                messages=tuple(messages),
+                tools=tuple(specs),
+                conversation_id=turn.conversation_id,
+                agent=self.name,
+            )
+            stream = self.provider.stream(request)
+            try:
+                async for event in stream:
+                    if isinstance(event, TextDelta):
+                        if event.text:
+                            text += event.text
+                            yield Delta(event.text)
+                    elif isinstance(event, ToolCall):
+                        calls.append(event.call)
+                    elif isinstance(event, UsageReport):
+                        usage_in += event.input_tokens
+                        usage_out += event.output_tokens
+                    elif isinstance(event, Stop):
+                        break
+            finally:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            if not calls:
+                yield Final(text, usage_in, usage_out, "end_turn")
+                return
+            messages.append(
+                ChatMessage("assistant", text, tool_calls=tuple(calls), agent=self.name)
+            )
+
+            unknown = [c for c in calls if c.name not in offered]
+            handoffs = [c for c in calls if c.name in self._handoff_specs and c.name in offered]
+            plain = [c for c in calls if c.name in self.tools]
+            transfer = next(
+                (c for c in handoffs if self._handoff_specs[c.name][1] == "transfer"), None
+            )
+            ending = next(
+                (c for c in handoffs if self._handoff_specs[c.name][1] == "end_conversation"), None
+            )
+            if transfer is not None or ending is not None:
+                chosen = transfer if transfer is not None else ending
+                assert chosen is not None
+                yield self._handoff_event(chosen, turn)
+                reason = "handoff" if transfer is not None else "end_conversation"
+                yield Final(text, usage_in, usage_out, reason)
+                return
+            results: list[ToolReturned] = []
+            for call in unknown:
+                results.append(
+                    ToolReturned(call.id, call.name, f"unknown tool {call.name!r}", True)
+                )
+            consult_calls = [c for c in handoffs if self._handoff_specs[c.name][1] == "consult"]
+            for call in plain:
+                yield ToolCalled(call)
+            waits: list[tuple[ToolCallRequest, asyncio.Future[ConsultAnswer]]] = []
+            for call in consult_calls:
+                waits.append((call, broker.expect(call.id)))
+                yield self._handoff_event(call, turn)
+            results.extend(await self._run_tools(plain))
+            results.extend(await self._await_consults(waits, broker))
+            for result in results:
+                yield result
+                messages.append(
+                    ChatMessage(
+                        "tool",
+                        result.content,
+                        tool_call_id=result.call_id,
+                        name=result.name,
+                        is_error=result.is_error,
+                    )
+                )
+        yield Final(text, usage_in, usage_out, "tool_rounds_exhausted")
+
+    def _handoff_event(self, call: ToolCallRequest, turn: TurnInput) -> HandoffRequested:
+        target, mode, _spec = self._handoff_specs[call.name]
+        args = call.arguments
+        passed = {k: v for k, v in turn.context.items() if k in self._pass_context.get(target, ())}
+        return HandoffRequested(
+            call_id=call.id,
+            target=target,
+            mode=mode,
+            reason=str(args.get("reason", "")),
+            message=str(args.get("message") or turn.message),
+            context=passed,
+        )
+
+    async def _run_tools(self, calls: list[ToolCallRequest]) -> list[ToolReturned]:
+        if not calls:
+            return []
+        timeout = self.config.limits.tool_timeout_s
+        outcomes = await asyncio.gather(
+            *(self.tools[c.name].run(c.arguments, timeout=timeout) for c in calls)
+        )
+        return [
+            ToolReturned(c.id, c.name, o.content, o.is_error)
+            for c, o in zip(calls, outcomes, strict=True)
+        ]
+
+    async def _await_consults(
+        self,
+        waits: list[tuple[ToolCallRequest, asyncio.Future[ConsultAnswer]]],
+        broker: ConsultBroker,
+    ) -> list[ToolReturned]:
+        results: list[ToolReturned] = []
+        if not waits:
+            return results
+        timeout = self.config.limits.consult_timeout_s
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.gather(*(f for _c, f in waits), return_exceptions=True)
+        finally:
+            for call, future in waits:
+                broker.forget(call.id)
+                if not future.done():
+                    future.cancel()
+        for call, future in waits:
+            target = self._handoff_specs[call.name][0]
+            if future.cancelled() or not future.done():
+                results.append(
+                    ToolReturned(call.id, call.name, f"{target} did not answer in time", True)
+                )
+            else:
+                answer = future.result()
+                results.append(ToolReturned(call.id, call.name, answer.content, answer.is_error))
+        return results

@@ -1,0 +1,86 @@
+"""Build and run one agent's server from the mesh config."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from mesh.agent._runtime import AgentRuntime
+from mesh.agent._servicer import AgentServicer
+from mesh.config import MeshConfig
+from mesh.interceptors import CallContextInterceptor
+from mesh.providers.base import Provider, ProviderContext
+from mesh.providers.registry import create_provider
+from mesh.server import Lifecycle, MeshServer, Service
+from mesh.tools import load_tools
+from mesh.v1 import agent_pb2, agent_pb2_grpc
+from mesh.version import __version__
+
+log = logging.getLogger("mesh.agent")
+
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+
+
+def build_runtime(
+    config: MeshConfig, name: str, *, provider: Provider | None = None
+) -> AgentRuntime:
+    """The runtime for agent ``name``: its provider (from config unless given) and tools."""
+    agent = config.agent(name)
+    if provider is None:
+        provider = create_provider(
+            agent.provider.kind,
+            agent.provider.model,
+            agent.provider.options,
+            ProviderContext(agent=name, instructions=agent.instructions, environ=dict(os.environ)),
+        )
+    tools = load_tools(agent.tools, config.base_dir)
+    return AgentRuntime(agent, config, provider, tools, version=__version__)
+
+
+def server_interceptors(config: MeshConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
+    """Interceptors for a service: call context, then auth when enabled."""
+    chain: list[grpc.aio.ServerInterceptor] = [CallContextInterceptor()]
+    if config.auth.enabled:
+        from mesh.auth.interceptors import server_interceptors as auth_interceptors
+
+        chain.extend(auth_interceptors(config, service))
+    return chain
+
+
+def build_agent_server(
+    config: MeshConfig,
+    name: str,
+    *,
+    provider: Provider | None = None,
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> tuple[MeshServer, AgentRuntime]:
+    """A ready-to-start server for one agent (``mesh agent`` and the tests use this)."""
+    runtime = build_runtime(config, name, provider=provider)
+    lifecycle = Lifecycle()
+    servicer = AgentServicer(runtime, lifecycle, idle_timeout=config.server.idle_stream_timeout_s)
+    add: Callable[[grpc.aio.Server], None] = lambda server: (  # noqa: E731
+        agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
+    )
+    server = MeshServer(
+        config.server,
+        [Service(AGENT_SERVICE, add)],
+        interceptors=[*server_interceptors(config, name), *extra_interceptors],
+        lifecycle=lifecycle,
+        label=f"agent {name}",
+        server_credentials=server_credentials(config),
+    )
+    return server, runtime
+
+
+def server_credentials(config: MeshConfig) -> grpc.ServerCredentials | None:
+    """TLS server credentials when the auth config asks for them."""
+    tls = getattr(config.auth, "tls", None)
+    if tls is None or not getattr(tls, "enabled", False):
+        return None
+    from mesh.auth.interceptors import server_credentials as make
+
+    creds: grpc.ServerCredentials | None = make(config)
+    return creds

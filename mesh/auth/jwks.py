@@ -1,0 +1,147 @@
+"""An async JWKS cache that picks keys by ``kid`` and refetches sparingly.
+
+- The first lookup fetches the JWKS (finding ``jwks_uri`` through the issuer's
+  OpenID discovery document when no URL is configured).
+- A known ``kid`` is served from memory until the set is ``max_age_s`` old.
+- An unknown ``kid`` refetches at most once per ``refresh_window_s``, however many
+  unknown kids arrive (concurrent lookups share one fetch), so a flood of forged
+  kids cannot hammer the identity provider; a key rotation is picked up by the
+  first token signed with the new key once the window has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import httpx
+
+from mesh.errors import Unauthenticated, Unavailable
+
+log = logging.getLogger("mesh.auth.jwks")
+_MAX_JWKS_BYTES = 512 * 1024
+
+
+async def fetch_json(client: httpx.AsyncClient, url: str, what: str) -> dict[str, Any]:
+    """GET ``url`` as a JSON object, mapping failures to Unavailable."""
+    try:
+        response = await client.get(url)
+    except httpx.HTTPError as err:
+        raise Unavailable(f"{what} unreachable: {type(err).__name__}") from None
+    if response.status_code != 200:
+        raise Unavailable(f"{what} answered HTTP {response.status_code}")
+    if len(response.content) > _MAX_JWKS_BYTES:
+        raise Unavailable(f"{what} too large")
+    try:
+        body = response.json()
+    except ValueError:
+        raise Unavailable(f"{what} is not JSON") from None
+    if not isinstance(body, dict):
+        raise Unavailable(f"{what} is not a JSON object")
+    return body
+
+
+def make_client(verify: ssl.SSLContext | bool, timeout_s: float) -> httpx.AsyncClient:
+    """An httpx client that ignores proxy/CA environment variables and has a timeout."""
+    return httpx.AsyncClient(verify=verify, timeout=timeout_s, trust_env=False,
+                             follow_redirects=False)
+
+
+class JwksCache:
+    """Public signing keys of one issuer, by ``kid``."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        jwks_url: str = "",
+        verify: ssl.SSLContext | bool = True,
+        timeout_s: float = 5.0,
+        refresh_window_s: float = 30.0,
+        max_age_s: float = 3600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.issuer = issuer
+        self.jwks_url = jwks_url
+        self.refresh_window_s = refresh_window_s
+        self.max_age_s = max_age_s
+        self._verify = verify
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._keys: dict[str, dict[str, Any]] = {}
+        self._fetched_at: float | None = None
+        self._attempted_at: float | None = None
+        self._lock: asyncio.Lock | None = None
+        self._client: httpx.AsyncClient | None = None
+        #: JWKS fetches made so far (tests assert on it).
+        self.fetch_count = 0
+
+    @property
+    def kids(self) -> frozenset[str]:
+        return frozenset(self._keys)
+
+    def _client_for_loop(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = make_client(self._verify, self._timeout_s)
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _fresh(self, now: float) -> bool:
+        return self._fetched_at is not None and now - self._fetched_at <= self.max_age_s
+
+    async def key_for(self, kid: str) -> Mapping[str, Any]:
+        """The JWK for ``kid``; Unauthenticated when the issuer does not publish it."""
+        if kid in self._keys and self._fresh(self._clock()):
+            return self._keys[kid]
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            now = self._clock()
+            if kid in self._keys and self._fresh(now):
+                return self._keys[kid]
+            may_fetch = self._attempted_at is None or (
+                now - self._attempted_at >= self.refresh_window_s)
+            if may_fetch:
+                try:
+                    await self._refresh()
+                except Unavailable:
+                    if kid not in self._keys:
+                        raise
+                    log.warning("JWKS refresh failed; using the cached keys")
+            elif self._fetched_at is None:
+                raise Unavailable("identity provider signing keys unavailable")
+        key = self._keys.get(kid)
+        if key is None:
+            raise Unauthenticated("token signed with an unknown key (kid)")
+        return key
+
+    async def _refresh(self) -> None:
+        self._attempted_at = self._clock()
+        self.fetch_count += 1
+        client = self._client_for_loop()
+        url = self.jwks_url
+        if not url:
+            discovery = await fetch_json(
+                client, self.issuer.rstrip("/") + "/.well-known/openid-configuration",
+                "identity provider discovery")
+            jwks_uri = discovery.get("jwks_uri")
+            if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
+                raise Unavailable("identity provider discovery has no jwks_uri")
+            url = self.jwks_url = jwks_uri
+        body = await fetch_json(client, url, "identity provider JWKS")
+        keys: dict[str, dict[str, Any]] = {}
+        raw_keys = body.get("keys")
+        for item in raw_keys if isinstance(raw_keys, list) else []:
+            if isinstance(item, dict) and isinstance(item.get("kid"), str):
+                keys[item["kid"]] = item
+        self._keys = keys
+        self._fetched_at = self._clock()
+        log.debug("fetched %d signing keys from %s", len(keys), url)

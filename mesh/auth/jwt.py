@@ -1,0 +1,341 @@
+"""The one wrapper over python-jose: validate bearer JWTs safely, and sign them.
+
+python-jose 3.5 is unsafe by default (it trusts the header's ``alg``, does not
+require ``aud`` or ``exp``, ignores ``kid`` with a key set and has no size cap),
+so every call into it goes through here:
+
+- the raw token is size-capped and shape-checked before anything parses it;
+- the algorithm comes from an allow-list (RS256, ES256), never from the header alone,
+  and must match the key type picked by ``kid`` from a :class:`KeyProvider`;
+- ``exp``, ``aud``, ``iss`` and ``sub`` are required, ``iss`` is exact, ``aud`` is
+  this service, ``exp``/``nbf``/``iat`` get a small leeway.
+
+Every failure is :class:`mesh.errors.Unauthenticated` whose message says why and
+never contains the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from jose import jwk as jose_jwk
+from jose import jwt as jose_jwt
+from jose.exceptions import ExpiredSignatureError, JOSEError, JWTClaimsError
+
+from mesh.context import Principal
+from mesh.errors import Unauthenticated
+
+#: Algorithms the mesh ever accepts; config may narrow, never widen.
+SUPPORTED_ALGORITHMS = ("RS256", "ES256")
+_KTY_FOR_ALG = {"RS256": "RSA", "ES256": "EC"}
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
+#: Anything shaped like a JWT (used to scrub text that might echo one).
+_JWT_LIKE = re.compile(r"[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*")
+REQUIRED_CLAIMS = ("exp", "aud", "iss", "sub")
+
+
+class KeyProvider(Protocol):
+    """Gives the public JWK (a dict) for a ``kid``, or raises Unauthenticated/Unavailable."""
+
+    async def key_for(self, kid: str) -> Mapping[str, Any]: ...
+
+
+def redact(text: str) -> str:
+    """``text`` with anything that looks like a JWT replaced by ``[redacted]``."""
+    return _JWT_LIKE.sub("[redacted]", text)
+
+
+def _b64decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _segment_json(token: str, index: int, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_b64decode(token.split(".")[index]))
+    except (ValueError, binascii.Error, UnicodeDecodeError, IndexError):
+        raise Unauthenticated(f"malformed token: {what} is not base64url JSON") from None
+    if not isinstance(value, dict):
+        raise Unauthenticated(f"malformed token: {what} is not a JSON object")
+    return value
+
+
+def check_shape(token: str, max_bytes: int) -> None:
+    """Refuse oversize or non-JWS tokens before any parser sees them."""
+    if not isinstance(token, str) or not token:
+        raise Unauthenticated("missing token")
+    if len(token) > max_bytes:
+        raise Unauthenticated(f"token too large (over {max_bytes} bytes)")
+    if not _COMPACT_JWS.fullmatch(token):
+        raise Unauthenticated("malformed token: not a signed compact JWT")
+
+
+def unverified_header(token: str) -> dict[str, Any]:
+    """The JOSE header, unverified (the caller must still verify the token)."""
+    return _segment_json(token, 0, "header")
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The claims, unverified: only for tokens this process already validated or received
+    from the identity provider over TLS (expiry bookkeeping, app-only checks)."""
+    return _segment_json(token, 1, "payload")
+
+
+def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
+    """Scopes (``scp``/``scope``, space-separated or a list) plus app ``roles``."""
+    out: set[str] = set()
+    for name in ("scp", "scope", "roles"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            out.update(value.split())
+        elif isinstance(value, list):
+            out.update(v for v in value if isinstance(v, str))
+    return frozenset(out)
+
+
+def actor_chain(claims: Mapping[str, Any], *, max_depth: int = 32) -> tuple[str, ...]:
+    """``sub`` of each nested ``act`` claim, outermost (the latest actor) first."""
+    chain: list[str] = []
+    act = claims.get("act")
+    while isinstance(act, Mapping) and len(chain) < max_depth:
+        sub = act.get("sub") or act.get("client_id")
+        if isinstance(sub, str):
+            chain.append(sub)
+        act = act.get("act")
+    return tuple(chain)
+
+
+def principal_from_claims(claims: Mapping[str, Any], audience: str) -> Principal:
+    """The :class:`~mesh.context.Principal` of validated ``claims``."""
+    return Principal(
+        subject=str(claims["sub"]),
+        issuer=str(claims.get("iss", "")),
+        audience=audience,
+        scopes=scopes_of(claims),
+        actor_chain=actor_chain(claims),
+        claims=dict(claims),
+    )
+
+
+def is_app_only(claims: Mapping[str, Any]) -> bool:
+    """True when a token names no user: ``idtyp: app``, no delegated scope, or sub == client."""
+    if claims.get("idtyp") == "app":
+        return True
+    if not claims.get("scp") and not claims.get("scope"):
+        return True
+    client = claims.get("azp") or claims.get("appid") or claims.get("client_id")
+    return bool(client) and claims.get("sub") == client and "act" not in claims
+
+
+def _check_key_matches(jwk: Mapping[str, Any], alg: str) -> None:
+    if jwk.get("kty") != _KTY_FOR_ALG[alg]:
+        raise Unauthenticated("token algorithm does not match its signing key")
+    if jwk.get("alg") not in (None, alg):
+        raise Unauthenticated("token algorithm does not match its signing key")
+    if jwk.get("use") not in (None, "sig"):
+        raise Unauthenticated("signing key is not a signature key")
+
+
+def _as_list(value: object) -> list[object]:
+    return value if isinstance(value, list) else [value]
+
+
+class TokenValidator:
+    """Validates bearer tokens for one audience against one issuer's keys."""
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        keys: KeyProvider,
+        algorithms: Sequence[str] = SUPPORTED_ALGORITHMS,
+        leeway_s: float = 30.0,
+        max_token_bytes: int = 8192,
+        clock: Any = time.time,
+    ) -> None:
+        bad = set(algorithms) - set(SUPPORTED_ALGORITHMS)
+        if bad or not algorithms:
+            raise ValueError(f"unsupported algorithms {sorted(bad)}; allowed: RS256, ES256")
+        if not issuer or not audience:
+            raise ValueError("issuer and audience are required")
+        self.issuer = issuer
+        self.audience = audience
+        self.keys = keys
+        self.algorithms = tuple(algorithms)
+        self.leeway_s = leeway_s
+        self.max_token_bytes = max_token_bytes
+        self._clock = clock
+
+    async def validate(self, token: str) -> dict[str, Any]:
+        """The token's claims if it is valid for this service, else Unauthenticated."""
+        check_shape(token, self.max_token_bytes)
+        header = unverified_header(token)
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise Unauthenticated("token algorithm not allowed (accepted: %s)" % ", ".join(
+                self.algorithms))
+        if "crit" in header:
+            raise Unauthenticated("token has unsupported critical header parameters")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid or len(kid) > 256:
+            raise Unauthenticated("token has no usable key id (kid)")
+        jwk = await self.keys.key_for(kid)
+        _check_key_matches(jwk, alg)
+        try:
+            key = jose_jwk.construct(dict(jwk), algorithm=alg)
+            claims = jose_jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={
+                    "require_exp": True,
+                    "require_aud": True,
+                    "require_iss": True,
+                    "require_sub": True,
+                    "verify_at_hash": False,
+                    "leeway": self.leeway_s,
+                },
+            )
+        except ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except JWTClaimsError as err:
+            raise Unauthenticated(f"token claims invalid: {redact(str(err))}") from None
+        except JOSEError:
+            raise Unauthenticated("token signature verification failed") from None
+        except Exception:  # noqa: BLE001 - a hostile token must never crash the caller
+            raise Unauthenticated("token could not be verified") from None
+        self._check_claims(claims)
+        return claims
+
+    def _check_claims(self, claims: Mapping[str, Any]) -> None:
+        # jose already checked these, but its checks are lenient about types; be exact.
+        if claims.get("iss") != self.issuer:
+            raise Unauthenticated("token claims invalid: wrong issuer")
+        if self.audience not in _as_list(claims.get("aud")):
+            raise Unauthenticated("token claims invalid: wrong audience")
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            raise Unauthenticated("token claims invalid: empty subject")
+        now = self._clock()
+        for name in ("exp", "nbf", "iat"):
+            value = claims.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(
+                    value, int | float)):
+                raise Unauthenticated(f"token claims invalid: {name} is not a number")
+        if float(claims["exp"]) < now - self.leeway_s:
+            raise Unauthenticated("token expired")
+        nbf = claims.get("nbf")
+        if nbf is not None and float(nbf) > now + self.leeway_s:
+            raise Unauthenticated("token not yet valid (nbf)")
+        iat = claims.get("iat")
+        if iat is not None and float(iat) > now + self.leeway_s:
+            raise Unauthenticated("token issued in the future (iat)")
+
+
+# -- signing (the embedded token service and ``mesh token``) -----------------------------
+
+
+def public_jwk(private_pem: str, kid: str, alg: str = "RS256") -> dict[str, Any]:
+    """The public JWK (with ``kid``, ``use``, ``alg``) of a PEM private key."""
+    key = jose_jwk.construct(private_pem, algorithm=alg).public_key()
+    out: dict[str, Any] = dict(key.to_dict())
+    out.update(kid=kid, use="sig", alg=alg)
+    return out
+
+
+def sign(claims: Mapping[str, Any], private_pem: str, kid: str, alg: str = "RS256") -> str:
+    """A compact JWS of ``claims`` signed with ``private_pem`` and carrying ``kid``."""
+    if alg not in SUPPORTED_ALGORITHMS:
+        raise ValueError(f"unsupported algorithm {alg}")
+    return str(jose_jwt.encode(dict(claims), private_pem, algorithm=alg,
+                               headers={"kid": kid, "typ": "JWT"}))
+
+
+def verify_client_assertion(
+    assertion: str,
+    *,
+    public_pem: str,
+    client_id: str,
+    audiences: Iterable[str],
+    thumbprints: Iterable[str] = (),
+    max_bytes: int = 16384,
+    leeway_s: float = 30.0,
+) -> dict[str, Any]:
+    """Verify a ``private_key_jwt`` client assertion (RFC 7523) with the client's
+    registered certificate key: RS256 only, ``iss == sub == client_id``, ``aud`` one of
+    ``audiences`` (the token endpoint), ``exp`` required; if the header names a
+    certificate thumbprint (``x5t``/``x5t#S256``) it must be the registered one."""
+    check_shape(assertion, max_bytes)
+    header = unverified_header(assertion)
+    if header.get("alg") != "RS256":
+        raise Unauthenticated("client assertion must be RS256")
+    allowed = set(thumbprints)
+    named = {v for k, v in header.items() if k in ("x5t", "x5t#S256") and isinstance(v, str)}
+    if named and allowed and not named & allowed:
+        raise Unauthenticated("client assertion names an unregistered certificate")
+    aud_list = list(audiences)
+    try:
+        claims = jose_jwt.decode(
+            assertion,
+            jose_jwk.construct(public_pem, algorithm="RS256"),
+            algorithms=["RS256"],
+            options={
+                "verify_aud": False,
+                "require_exp": True,
+                "require_iss": True,
+                "require_sub": True,
+                "verify_at_hash": False,
+                "leeway": leeway_s,
+            },
+            issuer=client_id,
+            subject=client_id,
+        )
+    except ExpiredSignatureError:
+        raise Unauthenticated("client assertion expired") from None
+    except JOSEError:
+        raise Unauthenticated("client assertion invalid") from None
+    except Exception:  # noqa: BLE001
+        raise Unauthenticated("client assertion could not be verified") from None
+    if not set(map(str, _as_list(claims.get("aud")))) & set(aud_list):
+        raise Unauthenticated("client assertion audience is not this token endpoint")
+    return claims
+
+
+def thumbprint_b64(der: bytes, *, sha256: bool = False) -> str:
+    """``x5t`` (SHA-1) or ``x5t#S256`` of a DER certificate, base64url."""
+    import hashlib
+
+    digest = hashlib.sha256(der) if sha256 else hashlib.sha1(der, usedforsecurity=False)
+    return _b64encode(digest.digest())
+
+
+__all__ = [
+    "REQUIRED_CLAIMS",
+    "SUPPORTED_ALGORITHMS",
+    "KeyProvider",
+    "TokenValidator",
+    "actor_chain",
+    "check_shape",
+    "is_app_only",
+    "principal_from_claims",
+    "public_jwk",
+    "redact",
+    "scopes_of",
+    "sign",
+    "thumbprint_b64",
+    "unverified_claims",
+    "unverified_header",
+    "verify_client_assertion",
+]

@@ -1,0 +1,175 @@
+"""Client side: channels made in one place, and a small Chat client.
+
+Channels are long-lived (a unary call costs about 2.4 times a message on an open
+stream): make one per target and keep it. Errors come back as the
+:class:`~mesh.errors.MeshError` the server raised (:func:`mesh.errors.from_rpc_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from mesh.config import ServerSettings
+from mesh.errors import from_rpc_error
+from mesh.v1 import agent_pb2, agent_pb2_grpc, router_pb2_grpc, types_pb2
+
+
+def channel_options(settings: ServerSettings | None = None) -> list[tuple[str, Any]]:
+    s = settings or ServerSettings()
+    return [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(s.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+def create_channel(
+    target: str,
+    *,
+    settings: ServerSettings | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+) -> grpc.aio.Channel:
+    """One channel to ``target`` with the mesh's limits (and interceptors, e.g. token exchange)."""
+    options = channel_options(settings)
+    if credentials is not None:
+        return grpc.aio.secure_channel(
+            target, credentials, options=options, interceptors=list(interceptors)
+        )
+    return grpc.aio.insecure_channel(target, options=options, interceptors=list(interceptors))
+
+
+@dataclass
+class TurnResult:
+    """Everything one turn produced."""
+
+    events: list[types_pb2.ChatEvent] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(e.delta.text for e in self.events if e.WhichOneof("kind") == "delta")
+
+    @property
+    def final(self) -> types_pb2.ChatEvent | None:
+        for event in reversed(self.events):
+            if event.WhichOneof("kind") == "final":
+                return event
+        return None
+
+
+def turn_request(
+    message: str,
+    *,
+    conversation_id: str = "",
+    agent: str = "",
+    context: Mapping[str, str] | None = None,
+    history: Sequence[types_pb2.Message] = (),
+    turn_id: str = "",
+) -> types_pb2.ChatRequest:
+    return types_pb2.ChatRequest(
+        turn=types_pb2.Turn(
+            conversation_id=conversation_id,
+            message=message,
+            agent=agent,
+            context=dict(context or {}),
+            history=list(history),
+            turn_id=turn_id,
+        )
+    )
+
+
+class ChatStream:
+    """One open Chat call; several turns can go through it, one after the other."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[types_pb2.ChatRequest, types_pb2.ChatEvent]):
+        self.call = call
+
+    async def send(self, request: types_pb2.ChatRequest) -> None:
+        await self.call.write(request)
+
+    async def turn(self, request: types_pb2.ChatRequest) -> AsyncIterator[types_pb2.ChatEvent]:
+        """Send a turn and yield its events until its final (or error) event."""
+        await self.call.write(request)
+        while True:
+            try:
+                event = await self.call.read()
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from None
+            if event is grpc.aio.EOF:
+                code = await self.call.code()
+                if code != grpc.StatusCode.OK:
+                    details = await self.call.details()
+                    trailing = await self.call.trailing_metadata()
+                    from mesh.errors import from_status
+
+                    raise from_status(code, details or "", list(trailing or ()))
+                return
+            assert isinstance(event, types_pb2.ChatEvent)
+            yield event
+            if event.WhichOneof("kind") in ("final", "error"):
+                return
+
+    async def close(self) -> None:
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self.call.done_writing()
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+class AgentClient:
+    """Calls ``mesh.v1.Agent`` (or ``mesh.v1.Router``, which has the same Chat)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, router: bool = False) -> None:
+        self.channel = channel
+        self._router = router
+        self._agent = agent_pb2_grpc.AgentStub(channel)
+        self._router_stub = router_pb2_grpc.RouterStub(channel)
+
+    def open(
+        self,
+        *,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+    ) -> ChatStream:
+        stub = self._router_stub if self._router else self._agent
+        return ChatStream(stub.Chat(metadata=tuple(metadata), timeout=timeout))
+
+    async def chat(
+        self,
+        message: str,
+        *,
+        conversation_id: str = "",
+        agent: str = "",
+        context: Mapping[str, str] | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = 300.0,
+    ) -> TurnResult:
+        """One turn on a new stream; returns all its events."""
+        stream = self.open(metadata=metadata, timeout=timeout)
+        result = TurnResult()
+        try:
+            request = turn_request(
+                message, conversation_id=conversation_id, agent=agent, context=context
+            )
+            async for event in stream.turn(request):
+                result.events.append(event)
+        finally:
+            await stream.close()
+            stream.cancel()
+        return result
+
+    async def info(self, *, timeout: float = 10.0) -> types_pb2.AgentInfo:
+        try:
+            return await self._agent.Info(agent_pb2.InfoRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None

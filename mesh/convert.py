@@ -1,0 +1,128 @@
+"""Conversions between the wire types (``mesh.v1``) and the runtime's own types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+
+from mesh.agent._runtime import (
+    Delta,
+    ErrorInfo,
+    Final,
+    HandoffRequested,
+    Mode,
+    RuntimeEvent,
+    ToolCalled,
+    ToolReturned,
+)
+from mesh.providers.base import ChatMessage, Role, ToolCallRequest
+from mesh.v1 import types_pb2
+
+_ROLE_TO_PB: dict[Role, types_pb2.Message.Role.ValueType] = {
+    "system": types_pb2.Message.SYSTEM,
+    "user": types_pb2.Message.USER,
+    "assistant": types_pb2.Message.ASSISTANT,
+    "tool": types_pb2.Message.TOOL,
+}
+_ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
+
+MODE_TO_PB: dict[Mode, types_pb2.HandoffMode.Mode.ValueType] = {
+    "transfer": types_pb2.HandoffMode.TRANSFER,
+    "consult": types_pb2.HandoffMode.CONSULT,
+    "end_conversation": types_pb2.HandoffMode.END_CONVERSATION,
+}
+MODE_FROM_PB: dict[int, Mode] = {int(v): k for k, v in MODE_TO_PB.items()}
+
+
+def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    json_format.ParseDict(dict(data), out)
+    return out
+
+
+def from_struct(data: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(data)
+
+
+def message_from_pb(msg: types_pb2.Message) -> ChatMessage:
+    role = _ROLE_FROM_PB.get(msg.role, "user")
+    return ChatMessage(
+        role=role,
+        content=msg.content,
+        tool_calls=tuple(
+            ToolCallRequest(c.id, c.name, from_struct(c.arguments)) for c in msg.tool_calls
+        ),
+        tool_call_id=msg.tool_call_id,
+        name=msg.name,
+        agent=msg.agent,
+    )
+
+
+def message_to_pb(msg: ChatMessage) -> types_pb2.Message:
+    return types_pb2.Message(
+        role=_ROLE_TO_PB[msg.role],
+        content=msg.content,
+        agent=msg.agent,
+        tool_calls=[
+            types_pb2.ToolCall(id=c.id, name=c.name, arguments=to_struct(c.arguments))
+            for c in msg.tool_calls
+        ],
+        tool_call_id=msg.tool_call_id,
+        name=msg.name,
+    )
+
+
+def history_from_pb(history: Iterable[types_pb2.Message]) -> tuple[ChatMessage, ...]:
+    return tuple(
+        message_from_pb(m) for m in history if m.role != types_pb2.Message.ROLE_UNSPECIFIED
+    )
+
+
+def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:
+    """The wire event for a runtime event (agent, seq and ids are set by the caller)."""
+    out = types_pb2.ChatEvent()
+    if isinstance(event, Delta):
+        out.delta.text = event.text
+    elif isinstance(event, ToolCalled):
+        out.tool_call.CopyFrom(
+            types_pb2.ToolCall(
+                id=event.call.id, name=event.call.name, arguments=to_struct(event.call.arguments)
+            )
+        )
+    elif isinstance(event, ToolReturned):
+        out.tool_result.CopyFrom(
+            types_pb2.ToolResult(
+                call_id=event.call_id,
+                name=event.name,
+                content=event.content,
+                is_error=event.is_error,
+            )
+        )
+    elif isinstance(event, HandoffRequested):
+        out.handoff.CopyFrom(
+            types_pb2.HandoffEvent(
+                call_id=event.call_id,
+                target=event.target,
+                mode=MODE_TO_PB[event.mode],
+                reason=event.reason,
+                message=event.message,
+                context=dict(event.context),
+            )
+        )
+    elif isinstance(event, Final):
+        out.final.CopyFrom(
+            types_pb2.FinalMessage(
+                content=event.content,
+                usage=types_pb2.Usage(
+                    input_tokens=event.input_tokens, output_tokens=event.output_tokens
+                ),
+                stop_reason=event.stop_reason,
+            )
+        )
+    elif isinstance(event, ErrorInfo):
+        out.error.CopyFrom(
+            types_pb2.ErrorEvent(code=event.code, message=event.message, reason=event.reason)
+        )
+    return out

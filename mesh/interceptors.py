@@ -1,0 +1,86 @@
+"""Server interceptors that are not about auth: call context from metadata."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from mesh.context import (
+    MD_CONVERSATION_ID,
+    MD_HOP_PATH,
+    MD_REQUEST_ID,
+    current_conversation_id,
+    current_hop_path,
+    current_request_id,
+    parse_hop_path,
+)
+from mesh.errors import InvalidArgument, MeshError
+
+MAX_PATH = 100
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+Handler = grpc.RpcMethodHandler[Any, Any]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+
+
+def rejecting_handler(handler: Handler, err: MeshError) -> Handler:
+    """A handler of the same shape as ``handler`` that ends the call with ``err``."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(err.code, err.message, err.trailing_metadata())
+
+    async def streaming(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await context.abort(err.code, err.message, err.trailing_metadata())
+        yield  # type: ignore[unreachable]  # makes this an async generator; abort() raises
+
+    des, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, des, ser)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming, des, ser)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
+    return grpc.stream_stream_rpc_method_handler(streaming, des, ser)
+
+
+def metadata_dict(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    """The call's text metadata (binary ``-bin`` values are left out)."""
+    out: dict[str, str] = {}
+    for key, value in details.invocation_metadata or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+class CallContextInterceptor(grpc.aio.ServerInterceptor):
+    """Reads the hop path, conversation id and request id into context variables.
+
+    A hop path from outside is checked, never trusted: at most 100 entries, each
+    a valid agent name; anything else is INVALID_ARGUMENT.
+    """
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        metadata = metadata_dict(handler_call_details)
+        path = parse_hop_path(metadata.get(MD_HOP_PATH, ""))
+        if len(path) > MAX_PATH or not all(_NAME.match(p) for p in path):
+            return rejecting_handler(
+                handler,
+                InvalidArgument(
+                    f"{MD_HOP_PATH} must list at most {MAX_PATH} agent names", field=MD_HOP_PATH
+                ),
+            )
+        current_hop_path.set(path)
+        current_conversation_id.set(metadata.get(MD_CONVERSATION_ID, ""))
+        current_request_id.set(metadata.get(MD_REQUEST_ID) or uuid.uuid4().hex[:16])
+        return handler

@@ -1,0 +1,205 @@
+"""The server bootstrap every service shares.
+
+grpc.aio with health (``grpc.health.v1``: the overall ``""`` and each service),
+reflection, message-size / concurrency / keepalive limits from config, and
+``grpc.so_reuseport`` 0 (two servers must never silently share a port).
+
+Shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING at once; new work RPCs
+are refused with UNAVAILABLE (``DRAINING``) so callers go to another replica;
+in-flight turns finish within the grace period; then the server stops, cutting
+what is left (health Watch streams never end by themselves), and the process
+exits 0. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from mesh.config import ServerSettings
+from mesh.errors import Draining
+
+log = logging.getLogger("mesh.server")
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """Channel arguments for a mesh server."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
+class Lifecycle:
+    """Tracks in-flight work so a drain can wait for it, and refuses new work while draining."""
+
+    def __init__(self) -> None:
+        self.draining = asyncio.Event()
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def check(self) -> None:
+        if self.draining.is_set():
+            raise Draining("server is shutting down; retry on another replica")
+
+    @contextlib.asynccontextmanager
+    async def work(self) -> AsyncIterator[None]:
+        """Wrap one work RPC (a Chat or Handoff stream)."""
+        self.check()
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no work is in flight; False when the timeout ran out first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Service:
+    """A servicer to register: its full name and how to add it to a server."""
+
+    name: str
+    add: Callable[[grpc.aio.Server], None]
+
+
+class MeshServer:
+    """One gRPC server with health, reflection, limits and a graceful drain."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        services: Sequence[Service],
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        lifecycle: Lifecycle | None = None,
+        label: str = "server",
+        server_credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        self.settings = settings
+        self.services = list(services)
+        self.lifecycle = lifecycle or Lifecycle()
+        self.label = label
+        self.health = HealthServicer()
+        self._credentials = server_credentials
+        self._server = grpc.aio.server(
+            interceptors=list(interceptors),
+            options=server_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        self._stopping: asyncio.Future[None] | None = None
+        self._hard_stop: asyncio.Future[None] | None = None
+        self._stopped = asyncio.Event()
+        self.port = 0
+
+    @property
+    def grpc_server(self) -> grpc.aio.Server:
+        return self._server
+
+    async def start(self, host: str | None = None, port: int = 0) -> int:
+        """Bind and start; returns the bound port (``port`` 0 picks a free one)."""
+        for service in self.services:
+            service.add(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        names = [s.name for s in self.services]
+        if self.settings.reflection:
+            reflection.enable_server_reflection(
+                [*names, HEALTH_SERVICE, reflection.SERVICE_NAME], self._server
+            )
+        address = f"{host or self.settings.host}:{port}"
+        if self._credentials is not None:
+            bound = self._server.add_secure_port(address, self._credentials)
+        else:
+            bound = self._server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot bind {address}")
+        self.port = bound
+        await self._server.start()
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return bound
+
+    async def set_serving(self, service: str, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(service, status)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING now, refuse new work, let in-flight work finish, then stop."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.lifecycle.draining.set()
+        log.info(
+            "%s draining: %d streams in flight, grace %.1fs",
+            self.label,
+            self.lifecycle.active,
+            grace,
+        )
+        finished = await self.lifecycle.wait_idle(grace)
+        if not finished:
+            log.warning(
+                "%s grace period over with %d streams in flight; cancelling them",
+                self.label,
+                self.lifecycle.active,
+            )
+        await self._server.stop(0.5)
+        self._stopped.set()
+
+    def request_stop(self) -> None:
+        """Start the drain (idempotent); a second call stops at once."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.drain())
+        else:
+            log.warning("%s: second signal, stopping now", self.label)
+            self._hard_stop = asyncio.ensure_future(self._server.stop(0))
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+    async def wait(self) -> None:
+        """Until the server has stopped (after a drain or a stop)."""
+        await self._server.wait_for_termination()
+        if self._stopping is not None:
+            await self._stopping
+
+    async def stop(self, grace: float | None = 0) -> None:
+        await self._server.stop(grace)

@@ -1,0 +1,1 @@
+"""The billing agent of the default mesh."""

@@ -1,0 +1,1 @@
+"""The orders agent of the default mesh."""

@@ -1,0 +1,1 @@
+"""The researcher agent of the default mesh."""

@@ -1,0 +1,1 @@
+"""The writer agent of the default mesh."""
