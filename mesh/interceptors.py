@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -23,8 +23,11 @@ from mesh.errors import InvalidArgument, MeshError
 MAX_PATH = 100
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
-Handler = grpc.RpcMethodHandler[Any, Any]
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
 
 
 def rejecting_handler(handler: Handler, err: MeshError) -> Handler:

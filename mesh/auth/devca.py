@@ -1,0 +1,214 @@
+"""A development certificate authority for the embedded token service.
+
+msal refuses plain-http authorities, so the STS serves HTTPS with a server
+certificate from a local CA generated once and persisted under the data dir
+(``<data_dir>/sts/tls``); clients trust ``ca.pem`` explicitly. Also makes
+self-signed client certificates for certificate (``private_key_jwt``) credentials.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_HOSTS = ("localhost", "127.0.0.1", "::1")
+_VALID_DAYS = 825
+_RENEW_BEFORE = dt.timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Paths of the dev CA certificate and the server certificate and key."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _san(hosts: tuple[str, ...]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _valid(cert_path: Path, hosts: tuple[str, ...]) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    if cert.not_valid_after_utc - _RENEW_BEFORE < _now():
+        return False
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    have = {str(v) for v in san.get_values_for_type(x509.IPAddress)}
+    have |= set(san.get_values_for_type(x509.DNSName))
+    return all(str(ipaddress.ip_address(h)) in have if _is_ip(h) else h in have for h in hosts)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFiles:
+    """Create (once) the dev CA and a server certificate for loopback + ``extra_hosts``.
+
+    Existing files are reused while valid; the server certificate is reissued when it
+    nears expiry or does not cover a requested host.
+    """
+    hosts = tuple(dict.fromkeys(_HOSTS + tuple(h for h in extra_hosts if h)))
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    ca_key_path = directory / "ca-key.pem"
+    if _valid(files.ca_cert, ()) and ca_key_path.exists():
+        ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+        loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{ca_key_path}: not an EC key")
+        ca_key = loaded
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "grpc-agent-mesh dev CA")])
+        ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - dt.timedelta(minutes=5))
+            .not_valid_after(_now() + dt.timedelta(days=_VALID_DAYS * 4))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                    crl_sign=True, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write_private(ca_key_path, _key_pem(ca_key))
+        _write_public(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+        files.server_cert.unlink(missing_ok=True)
+    if _valid(files.server_cert, hosts) and files.server_key.exists():
+        return files
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh sts")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=_VALID_DAYS))
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(files.server_key, _key_pem(key))
+    _write_public(files.server_cert, cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+def make_client_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed RSA certificate + key for ``name`` (certificate client credentials).
+
+    Returns ``(cert_path, key_path)``; existing files are reused.
+    """
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    if _valid(cert_path, ()) and key_path.exists():
+        return cert_path, key_path
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=_VALID_DAYS))
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
+
+
+def certificate_der(cert_pem: bytes) -> bytes:
+    """DER bytes of a PEM certificate."""
+    return x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
+
+
+def certificate_public_pem(cert_pem: bytes) -> str:
+    """The SubjectPublicKeyInfo PEM of a PEM certificate."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def sha1_thumbprint_hex(cert_pem: bytes) -> str:
+    """The SHA-1 thumbprint (hex) Entra shows for a certificate."""
+    return x509.load_pem_x509_certificate(cert_pem).fingerprint(
+        hashes.SHA1()  # noqa: S303 - x5t is SHA-1 by definition (RFC 7515)
+    ).hex()
+
+
+def generate_rsa_private_pem() -> str:
+    """A fresh RSA-2048 private key, PKCS#8 PEM (STS signing keys)."""
+    return _key_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)).decode()

@@ -1,0 +1,167 @@
+"""Shared helpers for tests that start real processes and servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mesh.agent._runtime import AgentRuntime
+from mesh.agent._serve import build_agent_server
+from mesh.config import MeshConfig, config_from_dict
+from mesh.providers.base import ModelEvent, ModelRequest, Provider
+from mesh.server import MeshServer
+
+REPO = Path(__file__).resolve().parent.parent
+MESH_YAML = REPO / "services" / "mesh.yaml"
+BIN = Path(sys.executable).parent
+
+
+def tool_path(name: str) -> str:
+    """An executable installed in the project's venv (grpcurl, kubectl, ...)."""
+    found = shutil.which(name, path=str(BIN))
+    assert found, f"{name} is not installed in {BIN}; run `make setup`"
+    return found
+
+
+def write_config(directory: Path, data: dict[str, Any], name: str = "mesh.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Proc:
+    """A ``python -m mesh ...`` process whose stdout lines can be awaited."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: Path = REPO):
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "mesh", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full_env,
+            cwd=cwd,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump_out, daemon=True).start()
+        threading.Thread(target=self._pump_err, daemon=True).start()
+
+    def _pump_out(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self.stdout.append(line)
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _pump_err(self) -> None:
+        assert self.popen.stderr is not None
+        for line in self.popen.stderr:
+            self.stderr.append(line)
+
+    def wait_line(self, prefix: str, timeout: float = 30.0) -> str:
+        """The rest of the first stdout line starting with ``prefix``."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(
+                    f"no line {prefix!r} within {timeout}s; stderr:\n{''.join(self.stderr)}"
+                ) from None
+            if line is None:
+                code = self.popen.wait()
+                raise AssertionError(
+                    f"process exited {code} before {prefix!r}; stderr:\n{''.join(self.stderr)}"
+                )
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+
+@contextlib.contextmanager
+def mesh_process(args: Sequence[str], env: dict[str, str] | None = None) -> Iterator[Proc]:
+    proc = Proc(args, env)
+    try:
+        yield proc
+    finally:
+        if proc.popen.poll() is None:
+            proc.stop()
+
+
+def start_agent(config: Path, name: str, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    proc = Proc(["agent", name, "--config", str(config), "--port", "0"], env)
+    return proc, proc.wait_line(f"agent {name}: ")
+
+
+def offline_agent(description: str = "test agent", **provider: Any) -> dict[str, Any]:
+    return {"description": description, "provider": {"kind": "offline", **provider}}
+
+
+def mesh_config(agents: dict[str, Any], **extra: Any) -> MeshConfig:
+    return config_from_dict({"agents": agents, **extra}, source="<test>")
+
+
+class RecordingProvider:
+    """Wraps a provider and records, on the server side, when its streams open and close."""
+
+    def __init__(self, inner: Provider) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        self.model = inner.model
+        self.opened = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.requests: list[ModelRequest] = []
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        self.requests.append(request)
+        self.opened.set()
+        self.closed.clear()
+        try:
+            async for event in self.inner.stream(request):
+                yield event
+        finally:
+            self.closed.set()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@contextlib.asynccontextmanager
+async def serve_agent(
+    config: MeshConfig, name: str, *, record: bool = True
+) -> AsyncIterator[tuple[str, MeshServer, AgentRuntime, RecordingProvider]]:
+    """An in-process agent server on 127.0.0.1:0 whose provider is recorded."""
+    from mesh.agent._serve import build_runtime
+
+    inner = build_runtime(config, name).provider
+    recording = RecordingProvider(inner)
+    server, runtime = build_agent_server(config, name, provider=recording)
+    port = await server.start("127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{port}", server, runtime, recording
+    finally:
+        await server.stop(0)
