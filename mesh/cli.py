@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
 from google.protobuf import json_format
 
 from mesh.config import ENV_CONFIG, MeshConfig, load_config
@@ -40,22 +42,88 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 # -- mesh agent ---------------------------------------------------------------------------
 
 
-async def _run_agent(config: MeshConfig, name: str, host: str | None, port: int | None) -> int:
+async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
+    from mesh.agent._register import register_forever
     from mesh.agent._serve import build_agent_server
 
+    name = args.name
     server, runtime = build_agent_server(config, name)
-    bound = await server.start(host, config.agent(name).port if port is None else port)
+    host = args.host or config.server.host
+    bound = await server.start(host, config.agent(name).port if args.port is None else args.port)
     server.install_signal_handlers()
-    print(f"agent {name}: {host or config.server.host}:{bound}", flush=True)
-    await server.wait()
-    await runtime.provider.aclose()
+    address = f"{host}:{bound}"
+    print(f"agent {name}: {address}", flush=True)
+    registration = None
+    if args.register:
+        advertise = args.advertise or address
+        interceptors, credentials = _service_channel_args(config)
+        registration = asyncio.ensure_future(
+            register_forever(
+                args.register,
+                name,
+                advertise,
+                interceptors=interceptors,
+                credentials=credentials,
+            )
+        )
+    try:
+        await server.wait()
+    finally:
+        if registration is not None:
+            registration.cancel()
+        await runtime.provider.aclose()
     return 0
+
+
+def _service_channel_args(
+    config: MeshConfig,
+) -> tuple[list[grpc.aio.ClientInterceptor], grpc.ChannelCredentials | None]:
+    """Interceptors/credentials a service uses to call the router as itself."""
+    if not config.auth.enabled:
+        return [], None
+    from mesh.auth import interceptors as auth
+
+    return (
+        auth.service_interceptors(config, config.auth.audience_for("router")),
+        auth.channel_credentials(config),
+    )
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
     config = _config(args)
     config.agent(args.name)  # unknown names fail here, before anything starts
-    return asyncio.run(_run_agent(config, args.name, args.host, args.port))
+    return asyncio.run(_run_agent(config, args))
+
+
+# -- mesh router --------------------------------------------------------------------------
+
+
+def _parse_static(items: Sequence[str]) -> dict[str, list[str]]:
+    static: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, address = item.partition("=")
+        if not sep or not name or not address:
+            raise ConfigError(f"--static takes NAME=HOST:PORT, not {item!r}")
+        static.setdefault(name, []).append(address)
+    return static
+
+
+async def _run_router(config: MeshConfig, args: argparse.Namespace) -> int:
+    from mesh.router import RouterApp, with_static
+
+    if args.static:
+        config = with_static(config, _parse_static(args.static))
+    app = RouterApp(config)
+    host = args.host or config.router.host
+    bound = await app.start(host, args.port)
+    app.server.install_signal_handlers()
+    print(f"router: {host}:{bound}", flush=True)
+    await app.wait()
+    return 0
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    return asyncio.run(_run_router(_config(args), args))
 
 
 # -- mesh up ------------------------------------------------------------------------------
@@ -93,27 +161,44 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    codes: list[int] = []
     try:
+        static: list[str] = []
         lines = []
         for name, agent in config.agents.items():
-            proc = _spawn(["agent", name, *config_arg, "--port", str(agent.port)])
-            procs.append(proc)
-            lines.append(_wait_line(proc, f"agent {name}: "))
+            for replica in range(agent.replicas):
+                port = agent.port if replica == 0 else 0
+                proc = _spawn(["agent", name, *config_arg, "--port", str(port)])
+                procs.append(proc)
+                line = _wait_line(proc, f"agent {name}: ")
+                lines.append(line)
+                static += ["--static", f"{name}={line.split(': ', 1)[1]}"]
+        router_port = config.router.port if args.router_port is None else args.router_port
+        router = _spawn(["router", *config_arg, "--port", str(router_port), *static])
+        procs.append(router)
+        address = _wait_line(router, "router: ").split(": ", 1)[1]
         for line in lines:
             print(line, flush=True)
-        first = lines[0].split(": ", 1)[1] if lines else ""
-        if first:
-            print(f"try: grpcurl -plaintext {first} list", flush=True)
-            print(f"try: mesh chat --target {first} hello", flush=True)
+        print(f"router: {address}", flush=True)
+        print(f"try: mesh chat --router {address} 'I need a refund for INV-1001'", flush=True)
+        print(f"try: grpcurl -plaintext {address} list", flush=True)
+        print(
+            f'try: grpcurl -plaintext -d \'{{"turn": {{"message": "hello"}}}}\' '
+            f"{address} mesh.v1.Router/Chat",
+            flush=True,
+        )
         print("mesh up: running; Ctrl-C stops everything", flush=True)
         while not stopping and all(p.poll() is None for p in procs):
-            try:
-                procs[0].wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
-                continue
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                procs[-1].wait(timeout=0.5)
     finally:
         stop(0, None)
-        codes = [p.wait(timeout=config.server.grace_period_s + 5) for p in procs]
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=config.server.grace_period_s + 5))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
     return 0 if stopping and all(c == 0 for c in codes) else 1
 
 
@@ -170,10 +255,53 @@ async def _chat(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    if not args.target:
-        print("mesh chat: --target HOST:PORT is required", file=sys.stderr)
+    if args.target and args.router:
+        print("mesh chat: give --router or --target, not both", file=sys.stderr)
         return EXIT_USAGE
+    if not args.target:
+        args.router_api = True
+        if not args.router:
+            config = _config(args)
+            args.router = f"{config.router.host}:{config.router.port}"
+        args.target = args.router
     return asyncio.run(_chat(args))
+
+
+async def _agents(router: str, as_json: bool) -> int:
+    from mesh.client import create_channel
+    from mesh.errors import from_rpc_error
+    from mesh.v1 import router_pb2, router_pb2_grpc
+
+    async with create_channel(router) as channel:
+        try:
+            listing = await router_pb2_grpc.RouterStub(channel).ListAgents(
+                router_pb2.ListAgentsRequest(), timeout=10
+            )
+        except Exception as err:
+            import grpc
+
+            if isinstance(err, grpc.RpcError):
+                raise from_rpc_error(err) from None
+            raise
+    if as_json:
+        print(json_format.MessageToJson(listing, indent=2, preserving_proto_field_name=True))
+        return 0
+    for entry in listing.agents:
+        endpoints = ", ".join(
+            f"{e.address} {e.health} ({e.source}, {e.active_streams} streams)"
+            for e in entry.endpoints
+        )
+        print(f"{entry.info.name:<14} {entry.info.description}")
+        print(f"{'':<14} {endpoints}")
+    return 0
+
+
+def cmd_agents(args: argparse.Namespace) -> int:
+    router = args.router
+    if not router:
+        config = _config(args)
+        router = f"{config.router.host}:{config.router.port}"
+    return asyncio.run(_agents(router, args.json))
 
 
 async def _info(target: str) -> int:
@@ -200,21 +328,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("up", help="run every agent of the config, each its own process")
+    p = sub.add_parser("up", help="run the router and every agent, each its own process")
     _add_config(p)
+    p.add_argument("--router-port", type=int, help="router port (default: router.port; 0 = any)")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("router", help="serve the router")
+    _add_config(p)
+    p.add_argument("--host", help="address to bind (default: router.host)")
+    p.add_argument("--port", type=int, help="port (default: router.port; 0 = any free)")
+    p.add_argument(
+        "--static",
+        action="append",
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="add an agent endpoint to static discovery (repeatable)",
+    )
+    p.set_defaults(func=cmd_router)
+
+    p = sub.add_parser("agents", help="list the agents a router sees")
+    _add_config(p)
+    p.add_argument("--router", help="HOST:PORT of the router (default: from the config)")
+    p.add_argument("--json", action="store_true", help="print the listing as JSON")
+    p.set_defaults(func=cmd_agents)
 
     p = sub.add_parser("agent", help="serve one agent")
     p.add_argument("name", help="the agent's name in the config")
     _add_config(p)
     p.add_argument("--host", help="address to bind (default: server.host)")
     p.add_argument("--port", type=int, help="port (default: the agent's port; 0 = any free)")
+    p.add_argument("--register", metavar="ROUTER", help="announce this agent to ROUTER (host:port)")
+    p.add_argument(
+        "--advertise", metavar="HOST:PORT", help="address the router should dial (default: bound)"
+    )
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("chat", help="send one message and stream the answer")
     p.add_argument("message", help="what to say")
-    p.add_argument("--target", help="HOST:PORT of an agent")
-    p.add_argument("--agent", help="the agent to talk to (through a router)")
+    _add_config(p)
+    p.add_argument("--router", help="HOST:PORT of the router (default: from the config)")
+    p.add_argument("--target", help="HOST:PORT of an agent, to talk to it directly")
+    p.add_argument("--agent", help="the agent (or sequence) the router should use")
     p.add_argument("--conversation", help="conversation id to continue")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds")
     p.add_argument("--json", action="store_true", help="print each event as a JSON line")

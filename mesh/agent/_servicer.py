@@ -279,7 +279,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
             await abort_with(context, err)
 
     # grpc.aio recognises streaming handlers by being async generator functions.
-    async def Chat(
+    async def Chat(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[types_pb2.ChatRequest],
         context: grpc.aio.ServicerContext[Any, Any],
@@ -287,7 +287,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         async for event in self._serve(request_iterator, context, "turn", parse_chat_turn):
             yield event
 
-    async def Handoff(
+    async def Handoff(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[agent_pb2.HandoffRequest],
         context: grpc.aio.ServicerContext[Any, Any],
@@ -295,7 +295,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         async for event in self._serve(request_iterator, context, "handoff", parse_handoff):
             yield event
 
-    async def Info(
+    async def Info(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> types_pb2.AgentInfo:
         return agent_info(self.runtime)

@@ -28,6 +28,10 @@ ExchangerKind = Literal["embedded", "entra", "rfc8693"]
 Algorithm = Literal["RS256", "ES256"]
 
 
+def _default_algorithms() -> list[Algorithm]:
+    return ["RS256", "ES256"]
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,7 +116,8 @@ class AuthConfig(BaseModel):
     """service ("router" or an agent name) -> audience, overriding the defaults."""
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
     """service -> its client credentials (extra keys register extra STS clients)."""
-    algorithms: list[Algorithm] = Field(default_factory=lambda: ["RS256", "ES256"], min_length=1)
+    algorithms: list[Algorithm] = Field(default_factory=lambda: _default_algorithms(),
+                                        min_length=1)
     """Signature algorithms accepted; the token's own ``alg`` header is never trusted."""
     leeway_s: float = Field(default=30.0, ge=0, le=300)
     """Clock skew tolerated on ``exp``, ``nbf`` and ``iat``."""
@@ -161,5 +166,5 @@ class AuthConfig(BaseModel):
     @property
     def default_sts_url(self) -> str:
         """The embedded STS's URL as configured (unknown when ``sts.port`` is 0)."""
-        host = "127.0.0.1" if self.sts.host in ("0.0.0.0", "") else self.sts.host  # noqa: S104
+        host = "127.0.0.1" if self.sts.host in ("0.0.0.0", "") else self.sts.host
         return f"https://{host}:{self.sts.port}"

@@ -59,7 +59,7 @@ class JwksCache:
         *,
         issuer: str,
         jwks_url: str = "",
-        verify: ssl.SSLContext | bool = True,
+        verify: ssl.SSLContext | bool | Callable[[], ssl.SSLContext | bool] = True,
         timeout_s: float = 5.0,
         refresh_window_s: float = 30.0,
         max_age_s: float = 3600.0,
@@ -75,7 +75,8 @@ class JwksCache:
         self._keys: dict[str, dict[str, Any]] = {}
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
-        self._lock: asyncio.Lock | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = asyncio.Lock()
         self._client: httpx.AsyncClient | None = None
         #: JWKS fetches made so far (tests assert on it).
         self.fetch_count = 0
@@ -84,9 +85,18 @@ class JwksCache:
     def kids(self) -> frozenset[str]:
         return frozenset(self._keys)
 
+    def _bind_loop(self) -> None:
+        """The lock and HTTP client belong to one event loop; rebuild them on another."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop = loop
+            self._lock = asyncio.Lock()
+            self._client = None
+
     def _client_for_loop(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = make_client(self._verify, self._timeout_s)
+            verify = self._verify() if callable(self._verify) else self._verify
+            self._client = make_client(verify, self._timeout_s)
         return self._client
 
     async def aclose(self) -> None:
@@ -101,8 +111,7 @@ class JwksCache:
         """The JWK for ``kid``; Unauthenticated when the issuer does not publish it."""
         if kid in self._keys and self._fresh(self._clock()):
             return self._keys[kid]
-        if self._lock is None:
-            self._lock = asyncio.Lock()
+        self._bind_loop()
         async with self._lock:
             now = self._clock()
             if kid in self._keys and self._fresh(now):

@@ -182,8 +182,8 @@ class TokenValidator:
         header = unverified_header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
-            raise Unauthenticated("token algorithm not allowed (accepted: %s)" % ", ".join(
-                self.algorithms))
+            accepted = ", ".join(self.algorithms)
+            raise Unauthenticated(f"token algorithm not allowed (accepted: {accepted})")
         if "crit" in header:
             raise Unauthenticated("token has unsupported critical header parameters")
         kid = header.get("kid")
@@ -255,12 +255,18 @@ def public_jwk(private_pem: str, kid: str, alg: str = "RS256") -> dict[str, Any]
     return out
 
 
-def sign(claims: Mapping[str, Any], private_pem: str, kid: str, alg: str = "RS256") -> str:
+def sign(
+    claims: Mapping[str, Any],
+    private_pem: str,
+    kid: str,
+    alg: str = "RS256",
+    headers: Mapping[str, str] | None = None,
+) -> str:
     """A compact JWS of ``claims`` signed with ``private_pem`` and carrying ``kid``."""
     if alg not in SUPPORTED_ALGORITHMS:
         raise ValueError(f"unsupported algorithm {alg}")
     return str(jose_jwt.encode(dict(claims), private_pem, algorithm=alg,
-                               headers={"kid": kid, "typ": "JWT"}))
+                               headers={"kid": kid, "typ": "JWT", **(headers or {})}))
 
 
 def verify_client_assertion(

@@ -20,7 +20,7 @@ from mesh.errors import ConfigError
 
 #: Where ``mesh sts`` writes its bound URL (port 0) for ``mesh token`` and services.
 URL_FILE = "url"
-DEV_SECRET_FILE = "client-secret"
+DEV_SECRET_FILE = "client-secret"  # noqa: S105
 
 
 def sts_dir(config: MeshConfig) -> Path:
@@ -43,11 +43,12 @@ def resolve_issuer(config: MeshConfig) -> str:
 
 
 def ca_path(config: MeshConfig) -> Path | None:
-    """The CA bundle to trust for the identity provider (None: the system store)."""
+    """The CA bundle to trust for the identity provider: ``auth.ca_file``; the embedded
+    STS's dev CA when it is the issuer; else None (the system store)."""
     if config.auth.ca_file:
         return Path(config.auth.ca_file)
-    if config.auth.exchanger == "embedded":
-        return sts_dir(config) / "tls" / "ca.pem"
+    if config.auth.exchanger == "embedded" or not config.auth.issuer:
+        return sts_dir(config) / "tls" / "ca.pem"  # the embedded STS's dev CA
     return None
 
 

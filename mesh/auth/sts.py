@@ -67,9 +67,9 @@ log = logging.getLogger("mesh.auth.sts")
 
 GRANT_CLIENT_CREDENTIALS = "client_credentials"
 GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"
-TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
+TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
 #: User claims carried from a subject token into the exchanged token.
@@ -88,12 +88,13 @@ class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._mtime: int | None = None
+        self._mtime: tuple[int, int, int] | None = None
         self._data: dict[str, Any] = {"active": "", "keys": []}
 
     def _reload(self) -> None:
         try:
-            mtime = self.path.stat().st_mtime_ns
+            st = self.path.stat()
+            mtime: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             mtime = None
         if mtime is not None and mtime == self._mtime:
@@ -115,7 +116,8 @@ class KeyStore:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(self._data, out)
         os.replace(tmp, self.path)
-        self._mtime = self.path.stat().st_mtime_ns
+        st = self.path.stat()
+        self._mtime = (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _add_key_and_save(self) -> str:
         kid = secrets.token_urlsafe(12)
@@ -295,8 +297,10 @@ class TokenService:
         context.load_cert_chain(self.tls.server_cert, self.tls.server_key)
         self._server = _HttpsServer((self.host, self.port), _Handler, context, self)
         bound_host, bound_port = self._server.server_address[:2]
-        shown = f"[{bound_host}]" if ":" in str(bound_host) else str(bound_host)
-        if shown in ("0.0.0.0", "[::]"):  # noqa: S104
+        if isinstance(bound_host, bytes):
+            bound_host = bound_host.decode()
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        if shown in ("0.0.0.0", "[::]"):
             shown = "127.0.0.1"
         self.port = int(bound_port)
         self.url = f"https://{shown}:{self.port}"
@@ -375,7 +379,8 @@ class TokenService:
 
     def rotate_keys(self) -> str:
         """Rotate the signing key now; returns the new kid."""
-        return rotate_keys(self.config)
+        ttl = self.config.auth.sts.token_ttl_s + self.config.auth.leeway_s
+        return self.keys.rotate(ttl)
 
     def count(self, name: str) -> None:
         with self._stats_lock:
@@ -585,7 +590,7 @@ class _HttpsServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError):
             return  # a failed handshake (e.g. a client that does not trust the dev CA)
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            _Handler(tls, client_address, self)
         finally:
             tls.close()
 
@@ -603,7 +608,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "mesh-sts"
     sys_version = ""
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         # Never the query string or body: only method and path.
         log.debug("%s %s", self.command, self.path.split("?", 1)[0])
 
@@ -668,8 +673,8 @@ class _Handler(BaseHTTPRequestHandler):
             service.count(f"error:{err.error}")
             self._send(err.status, err.body())
             return
-        except Exception:
-            log.exception("token endpoint failed")
+        except Exception as err:  # noqa: BLE001 - answer 500, log the type only (no secrets)
+            log.error("token endpoint failed: %s", type(err).__name__)
             self._send(500, {"error": "server_error", "error_description": "internal error"})
             return
         self._send(200, result)

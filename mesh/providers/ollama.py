@@ -249,6 +249,8 @@ class OllamaProvider:
                     chunk = await anext(upstream, None)
                 except (ollama.ResponseError, ConnectionError, httpx.HTTPError) as err:
                     raise map_error(err) from err
+                except ValueError as err:  # a line that is not JSON
+                    raise ProviderUnavailable("ollama: malformed stream line") from err
             if not done:
                 raise ProviderUnavailable("ollama: the stream ended before done")
             yield UsageReport(input_tokens=input_tokens, output_tokens=output_tokens)
@@ -257,7 +259,7 @@ class OllamaProvider:
             await _close(upstream)
 
     async def aclose(self) -> None:
-        await self._client.close()
+        await self._client.close()  # type: ignore[no-untyped-call]
 
 
 async def _close(iterator: AsyncIterator[Any]) -> None:

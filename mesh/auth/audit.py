@@ -1,0 +1,55 @@
+"""The audit trail: one structured JSON line per call on logger ``mesh.audit``.
+
+Each line names the service, method, final status, the subject, the delegation
+chain (nested ``act``) and the hop path, so a call can be traced across hops even
+where the issuer records no ``act``. Never a token: free text is scrubbed of
+anything shaped like a JWT.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from mesh.auth.jwt import redact
+from mesh.context import Principal
+
+log = logging.getLogger("mesh.audit")
+
+
+def log_call(
+    *,
+    service: str,
+    method: str,
+    code: grpc.StatusCode,
+    principal: Principal | None,
+    hop_path: Sequence[str] = (),
+    conversation_id: str = "",
+    request_id: str = "",
+    duration_ms: float | None = None,
+    reason: str = "",
+) -> None:
+    """Write the audit line for one completed (or refused) call."""
+    record: dict[str, object] = {
+        "event": "call",
+        "service": service,
+        "method": method,
+        "status": code.name,
+        "subject": principal.subject if principal else None,
+        "actors": list(principal.actor_chain) if principal else [],
+        "client": (principal.claims.get("azp") if principal else None),
+        "hop_path": list(hop_path),
+    }
+    if conversation_id:
+        record["conversation_id"] = conversation_id
+    if request_id:
+        record["request_id"] = request_id
+    if duration_ms is not None:
+        record["duration_ms"] = round(duration_ms, 1)
+    if reason:
+        record["reason"] = redact(reason)[:300]
+    level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
+    log.log(level, json.dumps(record, sort_keys=True, separators=(",", ":"), default=str))

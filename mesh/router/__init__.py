@@ -1,0 +1,20 @@
+"""The router: the mesh's one entry point and the only component that dials agents."""
+
+from mesh.router._engine import Router, TurnState
+from mesh.router._pool import AgentPool, Endpoint
+from mesh.router._serve import RouterApp, with_static
+from mesh.router._store import ConversationStore, MemoryStore, RedisStore, SqliteStore, open_store
+
+__all__ = [
+    "AgentPool",
+    "ConversationStore",
+    "Endpoint",
+    "MemoryStore",
+    "RedisStore",
+    "Router",
+    "RouterApp",
+    "SqliteStore",
+    "TurnState",
+    "open_store",
+    "with_static",
+]

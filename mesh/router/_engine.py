@@ -1,0 +1,435 @@
+"""The router's turn engine: routing, handoffs, the hop budget, memory.
+
+One turn: pick the agent (named by the client, else CONDITIONAL routes, else the
+agent that answered last in this conversation, else the default), hand it the
+history, and relay its events. A TRANSFER moves the turn to the target on
+``Agent.Handoff``; a CONSULT runs the target concurrently and writes its answer
+back into the caller's still-open stream; a sequence runs its steps in order.
+Every handoff is checked against the hop budget and the CONSULT stack before
+anything is forwarded. The finished turn is stored before its final event is
+sent, so an acknowledged turn survives a router restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from mesh.config import MeshConfig
+from mesh.context import (
+    MD_CONVERSATION_ID,
+    MD_HOP_PATH,
+    MD_REQUEST_ID,
+    current_request_id,
+    format_hop_path,
+)
+from mesh.convert import message_to_pb
+from mesh.errors import (
+    AgentNotFound,
+    HandoffCycle,
+    HandoffNotAllowed,
+    HopBudgetExceeded,
+    MeshError,
+    Unavailable,
+    from_status,
+)
+from mesh.providers.base import ChatMessage
+from mesh.router._pool import AgentPool, Endpoint
+from mesh.router._store import ConversationStore
+from mesh.v1 import agent_pb2, types_pb2
+
+log = logging.getLogger("mesh.router")
+
+TRANSFER = types_pb2.HandoffMode.TRANSFER
+CONSULT = types_pb2.HandoffMode.CONSULT
+END = types_pb2.HandoffMode.END_CONVERSATION
+OPEN_ATTEMPTS = 3
+
+Emit = Callable[[types_pb2.ChatEvent], None]
+
+
+@dataclass
+class TurnState:
+    """One turn as it moves through the mesh."""
+
+    conversation_id: str
+    turn_id: str
+    message: str
+    context: dict[str, str]
+    history: list[ChatMessage]
+    emit: Emit
+    deadline: float
+    """Loop time by which the whole turn must be done."""
+    path: list[str] = field(default_factory=list)
+    """Agents that worked on this turn, in order (the incoming path first)."""
+    hops: int = 0
+    """Handoffs taken so far, counting the hops of an incoming path."""
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - asyncio.get_running_loop().time())
+
+
+@dataclass
+class Outcome:
+    agent: str
+    final: types_pb2.FinalMessage | None = None
+    transfer: types_pb2.HandoffEvent | None = None
+    ended: bool = False
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _unwrap(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
+
+
+class Router:
+    def __init__(self, config: MeshConfig, pool: AgentPool, store: ConversationStore) -> None:
+        self.config = config
+        self.pool = pool
+        self.store = store
+        self._routes = [
+            (route, re.compile(route.matches, re.I) if route.matches else None)
+            for route in config.router.routes
+        ]
+
+    # -- routing ---------------------------------------------------------------------
+
+    def known(self, name: str) -> bool:
+        return (
+            name in self.config.agents
+            or name in self.config.router.sequences
+            or name in self.pool.endpoints
+        )
+
+    def choose(self, turn: types_pb2.Turn, metadata: Mapping[str, str], active: str) -> str:
+        if turn.agent:
+            if not self.known(turn.agent):
+                known = sorted(
+                    {*self.config.agents, *self.config.router.sequences, *self.pool.endpoints}
+                )
+                raise AgentNotFound(
+                    f"no agent or sequence named {turn.agent!r} (known: {', '.join(known)})",
+                    field="turn.agent",
+                )
+            return turn.agent
+        text = turn.message.lower()
+        for route, pattern in self._routes:
+            if route.contains and not any(word.lower() in text for word in route.contains):
+                continue
+            if pattern is not None and not pattern.search(turn.message):
+                continue
+            if any(
+                turn.context.get(key, metadata.get(key)) != value
+                for key, value in route.context.items()
+            ):
+                continue
+            return route.agent
+        if active and self.known(active):
+            return active
+        if self.config.router.default_agent:
+            return self.config.router.default_agent
+        raise AgentNotFound(
+            "the turn names no agent, no route matched and no default agent is configured",
+            field="turn.agent",
+        )
+
+    # -- budget ----------------------------------------------------------------------
+
+    def _check_handoff(
+        self, state: TurnState, source: str, target: str, stack: list[str] | None
+    ) -> None:
+        limit = self.config.max_hops_for(source)
+        route = " > ".join([*state.path, target])
+        if state.hops + 1 > limit:
+            raise HopBudgetExceeded(
+                f"hop budget of {limit} spent; refused handoff from {source} to {target}; "
+                f"path: {route}",
+                metadata={"path": format_hop_path([*state.path, target]), "max_hops": str(limit)},
+            )
+        if stack is not None and target in stack:
+            cycle = " > ".join([*stack, target])
+            raise HandoffCycle(
+                f"consult cycle refused: {cycle} ({target} is already waiting on a consult)",
+                metadata={"path": format_hop_path([*stack, target])},
+            )
+        if target not in self.config.agents and target not in self.pool.endpoints:
+            raise HandoffNotAllowed(f"{source} handed off to unknown agent {target!r}")
+
+    # -- calling agents --------------------------------------------------------------
+
+    def _metadata(self, state: TurnState) -> tuple[tuple[str, str], ...]:
+        return (
+            (MD_HOP_PATH, format_hop_path(state.path)),
+            (MD_CONVERSATION_ID, state.conversation_id),
+            (MD_REQUEST_ID, current_request_id.get() or uuid.uuid4().hex[:16]),
+        )
+
+    async def _open(
+        self, state: TurnState, agent: str, request: Any, method: str
+    ) -> tuple[Any, Any, Endpoint]:
+        """Open a stream on a healthy replica and read its first event.
+
+        A replica that fails before its first event is skipped and another tried;
+        nothing has reached the client yet, so nothing is replayed.
+        """
+        tried: set[str] = set()
+        last: MeshError | None = None
+        for _attempt in range(OPEN_ATTEMPTS):
+            endpoint = self.pool.pick(agent, tried)
+            if endpoint is None:
+                if not tried and agent in self.pool.endpoints:
+                    # Give a starting replica up to the connect timeout to turn healthy.
+                    wait = min(self.config.router.connect_timeout_s, state.remaining())
+                    if await self.pool.wait_healthy(agent, wait):
+                        endpoint = self.pool.pick(agent, tried)
+                if endpoint is None:
+                    break
+            tried.add(endpoint.address)
+            # The generated stubs type calls as sync iterators; these are aio stream calls.
+            stub_method: Any = endpoint.stub.Chat if method == "chat" else endpoint.stub.Handoff
+            call = stub_method(metadata=self._metadata(state), timeout=state.remaining())
+            endpoint.active += 1
+            try:
+                await call.write(request)
+                first = await call.read()
+                if first is grpc.aio.EOF:
+                    code = await call.code()
+                    raise from_status(
+                        code, await call.details() or "", list(await call.trailing_metadata() or ())
+                    )
+                return call, first, endpoint
+            except (grpc.aio.AioRpcError, MeshError) as err:
+                endpoint.active -= 1
+                call.cancel()
+                mapped = (
+                    err
+                    if isinstance(err, MeshError)
+                    else from_status(
+                        err.code(), err.details() or "", list(err.trailing_metadata() or ())
+                    )
+                )
+                if mapped.code != grpc.StatusCode.UNAVAILABLE:
+                    raise mapped from None
+                self.pool.mark_failed(endpoint)
+                log.warning(
+                    "replica %s of %s unavailable before its first event: %s",
+                    endpoint.address,
+                    agent,
+                    mapped.message,
+                )
+                last = mapped
+        detail = f": {last.message}" if last else ""
+        raise Unavailable(f"no healthy replica of agent {agent!r}{detail}")
+
+    async def _run_agent(
+        self,
+        state: TurnState,
+        agent: str,
+        request: Any,
+        method: str,
+        stack: list[str],
+    ) -> Outcome:
+        """Relay one agent's events until its final; runs its CONSULTs concurrently."""
+        call, event, endpoint = await self._open(state, agent, request, method)
+        outcome = Outcome(agent)
+        flowed = False
+        try:
+            async with asyncio.TaskGroup() as consults:
+                while event is not grpc.aio.EOF:
+                    assert isinstance(event, types_pb2.ChatEvent)
+                    kind = event.WhichOneof("kind")
+                    if kind == "final":
+                        outcome.final = event.final
+                        state.input_tokens += event.final.usage.input_tokens
+                        state.output_tokens += event.final.usage.output_tokens
+                        if method == "chat":
+                            with contextlib.suppress(
+                                grpc.aio.AioRpcError, asyncio.InvalidStateError
+                            ):
+                                await call.done_writing()
+                    elif kind == "handoff":
+                        handoff = event.handoff
+                        if handoff.mode == CONSULT:
+                            self._check_handoff(state, agent, handoff.target, [*stack, agent])
+                            state.hops += 1
+                            state.path.append(handoff.target)
+                            state.emit(event)
+                            consults.create_task(
+                                self._consult(state, agent, handoff, call, method, [*stack, agent])
+                            )
+                        elif handoff.mode == TRANSFER:
+                            self._check_handoff(state, agent, handoff.target, None)
+                            outcome.transfer = handoff
+                            state.emit(event)
+                        elif handoff.mode == END:
+                            outcome.ended = True
+                            state.emit(event)
+                    else:
+                        state.emit(event)
+                    flowed = True
+                    event = await self._read(call, agent, endpoint, flowed)
+                code = await call.code()
+                if code != grpc.StatusCode.OK:
+                    raise from_status(
+                        code, await call.details() or "", list(await call.trailing_metadata() or ())
+                    )
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+        finally:
+            endpoint.active -= 1
+            call.cancel()
+        if outcome.final is None:
+            raise Unavailable(f"agent {agent} ended its stream without a final event")
+        return outcome
+
+    async def _read(self, call: Any, agent: str, endpoint: Endpoint, flowed: bool) -> Any:
+        try:
+            return await call.read()
+        except grpc.aio.AioRpcError as err:
+            mapped = from_status(
+                err.code(), err.details() or "", list(err.trailing_metadata() or ())
+            )
+            if err.code() == grpc.StatusCode.UNAVAILABLE and flowed:
+                self.pool.mark_failed(endpoint)
+                raise Unavailable(
+                    f"agent {agent} at {endpoint.address} failed mid-turn ({mapped.message}); "
+                    "events already sent were not replayed",
+                    metadata={"agent": agent, "endpoint": endpoint.address},
+                ) from None
+            raise mapped from None
+
+    def _handoff_turn(
+        self,
+        state: TurnState,
+        source: str,
+        mode: int,
+        reason: str,
+        message: str,
+        context: Mapping[str, str],
+        history: list[ChatMessage],
+    ) -> agent_pb2.HandoffRequest:
+        limit = self.config.max_hops
+        return agent_pb2.HandoffRequest(
+            handoff=agent_pb2.HandoffTurn(
+                conversation_id=state.conversation_id,
+                source_agent=source,
+                mode=mode,  # type: ignore[arg-type]  # a HandoffMode.Mode value
+                reason=reason,
+                message=message,
+                history=[message_to_pb(m) for m in history],
+                context=dict(context),
+                hop_path=list(state.path),
+                turn_id=state.turn_id,
+                hops_remaining=max(0, limit - state.hops),
+            )
+        )
+
+    async def _consult(
+        self,
+        state: TurnState,
+        source: str,
+        handoff: types_pb2.HandoffEvent,
+        parent: Any,
+        parent_method: str,
+        stack: list[str],
+    ) -> None:
+        history = [*state.history, ChatMessage("user", state.message)]
+        request = self._handoff_turn(
+            state, source, CONSULT, handoff.reason, handoff.message, handoff.context, history
+        )
+        outcome = await self._run_agent(state, handoff.target, request, "handoff", stack)
+        assert outcome.final is not None
+        result = types_pb2.ConsultResult(
+            call_id=handoff.call_id, agent=handoff.target, content=outcome.final.content
+        )
+        if parent_method == "chat":
+            await parent.write(types_pb2.ChatRequest(consult_result=result))
+        else:
+            await parent.write(agent_pb2.HandoffRequest(consult_result=result))
+
+    # -- a whole turn ----------------------------------------------------------------
+
+    async def run_turn(self, state: TurnState, target: str) -> types_pb2.ChatEvent:
+        """Run the turn to its end; returns the final event (already stored)."""
+        user = ChatMessage("user", state.message)
+        sequence = self.config.router.sequences.get(target)
+        steps = list(sequence.steps) if sequence else [target]
+        outcome: Outcome | None = None
+        for index, agent in enumerate(steps):
+            if index == 0:
+                state.path.append(agent)
+                request: Any = types_pb2.ChatRequest(
+                    turn=types_pb2.Turn(
+                        conversation_id=state.conversation_id,
+                        message=state.message,
+                        history=[message_to_pb(m) for m in state.history],
+                        context=state.context,
+                        turn_id=state.turn_id,
+                    )
+                )
+                outcome = await self._run_agent(state, agent, request, "chat", [])
+            else:
+                assert outcome is not None and outcome.final is not None
+                previous = outcome.agent
+                self._check_handoff(state, previous, agent, None)
+                state.hops += 1
+                state.path.append(agent)
+                request = self._handoff_turn(
+                    state,
+                    previous,
+                    TRANSFER,
+                    f"step {index + 1} of sequence {target}",
+                    outcome.final.content,
+                    {},
+                    [*state.history, user],
+                )
+                outcome = await self._run_agent(state, agent, request, "handoff", [])
+            while outcome.transfer is not None:
+                handoff = outcome.transfer
+                assert outcome.final is not None
+                spoken = outcome.final.content
+                history = [*state.history, user]
+                if spoken:
+                    history.append(ChatMessage("assistant", spoken, agent=outcome.agent))
+                state.hops += 1
+                state.path.append(handoff.target)
+                request = self._handoff_turn(
+                    state,
+                    outcome.agent,
+                    TRANSFER,
+                    handoff.reason,
+                    handoff.message or state.message,
+                    handoff.context,
+                    history,
+                )
+                outcome = await self._run_agent(state, handoff.target, request, "handoff", [])
+        assert outcome is not None and outcome.final is not None
+        final = types_pb2.FinalMessage()
+        final.CopyFrom(outcome.final)
+        final.usage.input_tokens = state.input_tokens
+        final.usage.output_tokens = state.output_tokens
+        del final.hop_path[:]
+        final.hop_path.extend(state.path)
+        if outcome.ended:
+            final.stop_reason = "end_conversation"
+        active = target if sequence else outcome.agent
+        await self.store.append(
+            state.conversation_id,
+            [user, ChatMessage("assistant", final.content, agent=outcome.agent)],
+            active,
+        )
+        return types_pb2.ChatEvent(agent=outcome.agent, final=final)

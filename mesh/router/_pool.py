@@ -1,0 +1,210 @@
+"""Where the agents are: discovery, health, and picking a replica.
+
+Endpoints come from the static list in the config, from agents that register
+themselves (``Router.Register``), and from DNS names re-resolved periodically
+(a Kubernetes headless Service resolves to one address per ready pod). Each
+endpoint has one long-lived channel and a ``grpc.health.v1`` Watch on it; only
+SERVING endpoints are picked, least outstanding streams first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh.config import MeshConfig
+from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+
+log = logging.getLogger("mesh.router.pool")
+
+Source = Literal["static", "registered", "dns"]
+AGENT_SERVICE = "mesh.v1.Agent"
+ChannelFactory = Callable[[str, str], grpc.aio.Channel]
+"""(address, agent name) -> channel (with that agent's interceptors)."""
+
+
+@dataclass(eq=False)
+class Endpoint:
+    agent: str
+    address: str
+    sources: set[Source]
+    channel: grpc.aio.Channel
+    stub: agent_pb2_grpc.AgentStub
+    healthy: bool = False
+    active: int = 0
+    watch: asyncio.Task[None] | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def health(self) -> str:
+        return "SERVING" if self.healthy else "NOT_SERVING"
+
+
+class AgentPool:
+    def __init__(self, config: MeshConfig, channel_factory: ChannelFactory) -> None:
+        self.config = config
+        self._channel_factory = channel_factory
+        self.endpoints: dict[str, dict[str, Endpoint]] = {}
+        self.infos: dict[str, types_pb2.AgentInfo] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rr = itertools.count()
+        self._interval = config.router.discovery.health_interval_s
+        self.changed = asyncio.Condition()
+
+    # -- membership ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for agent, addresses in self.config.router.discovery.static.items():
+            for address in addresses:
+                await self.add(agent, address, "static")
+        for target in self.config.router.discovery.dns:
+            self._tasks.append(
+                asyncio.ensure_future(self._resolve_loop(target.agent, target.host, target.port))
+            )
+
+    async def add(self, agent: str, address: str, source: Source) -> Endpoint:
+        known = self.endpoints.setdefault(agent, {})
+        endpoint = known.get(address)
+        if endpoint is not None:
+            endpoint.sources.add(source)
+            return endpoint
+        channel = self._channel_factory(address, agent)
+        endpoint = Endpoint(agent, address, {source}, channel, agent_pb2_grpc.AgentStub(channel))
+        known[address] = endpoint
+        endpoint.watch = asyncio.ensure_future(self._watch(endpoint))
+        log.info("endpoint %s of %s added (%s)", address, agent, source)
+        await self._notify()
+        return endpoint
+
+    async def remove(self, agent: str, address: str, source: Source) -> None:
+        endpoint = self.endpoints.get(agent, {}).get(address)
+        if endpoint is None:
+            return
+        endpoint.sources.discard(source)
+        if endpoint.sources:
+            return
+        del self.endpoints[agent][address]
+        if not self.endpoints[agent]:
+            del self.endpoints[agent]
+        if endpoint.watch is not None and endpoint.watch is not asyncio.current_task():
+            endpoint.watch.cancel()
+        await endpoint.channel.close(grace=None)
+        log.info("endpoint %s of %s removed", address, agent)
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    # -- health ----------------------------------------------------------------------
+
+    async def _set_health(self, endpoint: Endpoint, healthy: bool) -> None:
+        if endpoint.healthy != healthy:
+            endpoint.healthy = healthy
+            log.info("endpoint %s of %s is %s", endpoint.address, endpoint.agent, endpoint.health)
+            if healthy:
+                endpoint.ready.set()
+            else:
+                endpoint.ready.clear()
+            await self._notify()
+
+    async def _watch(self, endpoint: Endpoint) -> None:
+        stub: Any = health_pb2_grpc.HealthStub(endpoint.channel)  # the stubs lack Watch
+        request = health_pb2.HealthCheckRequest(service=AGENT_SERVICE)
+        while True:
+            try:
+                async for response in stub.Watch(request, wait_for_ready=False):
+                    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+                    if serving and endpoint.agent not in self.infos:
+                        await self._fetch_info(endpoint)
+                    await self._set_health(endpoint, serving)
+            except grpc.aio.AioRpcError as err:
+                log.debug("health watch of %s: %s", endpoint.address, err.code().name)
+            await self._set_health(endpoint, False)
+            if endpoint.sources == {"registered"}:
+                # A registered agent that stops answering leaves the pool.
+                await self.remove(endpoint.agent, endpoint.address, "registered")
+                return
+            await asyncio.sleep(self._interval)
+
+    async def _fetch_info(self, endpoint: Endpoint) -> None:
+        try:
+            info = await endpoint.stub.Info(agent_pb2.InfoRequest(), timeout=self._interval * 5)
+        except grpc.aio.AioRpcError as err:
+            log.warning("Info from %s failed: %s", endpoint.address, err.code().name)
+            return
+        self.infos[endpoint.agent] = info
+
+    def mark_failed(self, endpoint: Endpoint) -> None:
+        """A call found the endpoint down: stop picking it until its health says otherwise."""
+        endpoint.healthy = False
+        endpoint.ready.clear()
+
+    # -- picking ---------------------------------------------------------------------
+
+    def pick(self, agent: str, exclude: set[str]) -> Endpoint | None:
+        """The healthy endpoint with the fewest streams in flight (ties rotate)."""
+        candidates = [
+            e
+            for e in self.endpoints.get(agent, {}).values()
+            if e.healthy and e.address not in exclude
+        ]
+        if not candidates:
+            return None
+        least = min(e.active for e in candidates)
+        best = [e for e in candidates if e.active == least]
+        return best[next(self._rr) % len(best)]
+
+    async def wait_healthy(self, agent: str, timeout: float) -> bool:
+        """Wait until ``agent`` has a healthy endpoint (used at start-up and in tests)."""
+        try:
+            async with asyncio.timeout(timeout), self.changed:
+                await self.changed.wait_for(
+                    lambda: any(e.healthy for e in self.endpoints.get(agent, {}).values())
+                )
+        except TimeoutError:
+            return False
+        return True
+
+    # -- DNS -------------------------------------------------------------------------
+
+    async def _resolve_loop(self, agent: str, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        current: set[str] = set()
+        while True:
+            try:
+                async with asyncio.timeout(10):
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                found = set()
+                for family, _type, _proto, _name, sockaddr in infos:
+                    ip = str(sockaddr[0])
+                    found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+            except (OSError, TimeoutError) as err:
+                log.warning("resolving %s for %s failed: %s", host, agent, err)
+                found = current  # keep what we had
+            for address in found - current:
+                await self.add(agent, address, "dns")
+            for address in current - found:
+                await self.remove(agent, address, "dns")
+            current = found
+            await asyncio.sleep(self.config.router.discovery.dns_interval_s)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for agent in list(self.endpoints):
+            for endpoint in list(self.endpoints.get(agent, {}).values()):
+                if endpoint.watch is not None:
+                    endpoint.watch.cancel()
+                with contextlib.suppress(Exception):
+                    await endpoint.channel.close(grace=None)
+        self.endpoints.clear()

@@ -1,0 +1,94 @@
+"""Build and run the router's server from the mesh config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import grpc
+
+from mesh.agent._serve import server_credentials, server_interceptors
+from mesh.client import create_channel
+from mesh.config import DiscoveryConfig, MeshConfig, RouterConfig
+from mesh.router._engine import Router
+from mesh.router._pool import AgentPool
+from mesh.router._servicer import RouterServicer
+from mesh.router._store import ConversationStore, open_store
+from mesh.server import Lifecycle, MeshServer, Service
+from mesh.v1 import router_pb2, router_pb2_grpc
+
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+def agent_channel_factory(config: MeshConfig) -> Callable[[str, str], grpc.aio.Channel]:
+    """Channels to agents, with the token-exchange interceptors when auth is on."""
+
+    def make(address: str, agent: str) -> grpc.aio.Channel:
+        interceptors: list[grpc.aio.ClientInterceptor] = []
+        credentials: grpc.ChannelCredentials | None = None
+        if config.auth.enabled:
+            from mesh.auth import interceptors as auth
+
+            interceptors.extend(auth.client_interceptors(config, config.auth.audience_for(agent)))
+            credentials = auth.channel_credentials(config)
+        return create_channel(
+            address, settings=config.server, interceptors=interceptors, credentials=credentials
+        )
+
+    return make
+
+
+def with_static(config: MeshConfig, static: Mapping[str, Sequence[str]]) -> MeshConfig:
+    """A copy of ``config`` whose static discovery also lists ``static``."""
+    merged = {k: list(v) for k, v in config.router.discovery.static.items()}
+    for agent, addresses in static.items():
+        merged.setdefault(agent, []).extend(a for a in addresses if a not in merged[agent])
+    discovery = DiscoveryConfig.model_validate(
+        {**config.router.discovery.model_dump(), "static": merged}
+    )
+    router = RouterConfig.model_validate({**config.router.model_dump(), "discovery": discovery})
+    return config.model_copy(update={"router": router})
+
+
+class RouterApp:
+    """The router's server, pool and store, started and stopped together."""
+
+    def __init__(self, config: MeshConfig, *, store: ConversationStore | None = None) -> None:
+        self.config = config
+        self.pool = AgentPool(config, agent_channel_factory(config))
+        self.store = store or open_store(config)
+        self.router = Router(config, self.pool, self.store)
+        self.lifecycle = Lifecycle()
+        servicer = RouterServicer(config, self.router, self.pool, self.lifecycle)
+        self.server = MeshServer(
+            config.server,
+            [
+                Service(
+                    ROUTER_SERVICE,
+                    lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
+                )
+            ],
+            interceptors=server_interceptors(config, "router"),
+            lifecycle=self.lifecycle,
+            label="router",
+            server_credentials=server_credentials(config),
+        )
+
+    async def start(self, host: str | None = None, port: int | None = None) -> int:
+        await self.pool.start()
+        return await self.server.start(
+            host or self.config.router.host, self.config.router.port if port is None else port
+        )
+
+    async def wait(self) -> None:
+        try:
+            await self.server.wait()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        await self.pool.close()
+        await self.store.close()
+
+    async def stop(self) -> None:
+        await self.server.stop(0)
+        await self.close()
