@@ -64,6 +64,7 @@ async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
                 advertise,
                 interceptors=interceptors,
                 credentials=credentials,
+                on_accept=lambda: print(f"registered: {args.register}", flush=True),
             )
         )
     try:

@@ -165,3 +165,37 @@ async def serve_agent(
         yield f"127.0.0.1:{port}", server, runtime, recording
     finally:
         await server.stop(0)
+
+
+def free_ports_env(config: MeshConfig, data_dir: Path) -> dict[str, str]:
+    """Environment overrides that put every service of ``config`` on a free port."""
+    env = {f"MESH_AGENTS__{name.upper()}__PORT": "0" for name in config.agents}
+    env["MESH_ROUTER__PORT"] = "0"
+    env["MESH_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def start_mesh(config: Path, data_dir: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+    """``mesh up`` on free ports; returns the process and the router's address."""
+    from mesh.config import load_config
+
+    full = {**free_ports_env(load_config(config), data_dir), **(env or {})}
+    proc = Proc(["up", "--config", str(config), "--router-port", "0"], full)
+    return proc, proc.wait_line("router: ", timeout=60)
+
+
+@contextlib.asynccontextmanager
+async def serve_router(
+    config: MeshConfig, static: dict[str, list[str]]
+) -> AsyncIterator[tuple[str, Any]]:
+    """An in-process router on 127.0.0.1:0 over the given agent endpoints."""
+    from mesh.router import MemoryStore, RouterApp, with_static
+
+    app = RouterApp(with_static(config, static), store=MemoryStore())
+    port = await app.start("127.0.0.1", 0)
+    for agent in static:
+        assert await app.pool.wait_healthy(agent, 10), f"{agent} never turned healthy"
+    try:
+        yield f"127.0.0.1:{port}", app
+    finally:
+        await app.stop()

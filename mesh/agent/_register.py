@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -23,7 +23,7 @@ async def register_forever(
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     credentials: grpc.ChannelCredentials | None = None,
     max_backoff: float = 10.0,
-    accepted: asyncio.Event | None = None,
+    on_accept: Callable[[], None] | None = None,
 ) -> None:
     """Keep ``name`` at ``address`` registered with ``router`` until cancelled."""
     backoff = 0.5
@@ -39,8 +39,8 @@ async def register_forever(
                     if response.accepted:
                         log.info("registered with router %s as %s at %s", router, name, address)
                         backoff = 0.5
-                        if accepted is not None:
-                            accepted.set()
+                        if on_accept is not None:
+                            on_accept()
                     else:
                         log.warning("router %s refused registration: %s", router, response.message)
                 log.warning("registration stream to %s ended; reconnecting", router)

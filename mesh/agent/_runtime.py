@@ -56,7 +56,7 @@ class TurnInput:
     """How it was handed over (None for a Chat turn)."""
     reason: str = ""
     hops_remaining: int | None = None
-    """Handoffs still allowed; at 0 no handoff tool is offered."""
+    """Handoffs the router still allows this turn (informational)."""
 
 
 @dataclass(frozen=True)
@@ -212,12 +212,9 @@ class AgentRuntime:
 
     def tool_specs(self, turn: TurnInput) -> list[ToolSpec]:
         specs = [tool.spec for tool in self.tools.values()]
-        for target, mode, spec in self._handoff_specs.values():
-            if mode != "end_conversation" and turn.hops_remaining == 0:
-                continue
-            if target and target in turn.hop_path and mode == "consult":
-                continue  # the router would refuse it as a cycle
-            specs.append(spec)
+        # Every handoff tool is offered; the router enforces the hop budget and refuses
+        # cycles with a status that names the path, whatever the model tries.
+        specs.extend(spec for _target, _mode, spec in self._handoff_specs.values())
         return specs
 
     def _system(self, turn: TurnInput) -> str:

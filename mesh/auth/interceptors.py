@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from grpc.aio import ClientCallDetails, Metadata
@@ -108,7 +108,7 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any],
     return grpc.StatusCode.UNKNOWN
 
 
-Handler = grpc.RpcMethodHandler[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 

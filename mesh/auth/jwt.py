@@ -287,8 +287,9 @@ def verify_client_assertion(
     header = unverified_header(assertion)
     if header.get("alg") != "RS256":
         raise Unauthenticated("client assertion must be RS256")
-    allowed = set(thumbprints)
-    named = {v for k, v in header.items() if k in ("x5t", "x5t#S256") and isinstance(v, str)}
+    allowed = {t.rstrip("=") for t in thumbprints}
+    named = {v.rstrip("=") for k, v in header.items()
+             if k in ("x5t", "x5t#S256") and isinstance(v, str)}  # msal keeps the padding
     if named and allowed and not named & allowed:
         raise Unauthenticated("client assertion names an unregistered certificate")
     aud_list = list(audiences)

@@ -37,7 +37,7 @@ import os
 import shutil
 import signal
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -229,18 +229,22 @@ class ClaudeCliProvider:
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         system = system_with_tools(request.system, request.tools)
         prompt, resume = self._plan(request)
+        # ``aclosing``: closing this generator must close the inner one (and so stop
+        # the CLI) at once, not whenever the inner generator is garbage collected.
         try:
-            async for event in self._run(request, system, prompt, resume):
-                yield event
+            async with contextlib.aclosing(self._run(request, system, prompt, resume)) as run:
+                async for event in run:
+                    yield event
         except _ResumeFailed:
             self._sessions.pop(request.conversation_id, None)
             whole = render_transcript(request.messages)
-            async for event in self._run(request, system, whole, None):
-                yield event
+            async with contextlib.aclosing(self._run(request, system, whole, None)) as run:
+                async for event in run:
+                    yield event
 
     async def _run(
         self, request: ModelRequest, system: str, prompt: str, resume: str | None
-    ) -> AsyncIterator[ModelEvent]:
+    ) -> AsyncGenerator[ModelEvent, None]:
         opts = self.options
         via_stdin = opts.input == "stdin"
         cmd = self.command(system, resume, None if via_stdin else prompt)

@@ -112,7 +112,7 @@ class OfflineOptions(BaseModel):
     rules: list[OfflineRule] = Field(default_factory=list)
     """Checked in order against the latest user message; the first hit acts."""
     default_reply: str = "{agent} heard: {message}"
-    """The answer when no rule hits."""
+    """The answer when no rule hits (``{turns}``: user messages so far, this one included)."""
     after_tools: str = "{agent} found: {results}"
     """The answer once tool or consult results are back (``{results}``)."""
     chunk_chars: int = Field(default=12, ge=1, le=4096)
@@ -186,6 +186,7 @@ class OfflineProvider:
             return self.options.after_tools.format_map(fmt), []
         text = _last_user(messages)
         fmt["message"] = text
+        fmt["turns"] = str(sum(1 for m in messages if m.role == "user"))
         self._calls += 1
         for rule in self.options.rules:
             if not rule.hit(text):

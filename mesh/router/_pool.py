@@ -38,7 +38,7 @@ class Endpoint:
     address: str
     sources: set[Source]
     channel: grpc.aio.Channel
-    stub: agent_pb2_grpc.AgentStub
+    stub: agent_pb2_grpc.AgentAsyncStub
     healthy: bool = False
     active: int = 0
     watch: asyncio.Task[None] | None = None

@@ -161,7 +161,9 @@ async def serve(
     interceptors: list[grpc.aio.ServerInterceptor], servicer: InfoAgent | None = None
 ) -> AsyncIterator[str]:
     """A real grpc.aio server on 127.0.0.1:0 with health, reflection and the agent."""
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+    # Like the mesh's server bootstrap: metadata up to 16 KiB reaches the interceptor.
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.so_reuseport", 0), ("grpc.max_metadata_size", 16 * 1024)])
     agent_pb2_grpc.add_AgentServicer_to_server(servicer or InfoAgent(), server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
