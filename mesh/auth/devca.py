@@ -78,6 +78,8 @@ def _valid(cert_path: Path, hosts: tuple[str, ...]) -> bool:
         return False
     if cert.not_valid_after_utc - _RENEW_BEFORE < _now():
         return False
+    if not hosts:
+        return True
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -85,6 +87,16 @@ def _valid(cert_path: Path, hosts: tuple[str, ...]) -> bool:
     have = {str(v) for v in san.get_values_for_type(x509.IPAddress)}
     have |= set(san.get_values_for_type(x509.DNSName))
     return all(str(ipaddress.ip_address(h)) in have if _is_ip(h) else h in have for h in hosts)
+
+
+def _serves_both(cert_path: Path) -> bool:
+    """The dev certificate is used as server and (mTLS) client certificate."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usage and ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
 def _is_ip(host: str) -> bool:
@@ -137,7 +149,8 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
         _write_private(ca_key_path, _key_pem(ca_key))
         _write_public(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
         files.server_cert.unlink(missing_ok=True)
-    if _valid(files.server_cert, hosts) and files.server_key.exists():
+    if _valid(files.server_cert, hosts) and _serves_both(files.server_cert) and \
+            files.server_key.exists():
         return files
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
@@ -150,7 +163,8 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
         .not_valid_after(_now() + dt.timedelta(days=_VALID_DAYS))
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                        critical=False)
         .add_extension(

@@ -62,9 +62,11 @@ class TokenExchanger(Protocol):
 
 
 class RawExchanger(Protocol):
-    """One identity-provider round trip: ``(token, expires_at epoch seconds)``."""
+    """Identity-provider round trips, each giving ``(token, expires_at epoch seconds)``."""
 
     async def exchange(self, subject_token: str, audience: str) -> tuple[str, float]: ...
+
+    async def client_token(self, audience: str) -> tuple[str, float]: ...
 
     async def aclose(self) -> None: ...
 
@@ -296,6 +298,13 @@ class Rfc8693Exchanger:
         self._actor = (token, _expiry(token, body.get("expires_in"), now))
         return token
 
+    async def client_token(self, audience: str) -> tuple[str, float]:
+        """The service's own client-credentials token for ``audience``."""
+        now = self._clock()
+        body = await self._post({"grant_type": "client_credentials", "audience": audience})
+        token = str(body["access_token"])
+        return token, _expiry(token, body.get("expires_in"), now)
+
     async def exchange(self, subject_token: str, audience: str) -> tuple[str, float]:
         form = {
             "grant_type": GRANT_TOKEN_EXCHANGE,
@@ -411,6 +420,17 @@ class EntraExchanger:
         token = str(result["access_token"])
         return token, _expiry(token, result.get("expires_in"), now)
 
+    async def client_token(self, audience: str) -> tuple[str, float]:
+        """The service's own app token for ``audience`` (msal caches these itself)."""
+        app = await self._application()
+        now = time.time()
+        scope = self.scope_template.format(audience=audience)
+        result = await self._run(app.acquire_token_for_client, [scope])
+        if not isinstance(result, dict) or "access_token" not in result:
+            raise error_from_response(result if isinstance(result, dict) else {})
+        token = str(result["access_token"])
+        return token, _expiry(token, result.get("expires_in"), now)
+
     async def aclose(self) -> None:
         self._app = None
 
@@ -519,6 +539,28 @@ class StsUserTokenSource:
         return self._cached[0]
 
 
+class ClientCredentialsSource:
+    """The calling service's own token for ``audience`` (client credentials), cached
+    until shortly before expiry: for calls a service makes as itself (an agent
+    registering with the router)."""
+
+    def __init__(self, inner: RawExchanger, audience: str, skew_s: float = 60.0) -> None:
+        self.inner = inner
+        self.audience = audience
+        self.skew_s = skew_s
+        self._cached: tuple[str, float] | None = None
+
+    async def token(self) -> str:
+        if self._cached is None or self._cached[1] - self.skew_s <= time.time():
+            try:
+                self._cached = await self.inner.client_token(self.audience)
+            except MeshError:
+                raise
+            except Exception as err:  # noqa: BLE001
+                raise Unavailable(f"client credentials failed: {type(err).__name__}") from None
+        return self._cached[0]
+
+
 def describe_error(err: BaseException) -> str:
     """A log-safe one-liner for an exchange failure."""
     if isinstance(err, MeshError):
@@ -528,6 +570,7 @@ def describe_error(err: BaseException) -> str:
 
 __all__ = [
     "CachingExchanger",
+    "ClientCredentialsSource",
     "EntraExchanger",
     "EnvTokenSource",
     "ExchangeCache",

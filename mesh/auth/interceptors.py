@@ -5,7 +5,7 @@ validates it with :class:`~mesh.auth.jwt.TokenValidator`, checks the required
 scopes/roles (any of), fills :mod:`mesh.context`'s contextvars for the servicer and
 writes one audit line per call. Health is always exempt; reflection when configured.
 
-Client side (:class:`AuthClientInterceptor`, all four call kinds): exchanges the
+Client side (:class:`HopAuth` behind four per-kind interceptors): exchanges the
 incoming user token (``mesh.context.current_token``) for the next hop's audience,
 or asks a :class:`~mesh.auth.exchange.TokenSource` when there is no incoming call;
 forwards hop path, conversation id, request id, trace context and the remaining
@@ -28,7 +28,13 @@ from grpc.aio import ClientCallDetails, Metadata
 
 from mesh import context as ctx
 from mesh.auth import audit
-from mesh.auth.exchange import TokenExchanger, TokenSource, describe_error, exchanger_for
+from mesh.auth.exchange import (
+    ClientCredentialsSource,
+    TokenExchanger,
+    TokenSource,
+    describe_error,
+    exchanger_for,
+)
 from mesh.auth.jwks import JwksCache
 from mesh.auth.jwt import TokenValidator, principal_from_claims
 from mesh.auth.runtime import resolve_issuer
@@ -42,6 +48,8 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIX = "/grpc.reflection."
 #: Absolute deadline (``time.monotonic()``) of the incoming call, if it has one.
 current_deadline: ContextVar[float | None] = ContextVar("mesh_deadline", default=None)
+#: W3C trace context of the incoming call, forwarded to the next hop.
+current_traceparent: ContextVar[str] = ContextVar("mesh_traceparent", default="")
 
 
 def _status(value: object) -> grpc.StatusCode:
@@ -83,6 +91,7 @@ class _CallState:
     hop_path: tuple[str, ...]
     conversation_id: str
     request_id: str
+    traceparent: str
 
     def apply(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         ctx.current_principal.set(self.principal)
@@ -90,6 +99,7 @@ class _CallState:
         ctx.current_hop_path.set(self.hop_path)
         ctx.current_conversation_id.set(self.conversation_id)
         ctx.current_request_id.set(self.request_id)
+        current_traceparent.set(self.traceparent)
         remaining = context.time_remaining()
         current_deadline.set(None if remaining is None else time.monotonic() + remaining)
 
@@ -172,6 +182,7 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):
         hop_path = ctx.parse_hop_path(",".join(_metadata_value(metadata, ctx.MD_HOP_PATH)))
         conversation = next(iter(_metadata_value(metadata, ctx.MD_CONVERSATION_ID)), "")
         request_id = next(iter(_metadata_value(metadata, ctx.MD_REQUEST_ID)), "")
+        traceparent = next(iter(_metadata_value(metadata, ctx.MD_TRACEPARENT)), "")
         principal: ctx.Principal | None = None
         try:
             token = bearer_token(metadata)
@@ -187,7 +198,7 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):
                            conversation_id=conversation, request_id=request_id,
                            reason=err.message)
             return self._refuse(handler, err)
-        state = _CallState(principal, token, hop_path, conversation, request_id)
+        state = _CallState(principal, token, hop_path, conversation, request_id, traceparent)
         return self._wrap(handler, state, method)
 
     @staticmethod
@@ -241,13 +252,13 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):
 # -- client side --------------------------------------------------------------------------
 
 
-class AuthClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Attaches a token for ``audience`` and forwards the call context to the next hop."""
+class HopAuth:
+    """Attaches a token for ``audience`` and forwards the call context to the next hop.
+
+    grpc.aio files an interceptor object under one call kind only (the first
+    interface it implements), so :func:`client_interceptors` wraps one ``HopAuth``
+    in four thin interceptors, one per kind.
+    """
 
     def __init__(
         self,
@@ -267,7 +278,8 @@ class AuthClientInterceptor(
             return await self.token_source.token()
         return None
 
-    async def _prepare(self, details: ClientCallDetails) -> ClientCallDetails:
+    async def prepare(self, details: ClientCallDetails) -> ClientCallDetails:
+        """The call details with authorization, forwarded metadata and deadline."""
         method: Any = details.method  # bytes at run time, str in the stubs
         name = method.decode() if isinstance(method, bytes) else str(method)
         metadata = Metadata()
@@ -291,6 +303,7 @@ class AuthClientInterceptor(
             ctx.MD_CONVERSATION_ID: ctx.current_conversation_id.get(),
             ctx.MD_REQUEST_ID: ctx.current_request_id.get(),
             ctx.MD_HOP_PATH: ctx.format_hop_path(ctx.current_hop_path.get()),
+            ctx.MD_TRACEPARENT: current_traceparent.get(),
         }
         for key, value in forwarded.items():
             if value and metadata.get(key) is None:
@@ -303,21 +316,46 @@ class AuthClientInterceptor(
         return ClientCallDetails(method, timeout, metadata, details.credentials,
                                  details.wait_for_ready)
 
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, hop: HopAuth) -> None:
+        self.hop = hop
+
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any,
                                     request: Any) -> Any:
-        return await continuation(await self._prepare(client_call_details), request)
+        return await continuation(await self.hop.prepare(client_call_details), request)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, hop: HopAuth) -> None:
+        self.hop = hop
 
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any,
                                      request: Any) -> Any:
-        return await continuation(await self._prepare(client_call_details), request)
+        return await continuation(await self.hop.prepare(client_call_details), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, hop: HopAuth) -> None:
+        self.hop = hop
 
     async def intercept_stream_unary(self, continuation: Any, client_call_details: Any,
                                      request_iterator: Any) -> Any:
-        return await continuation(await self._prepare(client_call_details), request_iterator)
+        return await continuation(await self.hop.prepare(client_call_details), request_iterator)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, hop: HopAuth) -> None:
+        self.hop = hop
 
     async def intercept_stream_stream(self, continuation: Any, client_call_details: Any,
                                       request_iterator: Any) -> Any:
-        return await continuation(await self._prepare(client_call_details), request_iterator)
+        return await continuation(await self.hop.prepare(client_call_details), request_iterator)
+
+
+def hop_interceptors(hop: HopAuth) -> list[grpc.aio.ClientInterceptor]:
+    """The four per-kind interceptors sharing one :class:`HopAuth`."""
+    return [_UnaryUnary(hop), _UnaryStream(hop), _StreamUnary(hop), _StreamStream(hop)]
 
 
 def _rpc_error(err: MeshError) -> grpc.aio.AioRpcError:
@@ -390,6 +428,71 @@ def client_interceptors(
     if not config.auth.enabled:
         if token_source is None:
             return []
-        return [AuthClientInterceptor(audience, None, token_source)]
-    return [AuthClientInterceptor(audience, exchanger or exchanger_for(config, service),
-                                  token_source)]
+        return hop_interceptors(HopAuth(audience, None, token_source))
+    return hop_interceptors(
+        HopAuth(audience, exchanger or exchanger_for(config, service), token_source))
+
+
+def service_interceptors(
+    config: MeshConfig, audience: str, *, service: str = "router"
+) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for calls ``service`` makes as itself (e.g. an agent registering with
+    the router): the incoming user token is exchanged when there is one, otherwise the
+    service's own client-credentials token for ``audience`` is sent. Pass the agent's
+    name as ``service``. Empty when auth is disabled."""
+    if not config.auth.enabled:
+        return []
+    exchanger = exchanger_for(config, service)
+    own = ClientCredentialsSource(exchanger.inner, audience, config.auth.exchange_skew_s)
+    return hop_interceptors(HopAuth(audience, exchanger, own))
+
+
+# -- TLS for the gRPC hops ------------------------------------------------------------------
+
+
+def _tls_files(config: MeshConfig) -> tuple[bytes, bytes, bytes]:
+    """(certificate chain, private key, CA bundle) for the gRPC hops."""
+    from mesh.auth.devca import ensure_dev_tls
+    from mesh.auth.runtime import sts_dir
+
+    tls = config.auth.tls
+    base = config.base_dir
+    if tls.cert_file:
+        cert = (base / tls.cert_file).read_bytes()
+        key = (base / tls.key_file).read_bytes()
+    else:
+        dev = ensure_dev_tls(sts_dir(config) / "tls", extra_hosts=tuple(tls.hosts))
+        cert, key = dev.server_cert.read_bytes(), dev.server_key.read_bytes()
+    if tls.ca_file:
+        ca = (base / tls.ca_file).read_bytes()
+    else:
+        ca = (sts_dir(config) / "tls" / "ca.pem").read_bytes() if not tls.cert_file else b""
+    return cert, key, ca
+
+
+def server_credentials(config: MeshConfig) -> grpc.ServerCredentials | None:
+    """TLS server credentials (requiring client certificates with ``client_auth``), or
+    None when ``auth.tls.enabled`` is false."""
+    tls = config.auth.tls
+    if not tls.enabled:
+        return None
+    cert, key, ca = _tls_files(config)
+    if tls.client_auth and not ca:
+        from mesh.errors import ConfigError
+
+        raise ConfigError("auth.tls.client_auth: needs auth.tls.ca_file")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca if tls.client_auth else None,
+        require_client_auth=tls.client_auth)
+
+
+def channel_credentials(config: MeshConfig) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials trusting ``ca_file`` (presenting this service's
+    certificate with ``client_auth``), or None when ``auth.tls.enabled`` is false."""
+    tls = config.auth.tls
+    if not tls.enabled:
+        return None
+    cert, key, ca = _tls_files(config)
+    if tls.client_auth:
+        return grpc.ssl_channel_credentials(ca or None, private_key=key, certificate_chain=cert)
+    return grpc.ssl_channel_credentials(ca or None)

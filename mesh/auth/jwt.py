@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 import time
@@ -247,10 +248,20 @@ class TokenValidator:
 # -- signing (the embedded token service and ``mesh token``) -----------------------------
 
 
+@functools.lru_cache(maxsize=64)
+def _private_key(private_pem: str, alg: str) -> Any:
+    # Parsing (and checking) an RSA key costs tens of milliseconds: do it once per key.
+    return jose_jwk.construct(private_pem, algorithm=alg)
+
+
+@functools.lru_cache(maxsize=64)
+def _public_dict(private_pem: str, alg: str) -> tuple[tuple[str, Any], ...]:
+    return tuple(_private_key(private_pem, alg).public_key().to_dict().items())
+
+
 def public_jwk(private_pem: str, kid: str, alg: str = "RS256") -> dict[str, Any]:
     """The public JWK (with ``kid``, ``use``, ``alg``) of a PEM private key."""
-    key = jose_jwk.construct(private_pem, algorithm=alg).public_key()
-    out: dict[str, Any] = dict(key.to_dict())
+    out: dict[str, Any] = dict(_public_dict(private_pem, alg))
     out.update(kid=kid, use="sig", alg=alg)
     return out
 
@@ -265,7 +276,7 @@ def sign(
     """A compact JWS of ``claims`` signed with ``private_pem`` and carrying ``kid``."""
     if alg not in SUPPORTED_ALGORITHMS:
         raise ValueError(f"unsupported algorithm {alg}")
-    return str(jose_jwt.encode(dict(claims), private_pem, algorithm=alg,
+    return str(jose_jwt.encode(dict(claims), _private_key(private_pem, alg), algorithm=alg,
                                headers={"kid": kid, "typ": "JWT", **(headers or {})}))
 
 

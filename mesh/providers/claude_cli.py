@@ -144,7 +144,7 @@ def classify_error(text: str) -> ProviderError:
     return ProviderUnavailable(f"claude_cli: {message}", metadata=meta)
 
 
-class _ResumeFailed(Exception):
+class _ResumeFailedError(Exception):
     """The CLI no longer knows the session: start over with the whole transcript."""
 
 
@@ -235,7 +235,7 @@ class ClaudeCliProvider:
             async with contextlib.aclosing(self._run(request, system, prompt, resume)) as run:
                 async for event in run:
                     yield event
-        except _ResumeFailed:
+        except _ResumeFailedError:
             self._sessions.pop(request.conversation_id, None)
             whole = render_transcript(request.messages)
             async with contextlib.aclosing(self._run(request, system, whole, None)) as run:
@@ -336,12 +336,12 @@ class ClaudeCliProvider:
                 code = await self._wait(proc, deadline)
                 stderr = await _tail(stderr_task)
                 if resume and not yielded and "no conversation found" in stderr.lower():
-                    raise _ResumeFailed
+                    raise _ResumeFailedError
                 raise classify_error(stderr or f"exited with status {code} before a result")
             if result.get("is_error"):
                 text = str(result.get("result") or result.get("subtype") or "error")
                 if resume and not yielded and "no conversation found" in text.lower():
-                    raise _ResumeFailed
+                    raise _ResumeFailedError
                 if result.get("subtype") != "error_max_turns":
                     raise classify_error(text)
             rest, calls = extractor.finish()

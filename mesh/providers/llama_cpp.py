@@ -19,6 +19,11 @@ uses them well; larger GGUF instruct models do). Usage counts are approximate
       # model_path: .models/SmolLM2-135M-Instruct.Q4_1.gguf  (or $MESH_LLAMA_MODEL)
       max_tokens: 256
       temperature: 0.2
+
+To run the whole mesh on it, offline: install the extra (``CMAKE_ARGS="-DGGML_NATIVE=OFF"
+uv pip install --no-cache "llama-cpp-python[server]"``), fetch the model (``uv run python
+scripts/fetch_smollm2.py``), switch an agent's ``provider:`` block in
+``services/mesh.yaml`` to the block above, and ``uv run mesh up``.
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ class LlamaCppOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model_path: str | None = None
-    """GGUF file; overrides ``model_path_env``. Default ``.models/SmolLM2-135M-Instruct.Q4_1.gguf``."""
+    """GGUF file; overrides ``model_path_env``.
+    Default: ``.models/SmolLM2-135M-Instruct.Q4_1.gguf`` (in the working directory or the repo)."""
     model_path_env: str | None = "MESH_LLAMA_MODEL"
     """Environment variable that may hold the GGUF file's path (used when set)."""
     n_ctx: int = Field(default=4096, ge=256)
@@ -116,9 +122,10 @@ def resolve_model_path(options: LlamaCppOptions, environ: dict[str, str]) -> Pat
     for path in candidates:
         if path.is_file():
             return path.resolve()
+    env_name = options.model_path_env or "MESH_LLAMA_MODEL"
     raise ConfigError(
         f"llama_cpp provider: model file {candidates[0]} not found "
-        f"(run `{FETCH_HINT}`, or set model_path or ${options.model_path_env or 'MESH_LLAMA_MODEL'})"
+        f"(run `{FETCH_HINT}`, or set model_path or ${env_name})"
     )
 
 
@@ -146,7 +153,13 @@ class LlamaCppProvider:
     def _load(self) -> _Loaded:
         """Load (or reuse) the model; runs in a worker thread."""
         opts = self.options
-        key = (str(self.model_path), opts.n_ctx, opts.n_threads, opts.n_gpu_layers, opts.chat_format)
+        key = (
+            str(self.model_path),
+            opts.n_ctx,
+            opts.n_threads,
+            opts.n_gpu_layers,
+            opts.chat_format,
+        )
         with _MODELS_LOCK:
             loaded = _MODELS.get(key)
             if loaded is None:
@@ -166,7 +179,8 @@ class LlamaCppProvider:
     def _messages(self, request: ModelRequest) -> list[dict[str, str]]:
         system = system_with_tools(request.system, request.tools)
         out = [{"role": "system", "content": system}] if system else []
-        out.extend({"role": role, "content": text} for role, text in text_messages(request.messages))
+        pairs = text_messages(request.messages)
+        out.extend({"role": role, "content": text} for role, text in pairs)
         return out
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:

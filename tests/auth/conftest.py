@@ -125,14 +125,21 @@ class InfoAgent(agent_pb2_grpc.AgentServicer):
     def __init__(self, next_hop: Callable[[], Any] | None = None) -> None:
         self.next_hop = next_hop
 
-    async def Info(self, request: agent_pb2.InfoRequest, context: Any) -> types_pb2.AgentInfo:
+    async def Info(  # noqa: N802 - gRPC method name
+        self, request: agent_pb2.InfoRequest, context: Any
+    ) -> types_pb2.AgentInfo:
         if self.next_hop is not None:
             downstream: types_pb2.AgentInfo = await self.next_hop()
             return downstream
         principal = ctx.current_principal.get()
         assert principal is not None
         assert ctx.current_token.get()
+        from mesh.auth.interceptors import current_traceparent
+
+        remaining = context.time_remaining()
         return types_pb2.AgentInfo(
+            model=types_pb2.ModelInfo(provider=current_traceparent.get(),
+                                      model=f"{remaining:.3f}" if remaining else ""),
             name=principal.subject,
             description=principal.audience,
             skills=[types_pb2.Skill(name=a) for a in principal.actor_chain],
@@ -140,7 +147,9 @@ class InfoAgent(agent_pb2_grpc.AgentServicer):
             required_scopes=list(ctx.current_hop_path.get()),
         )
 
-    async def Chat(self, request_iterator: Any, context: Any) -> AsyncIterator[types_pb2.ChatEvent]:
+    async def Chat(  # noqa: N802 - gRPC method name
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[types_pb2.ChatEvent]:
         seq = 0
         async for _ in request_iterator:
             principal = ctx.current_principal.get()
@@ -150,8 +159,9 @@ class InfoAgent(agent_pb2_grpc.AgentServicer):
                 principal.actor_chain), ctx.current_conversation_id.get()])
             yield types_pb2.ChatEvent(agent="x", seq=seq, delta=types_pb2.TextDelta(text=text))
 
-    async def Handoff(self, request_iterator: Any, context: Any) -> AsyncIterator[
-            types_pb2.ChatEvent]:
+    async def Handoff(  # noqa: N802 - gRPC method name
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[types_pb2.ChatEvent]:
         async for _ in request_iterator:
             yield types_pb2.ChatEvent(agent="x", seq=1)
 

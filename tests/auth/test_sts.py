@@ -270,8 +270,11 @@ def test_key_rotation_keeps_old_key_published(config: MeshConfig, sts: TokenServ
 
 
 def test_sts_state_persists(config: MeshConfig, sts: TokenService) -> None:
-    again = TokenService(config)
+    ca_before = sts.tls.ca_cert.read_bytes()
+    server_before = sts.tls.server_cert.read_bytes()
+    again = TokenService(config)  # what a restart does
     assert again.keys.signing_key() == sts.keys.signing_key()
-    assert again.tls.ca_cert.read_bytes() == sts.tls.ca_cert.read_bytes()
+    assert again.tls.ca_cert.read_bytes() == ca_before
+    assert again.tls.server_cert.read_bytes() == server_before
     mode = (config.data_dir / "sts" / "signing-keys.json").stat().st_mode & 0o777
     assert mode == 0o600

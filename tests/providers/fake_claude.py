@@ -74,21 +74,48 @@ def answer(prompt: str, system: str, turn: int) -> tuple[str, str]:
 
 def stream_events(msg_id: str, text: str, stop: str, session: str) -> None:
     def wrap(event: dict[str, Any]) -> None:
-        emit({"type": "stream_event", "event": event, "session_id": session,
-              "parent_tool_use_id": None, "uuid": str(uuid.uuid4())})
+        emit(
+            {
+                "type": "stream_event",
+                "event": event,
+                "session_id": session,
+                "parent_tool_use_id": None,
+                "uuid": str(uuid.uuid4()),
+            }
+        )
 
-    wrap({"type": "message_start", "message": {
-        "id": msg_id, "type": "message", "role": "assistant", "model": MODEL, "content": [],
-        "stop_reason": None, "stop_sequence": None,
-        "usage": {"input_tokens": 10, "output_tokens": 1}}})
-    wrap({"type": "content_block_start", "index": 0,
-          "content_block": {"type": "text", "text": ""}})
+    wrap(
+        {
+            "type": "message_start",
+            "message": {
+                "id": msg_id,
+                "type": "message",
+                "role": "assistant",
+                "model": MODEL,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 10, "output_tokens": 1},
+            },
+        }
+    )
+    wrap({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
     for i in range(0, len(text), 7):
-        wrap({"type": "content_block_delta", "index": 0,
-              "delta": {"type": "text_delta", "text": text[i : i + 7]}})
+        wrap(
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": text[i : i + 7]},
+            }
+        )
     wrap({"type": "content_block_stop", "index": 0})
-    wrap({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
-          "usage": {"output_tokens": len(text.split())}})
+    wrap(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop, "stop_sequence": None},
+            "usage": {"output_tokens": len(text.split())},
+        }
+    )
     wrap({"type": "message_stop"})
 
 
@@ -100,14 +127,25 @@ def main() -> int:
         print("this stand-in supports only -p", file=sys.stderr)
         return 2
     if args.output_format == "stream-json" and not args.verbose:
-        print("Error: When using --print, --output-format=stream-json requires --verbose",
-              file=sys.stderr)
+        print(
+            "Error: When using --print, --output-format=stream-json requires --verbose",
+            file=sys.stderr,
+        )
         return 1
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     system = (args.system_prompt or "") + (args.append_system_prompt or "")
     with (state / "calls.jsonl").open("a") as log:
-        log.write(json.dumps({"argv": sys.argv[1:], "stdin": args.prompt is None,
-                              "prompt": prompt, "pid": os.getpid()}) + "\n")
+        log.write(
+            json.dumps(
+                {
+                    "argv": sys.argv[1:],
+                    "stdin": args.prompt is None,
+                    "prompt": prompt,
+                    "pid": os.getpid(),
+                }
+            )
+            + "\n"
+        )
 
     history: list[dict[str, str]] = []
     if args.resume:
@@ -120,27 +158,56 @@ def main() -> int:
     else:
         session = str(uuid.uuid4())
 
-    emit({"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
-          "tools": ["Task", "Bash", "Read", "Edit"], "mcp_servers": [],
-          "model": args.model or MODEL, "permissionMode": args.permission_mode or "default",
-          "apiKeySource": "none", "uuid": str(uuid.uuid4())})
+    emit(
+        {
+            "type": "system",
+            "subtype": "init",
+            "cwd": os.getcwd(),
+            "session_id": session,
+            "tools": ["Task", "Bash", "Read", "Edit"],
+            "mcp_servers": [],
+            "model": args.model or MODEL,
+            "permissionMode": args.permission_mode or "default",
+            "apiKeySource": "none",
+            "uuid": str(uuid.uuid4()),
+        }
+    )
 
     if "hang" in prompt:
         if "stubborn" in prompt:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         (state / "hang.pid").write_text(str(os.getpid()))
         if args.include_partial_messages:
-            emit({"type": "stream_event", "session_id": session, "parent_tool_use_id": None,
-                  "event": {"type": "content_block_delta", "index": 0,
-                            "delta": {"type": "text_delta", "text": "Thinking..."}}})
+            emit(
+                {
+                    "type": "stream_event",
+                    "session_id": session,
+                    "parent_tool_use_id": None,
+                    "event": {
+                        "type": "content_block_delta",
+                        "index": 0,
+                        "delta": {"type": "text_delta", "text": "Thinking..."},
+                    },
+                }
+            )
         while True:
             time.sleep(60)
 
     if "badkey" in prompt:
-        emit({"type": "result", "subtype": "success", "is_error": True, "duration_ms": 5,
-              "duration_api_ms": 0, "num_turns": 1,
-              "result": "Invalid API key · Please run /login", "session_id": session,
-              "total_cost_usd": 0, "usage": {"input_tokens": 0, "output_tokens": 0}})
+        emit(
+            {
+                "type": "result",
+                "subtype": "success",
+                "is_error": True,
+                "duration_ms": 5,
+                "duration_api_ms": 0,
+                "num_turns": 1,
+                "result": "Invalid API key · Please run /login",
+                "session_id": session,
+                "total_cost_usd": 0,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            }
+        )
         return 1
 
     turn = len(history) + 1
@@ -148,18 +215,44 @@ def main() -> int:
     msg_id = f"msg_{uuid.uuid4().hex[:12]}"
     if args.include_partial_messages:
         stream_events(msg_id, text, stop, session)
-    emit({"type": "assistant", "session_id": session, "parent_tool_use_id": None,
-          "message": {"id": msg_id, "type": "message", "role": "assistant", "model": MODEL,
-                      "content": [{"type": "text", "text": text}], "stop_reason": stop,
-                      "stop_sequence": None,
-                      "usage": {"input_tokens": 10, "output_tokens": len(text.split())}}})
+    emit(
+        {
+            "type": "assistant",
+            "session_id": session,
+            "parent_tool_use_id": None,
+            "message": {
+                "id": msg_id,
+                "type": "message",
+                "role": "assistant",
+                "model": MODEL,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": stop,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 10, "output_tokens": len(text.split())},
+            },
+        }
+    )
     history.append({"prompt": prompt, "answer": text})
     (state / "sessions" / f"{session}.json").write_text(json.dumps(history))
-    emit({"type": "result", "subtype": "success", "is_error": False, "duration_ms": 12,
-          "duration_api_ms": 10, "num_turns": 1, "result": text, "session_id": session,
-          "total_cost_usd": 0.0012,
-          "usage": {"input_tokens": 10, "cache_creation_input_tokens": 100,
-                    "cache_read_input_tokens": 5, "output_tokens": len(text.split())}})
+    emit(
+        {
+            "type": "result",
+            "subtype": "success",
+            "is_error": False,
+            "duration_ms": 12,
+            "duration_api_ms": 10,
+            "num_turns": 1,
+            "result": text,
+            "session_id": session,
+            "total_cost_usd": 0.0012,
+            "usage": {
+                "input_tokens": 10,
+                "cache_creation_input_tokens": 100,
+                "cache_read_input_tokens": 5,
+                "output_tokens": len(text.split()),
+            },
+        }
+    )
     return 0
 
 

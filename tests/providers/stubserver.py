@@ -26,6 +26,8 @@ class _Hold:
 
 #: In a streamed reply: stop sending and wait for the client to disconnect.
 HOLD = _Hold()
+#: One piece of a streamed reply.
+Chunk = bytes | _Hold
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Recorded:
 class Reply:
     status: int = 200
     body: bytes = b""
-    chunks: Sequence[bytes | _Hold] | None = None
+    chunks: Sequence[Chunk] | None = None
     """Streamed with chunked encoding when set (``body`` is then ignored)."""
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
@@ -120,11 +122,11 @@ class StubServer:
             length = int(headers.get("content-length", "0"))
             body = await reader.readexactly(length) if length else b""
             parts = urlsplit(target)
-            self.requests.append(
-                Recorded(method, parts.path, parse_qs(parts.query), headers, body)
-            )
-            reply = self.replies.pop(0) if self.replies else json_reply(
-                500, {"error": "the test queued no reply for this request"}
+            self.requests.append(Recorded(method, parts.path, parse_qs(parts.query), headers, body))
+            reply = (
+                self.replies.pop(0)
+                if self.replies
+                else json_reply(500, {"error": "the test queued no reply for this request"})
             )
             if not await self._respond(reply, reader, writer):
                 return

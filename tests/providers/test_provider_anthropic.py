@@ -20,7 +20,7 @@ from mesh.errors import (
     ProviderRateLimited,
     ProviderUnavailable,
 )
-from mesh.providers.base import Provider, ProviderContext
+from mesh.providers.base import ModelEvent, Provider, ProviderContext
 from mesh.providers.registry import create_provider, validate_options
 
 from .helpers import (
@@ -36,7 +36,7 @@ from .helpers import (
     usage_of,
     with_tool_result,
 )
-from .stubserver import HOLD, Reply, StubServer, json_reply, sse
+from .stubserver import HOLD, Chunk, Reply, StubServer, json_reply, sse
 
 KEY = "sk-ant-test-0123456789"
 MODEL = "claude-test-1"
@@ -46,7 +46,10 @@ def provider(stub: StubServer, **options: Any) -> Provider:
     opts: dict[str, Any] = {"base_url": stub.url, "max_retries": 2, "timeout_s": 10}
     opts.update(options)
     return create_provider(
-        "anthropic", MODEL, opts, ProviderContext(agent="helper", environ={"ANTHROPIC_API_KEY": KEY})
+        "anthropic",
+        MODEL,
+        opts,
+        ProviderContext(agent="helper", environ={"ANTHROPIC_API_KEY": KEY}),
     )
 
 
@@ -73,8 +76,11 @@ def text_block(index: int, pieces: list[str]) -> list[bytes]:
     out = [
         sse(
             "content_block_start",
-            {"type": "content_block_start", "index": index,
-             "content_block": {"type": "text", "text": ""}},
+            {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": {"type": "text", "text": ""},
+            },
         )
     ]
     if index == 0:
@@ -82,8 +88,11 @@ def text_block(index: int, pieces: list[str]) -> list[bytes]:
     out += [
         sse(
             "content_block_delta",
-            {"type": "content_block_delta", "index": index,
-             "delta": {"type": "text_delta", "text": piece}},
+            {
+                "type": "content_block_delta",
+                "index": index,
+                "delta": {"type": "text_delta", "text": piece},
+            },
         )
         for piece in pieces
     ]
@@ -95,15 +104,21 @@ def tool_block(index: int, tool_id: str, name: str, fragments: list[str]) -> lis
     out = [
         sse(
             "content_block_start",
-            {"type": "content_block_start", "index": index,
-             "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}}},
+            {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}},
+            },
         )
     ]
     out += [
         sse(
             "content_block_delta",
-            {"type": "content_block_delta", "index": index,
-             "delta": {"type": "input_json_delta", "partial_json": fragment}},
+            {
+                "type": "content_block_delta",
+                "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": fragment},
+            },
         )
         for fragment in fragments
     ]
@@ -115,9 +130,11 @@ def message_end(stop_reason: str, output_tokens: int) -> list[bytes]:
     return [
         sse(
             "message_delta",
-            {"type": "message_delta",
-             "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-             "usage": {"output_tokens": output_tokens}},
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": output_tokens},
+            },
         ),
         sse("message_stop", {"type": "message_stop"}),
     ]
@@ -183,7 +200,11 @@ async def test_tool_call_then_result_goes_back_as_tool_result_block(stub: StubSe
     first = ask("weather in Paris?", tools=[WEATHER])
     events = await collect(p.stream(first))
     [call] = calls_of(events)
-    assert (call.id, call.name, dict(call.arguments)) == ("toolu_01A", "get_weather", {"city": "Paris"})
+    assert (call.id, call.name, dict(call.arguments)) == (
+        "toolu_01A",
+        "get_weather",
+        {"city": "Paris"},
+    )
     assert text_of(events) == "Let me check."
     assert stop_of(events) == "tool_use"
 
@@ -192,23 +213,34 @@ async def test_tool_call_then_result_goes_back_as_tool_result_block(stub: StubSe
 
     tools = stub.requests[0].json()["tools"]
     assert tools == [
-        {"name": "get_weather", "description": WEATHER.description,
-         "input_schema": dict(WEATHER.parameters)}
+        {
+            "name": "get_weather",
+            "description": WEATHER.description,
+            "input_schema": dict(WEATHER.parameters),
+        }
     ]
     messages = stub.requests[1].json()["messages"]
     assert messages[1] == {
         "role": "assistant",
         "content": [
             {"type": "text", "text": "Let me check."},
-            {"type": "tool_use", "id": "toolu_01A", "name": "get_weather",
-             "input": {"city": "Paris"}},
+            {
+                "type": "tool_use",
+                "id": "toolu_01A",
+                "name": "get_weather",
+                "input": {"city": "Paris"},
+            },
         ],
     }
     assert messages[2] == {
         "role": "user",
         "content": [
-            {"type": "tool_result", "tool_use_id": "toolu_01A", "content": "18°C",
-             "is_error": False}
+            {
+                "type": "tool_result",
+                "tool_use_id": "toolu_01A",
+                "content": "18°C",
+                "is_error": False,
+            }
         ],
     }
 
@@ -216,8 +248,12 @@ async def test_tool_call_then_result_goes_back_as_tool_result_block(stub: StubSe
 async def test_handoff_tool_call(stub: StubServer) -> None:
     stub.queue(
         stream(
-            tool_block(0, "toolu_02", "transfer_to_billing",
-                       ['{"reason": "refund request", ', '"message": "I want a refund"}']),
+            tool_block(
+                0,
+                "toolu_02",
+                "transfer_to_billing",
+                ['{"reason": "refund request", ', '"message": "I want a refund"}'],
+            ),
             stop="tool_use",
         )
     )
@@ -251,7 +287,9 @@ async def test_429_exhausted_is_rate_limited(stub: StubServer) -> None:
 
 
 async def test_401_is_an_auth_error_and_not_retried(stub: StubServer) -> None:
-    stub.queue(error(401, "authentication_error", "invalid x-api-key"), stream(text_block(0, ["x"])))
+    stub.queue(
+        error(401, "authentication_error", "invalid x-api-key"), stream(text_block(0, ["x"]))
+    )
     p = provider(stub)
     with pytest.raises(ProviderAuthError) as info:
         await collect(p.stream(ask("hi")))
@@ -267,21 +305,30 @@ async def test_prompt_too_long_is_context_too_long(stub: StubServer) -> None:
 
 
 async def test_error_event_mid_stream_is_not_retried(stub: StubServer) -> None:
-    chunks = [message_start(), *text_block(0, ["partial "])[:3],
-              sse("error", {"type": "error",
-                            "error": {"type": "overloaded_error", "message": "Overloaded"}})]
+    chunks = [
+        message_start(),
+        *text_block(0, ["partial "])[:3],
+        sse(
+            "error",
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+        ),
+    ]
     stub.queue(Reply(chunks=chunks, content_type="text/event-stream"), stream(text_block(0, ["x"])))
     p = provider(stub)
-    seen: list[str] = []
-    with pytest.raises(ProviderUnavailable):
+    seen: list[ModelEvent] = []
+
+    async def consume() -> None:
         async for event in p.stream(ask("hi")):
-            seen.append(repr(event))
-    assert len(seen) == 1  # the text that flowed before the error
+            seen.append(event)
+
+    with pytest.raises(ProviderUnavailable):
+        await consume()
+    assert text_of(seen) == "partial "  # the text that flowed before the error
     assert len(stub.requests) == 1
 
 
 async def test_cancel_mid_stream_closes_the_connection(stub: StubServer) -> None:
-    chunks = [message_start(), *text_block(0, ["first "])[:3], HOLD]
+    chunks: list[Chunk] = [message_start(), *text_block(0, ["first "])[:3], HOLD]
     stub.queue(Reply(chunks=chunks, content_type="text/event-stream"))
     p = provider(stub)
     seen = await start_and_cancel(p, ask("long story"))
@@ -290,7 +337,7 @@ async def test_cancel_mid_stream_closes_the_connection(stub: StubServer) -> None
 
 
 async def test_aclose_mid_stream_closes_the_connection(stub: StubServer) -> None:
-    chunks = [message_start(), *text_block(0, ["first "])[:3], HOLD]
+    chunks: list[Chunk] = [message_start(), *text_block(0, ["first "])[:3], HOLD]
     stub.queue(Reply(chunks=chunks, content_type="text/event-stream"))
     p = provider(stub)
     events = p.stream(ask("long story"))
@@ -302,7 +349,9 @@ async def test_aclose_mid_stream_closes_the_connection(stub: StubServer) -> None
 def test_missing_key_fails_at_start_naming_the_variable() -> None:
     with pytest.raises(ConfigError, match="MY_ANTHROPIC_KEY"):
         create_provider(
-            "anthropic", MODEL, {"api_key_env": "MY_ANTHROPIC_KEY"},
+            "anthropic",
+            MODEL,
+            {"api_key_env": "MY_ANTHROPIC_KEY"},
             ProviderContext(agent="a", environ={"ANTHROPIC_API_KEY": KEY}),
         )
 

@@ -31,7 +31,7 @@ from .helpers import (
     usage_of,
     with_tool_result,
 )
-from .stubserver import HOLD, Reply, StubServer, json_reply, ndjson
+from .stubserver import HOLD, Chunk, Reply, StubServer, json_reply, ndjson
 
 MODEL = "llama3.2"
 STAMP = "2024-11-21T10:00:00.000000Z"
@@ -68,7 +68,7 @@ def final(reason: str = "stop", prompt: int = 26, evals: int = 5) -> bytes:
     )
 
 
-def stream(*chunks: bytes) -> Reply:
+def stream(*chunks: Chunk) -> Reply:
     return Reply(chunks=list(chunks), content_type="application/x-ndjson")
 
 
@@ -135,12 +135,17 @@ async def test_handoff_tool_call(stub: StubServer) -> None:
     stub.queue(stream(part("", [call("transfer_to_billing", {"reason": "refund"})]), final()))
     events = await collect(provider(stub).stream(ask("refund!", tools=[TRANSFER_BILLING])))
     [tool_call] = calls_of(events)
-    assert (tool_call.name, dict(tool_call.arguments)) == ("transfer_to_billing", {"reason": "refund"})
+    assert (tool_call.name, dict(tool_call.arguments)) == (
+        "transfer_to_billing",
+        {"reason": "refund"},
+    )
     assert stop_of(events) == "tool_use"
 
 
 async def test_429_is_retried_before_the_first_token(stub: StubServer) -> None:
-    stub.queue(json_reply(429, {"error": "too many requests"}), stream(part("after retry"), final()))
+    stub.queue(
+        json_reply(429, {"error": "too many requests"}), stream(part("after retry"), final())
+    )
     events = await collect(provider(stub).stream(ask("hi")))
     assert text_of(events) == "after retry"
     assert len(stub.requests) == 2
@@ -163,7 +168,9 @@ async def test_401_is_an_auth_error_and_not_retried(stub: StubServer) -> None:
 async def test_bearer_key_from_named_variable(stub: StubServer) -> None:
     stub.queue(stream(part("ok"), final()))
     p = create_provider(
-        "ollama", MODEL, {"host_env": "MY_OLLAMA", "api_key_env": "MY_OLLAMA_KEY"},
+        "ollama",
+        MODEL,
+        {"host_env": "MY_OLLAMA", "api_key_env": "MY_OLLAMA_KEY"},
         ProviderContext(agent="a", environ={"MY_OLLAMA": stub.url, "MY_OLLAMA_KEY": "ok-1"}),
     )
     await collect(p.stream(ask("hi")))
@@ -172,8 +179,12 @@ async def test_bearer_key_from_named_variable(stub: StubServer) -> None:
 
 def test_missing_named_key_fails_at_start() -> None:
     with pytest.raises(ConfigError, match="MY_OLLAMA_KEY"):
-        create_provider("ollama", MODEL, {"api_key_env": "MY_OLLAMA_KEY"},
-                        ProviderContext(agent="a", environ={}))
+        create_provider(
+            "ollama",
+            MODEL,
+            {"api_key_env": "MY_OLLAMA_KEY"},
+            ProviderContext(agent="a", environ={}),
+        )
 
 
 async def test_cancel_mid_stream_closes_the_connection(stub: StubServer) -> None:

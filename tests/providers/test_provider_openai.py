@@ -34,7 +34,7 @@ from .helpers import (
     usage_of,
     with_tool_result,
 )
-from .stubserver import HOLD, Reply, StubServer, json_reply, sse
+from .stubserver import HOLD, Chunk, Reply, StubServer, json_reply, sse
 
 KEY = "sk-openai-test-0123456789"
 AZURE_KEY = "azure-test-key-0123456789"
@@ -71,8 +71,11 @@ def usage_chunk(prompt: int, completion: int) -> bytes:
             "created": 1730000000,
             "model": MODEL,
             "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion},
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
         },
     )
 
@@ -90,8 +93,18 @@ def text_stream(pieces: list[str], finish: str = "stop") -> Reply:
 def tool_stream(call_id: str, name: str, fragments: list[str], text: str = "") -> Reply:
     chunks = [chunk({"role": "assistant", "content": text or None})]
     chunks.append(
-        chunk({"tool_calls": [{"index": 0, "id": call_id, "type": "function",
-                               "function": {"name": name, "arguments": ""}}]})
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": name, "arguments": ""},
+                    }
+                ]
+            }
+        )
     )
     chunks += [
         chunk({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
@@ -101,8 +114,9 @@ def tool_stream(call_id: str, name: str, fragments: list[str], text: str = "") -
     return Reply(chunks=chunks, content_type="text/event-stream")
 
 
-def error(status: int, message: str, etype: str, code: str | None,
-          headers: dict[str, str] | None = None) -> Reply:
+def error(
+    status: int, message: str, etype: str, code: str | None, headers: dict[str, str] | None = None
+) -> Reply:
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     return json_reply(status, body, headers)
 
@@ -147,7 +161,11 @@ async def test_tool_call_then_result_goes_back_as_tool_message(stub: StubServer)
     first = ask("weather in Paris?", tools=[WEATHER])
     events = await collect(p.stream(first))
     [call] = calls_of(events)
-    assert (call.id, call.name, dict(call.arguments)) == ("call_abc", "get_weather", {"city": "Paris"})
+    assert (call.id, call.name, dict(call.arguments)) == (
+        "call_abc",
+        "get_weather",
+        {"city": "Paris"},
+    )
     assert stop_of(events) == "tool_use"
     assert usage_of(events).output_tokens == 12
 
@@ -155,23 +173,38 @@ async def test_tool_call_then_result_goes_back_as_tool_message(stub: StubServer)
     assert text_of(events) == "It is 18°C in Paris."
 
     assert stub.requests[0].json()["tools"] == [
-        {"type": "function", "function": {"name": "get_weather",
-                                          "description": WEATHER.description,
-                                          "parameters": dict(WEATHER.parameters)}}
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": WEATHER.description,
+                "parameters": dict(WEATHER.parameters),
+            },
+        }
     ]
     messages = stub.requests[1].json()["messages"]
     assert messages[2] == {
         "role": "assistant",
         "content": None,
-        "tool_calls": [{"id": "call_abc", "type": "function",
-                        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}],
+        "tool_calls": [
+            {
+                "id": "call_abc",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
     }
     assert messages[3] == {"role": "tool", "tool_call_id": "call_abc", "content": "18°C"}
 
 
 async def test_handoff_tool_call(stub: StubServer) -> None:
-    stub.queue(tool_stream("call_h", "transfer_to_billing",
-                           ['{"reason": "refund"', ', "message": "I want a refund"}']))
+    stub.queue(
+        tool_stream(
+            "call_h",
+            "transfer_to_billing",
+            ['{"reason": "refund"', ', "message": "I want a refund"}'],
+        )
+    )
     events = await collect(
         provider(stub).stream(ask("I want a refund", tools=[WEATHER, TRANSFER_BILLING]))
     )
@@ -184,10 +217,30 @@ async def test_handoff_tool_call(stub: StubServer) -> None:
 async def test_parallel_tool_calls_are_assembled_per_index(stub: StubServer) -> None:
     chunks = [
         chunk({"role": "assistant", "content": None}),
-        chunk({"tool_calls": [{"index": 0, "id": "c0", "type": "function",
-                               "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
-        chunk({"tool_calls": [{"index": 1, "id": "c1", "type": "function",
-                               "function": {"name": "get_weather", "arguments": '{"city":'}}]}),
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "c0",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":'},
+                    }
+                ]
+            }
+        ),
+        chunk(
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":'},
+                    }
+                ]
+            }
+        ),
         chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Oslo"}'}}]}),
         chunk({"tool_calls": [{"index": 1, "function": {"arguments": '"Rome"}'}}]}),
         chunk({}, "tool_calls"),
@@ -196,14 +249,16 @@ async def test_parallel_tool_calls_are_assembled_per_index(stub: StubServer) -> 
     stub.queue(Reply(chunks=chunks, content_type="text/event-stream"))
     events = await collect(provider(stub).stream(ask("Oslo and Rome?", tools=[WEATHER])))
     assert [(c.id, dict(c.arguments)) for c in calls_of(events)] == [
-        ("c0", {"city": "Oslo"}), ("c1", {"city": "Rome"})
+        ("c0", {"city": "Oslo"}),
+        ("c1", {"city": "Rome"}),
     ]
 
 
 async def test_429_is_retried_before_the_first_token(stub: StubServer) -> None:
     stub.queue(
-        error(429, "Rate limit reached", "requests", "rate_limit_exceeded",
-              {"retry-after-ms": "5"}),
+        error(
+            429, "Rate limit reached", "requests", "rate_limit_exceeded", {"retry-after-ms": "5"}
+        ),
         text_stream(["after retry"]),
     )
     events = await collect(provider(stub).stream(ask("hi")))
@@ -212,8 +267,18 @@ async def test_429_is_retried_before_the_first_token(stub: StubServer) -> None:
 
 
 async def test_429_exhausted_is_rate_limited(stub: StubServer) -> None:
-    stub.queue(*[error(429, "Rate limit reached", "requests", "rate_limit_exceeded",
-                       {"retry-after-ms": "1"})] * 2)
+    stub.queue(
+        *[
+            error(
+                429,
+                "Rate limit reached",
+                "requests",
+                "rate_limit_exceeded",
+                {"retry-after-ms": "1"},
+            )
+        ]
+        * 2
+    )
     with pytest.raises(ProviderRateLimited):
         await collect(provider(stub, max_retries=1).stream(ask("hi")))
     assert len(stub.requests) == 2
@@ -231,14 +296,24 @@ async def test_401_is_an_auth_error_and_not_retried(stub: StubServer) -> None:
 
 
 async def test_context_length_exceeded(stub: StubServer) -> None:
-    stub.queue(error(400, "This model's maximum context length is 128000 tokens.",
-                     "invalid_request_error", "context_length_exceeded"))
+    stub.queue(
+        error(
+            400,
+            "This model's maximum context length is 128000 tokens.",
+            "invalid_request_error",
+            "context_length_exceeded",
+        )
+    )
     with pytest.raises(ContextTooLong):
         await collect(provider(stub).stream(ask("hi")))
 
 
 async def test_cancel_mid_stream_closes_the_connection(stub: StubServer) -> None:
-    chunks = [chunk({"role": "assistant", "content": ""}), chunk({"content": "first "}), HOLD]
+    chunks: list[Chunk] = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "first "}),
+        HOLD,
+    ]
     stub.queue(Reply(chunks=chunks, content_type="text/event-stream"))
     seen = await start_and_cancel(provider(stub), ask("long story"))
     assert text_of(seen) == "first "
@@ -246,7 +321,11 @@ async def test_cancel_mid_stream_closes_the_connection(stub: StubServer) -> None
 
 
 async def test_aclose_mid_stream_closes_the_connection(stub: StubServer) -> None:
-    chunks = [chunk({"role": "assistant", "content": ""}), chunk({"content": "first "}), HOLD]
+    chunks: list[Chunk] = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": "first "}),
+        HOLD,
+    ]
     stub.queue(Reply(chunks=chunks, content_type="text/event-stream"))
     events = provider(stub).stream(ask("long story"))
     assert text_of([await anext(events)]) == "first "
@@ -263,8 +342,12 @@ def test_missing_key_fails_at_start_naming_the_variable() -> None:
 
 
 def azure(stub: StubServer, **options: Any) -> Provider:
-    opts: dict[str, Any] = {"deployment": "gpt4o-prod", "api_version": "2024-10-21",
-                            "max_retries": 1, "timeout_s": 10}
+    opts: dict[str, Any] = {
+        "deployment": "gpt4o-prod",
+        "api_version": "2024-10-21",
+        "max_retries": 1,
+        "timeout_s": 10,
+    }
     opts.update(options)
     env = {"AZURE_OPENAI_ENDPOINT": stub.url, "AZURE_OPENAI_API_KEY": AZURE_KEY}
     return create_provider("azure_openai", "gpt-4o", opts, ProviderContext(agent="a", environ=env))
@@ -292,13 +375,19 @@ async def test_azure_tool_call_and_handoff(stub: StubServer) -> None:
     assert call.name == "transfer_to_billing"
     await collect(p.stream(with_tool_result(first, call, "transferred")))
     assert stub.requests[1].json()["messages"][-1] == {
-        "role": "tool", "tool_call_id": "call_1", "content": "transferred"
+        "role": "tool",
+        "tool_call_id": "call_1",
+        "content": "transferred",
     }
 
 
 async def test_azure_401(stub: StubServer) -> None:
-    stub.queue(json_reply(401, {"error": {"code": "401", "message": "Access denied due to "
-                                          "invalid subscription key."}}))
+    stub.queue(
+        json_reply(
+            401,
+            {"error": {"code": "401", "message": "Access denied due to invalid subscription key."}},
+        )
+    )
     with pytest.raises(ProviderAuthError):
         await collect(azure(stub).stream(ask("hi")))
     assert len(stub.requests) == 1
@@ -306,8 +395,12 @@ async def test_azure_401(stub: StubServer) -> None:
 
 def test_azure_missing_endpoint_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="AZURE_OPENAI_ENDPOINT"):
-        create_provider("azure_openai", "gpt-4o", {},
-                        ProviderContext(agent="a", environ={"AZURE_OPENAI_API_KEY": "k"}))
+        create_provider(
+            "azure_openai",
+            "gpt-4o",
+            {},
+            ProviderContext(agent="a", environ={"AZURE_OPENAI_API_KEY": "k"}),
+        )
 
 
 # ----------------------------------------------------------------- openai_compatible
@@ -316,7 +409,9 @@ def test_azure_missing_endpoint_names_the_variable() -> None:
 async def test_compatible_without_key_sends_no_authorization(stub: StubServer) -> None:
     stub.queue(text_stream(["local ", "answer"]))
     p = create_provider(
-        "openai_compatible", "smollm2", {"base_url": f"{stub.url}/v1"},
+        "openai_compatible",
+        "smollm2",
+        {"base_url": f"{stub.url}/v1"},
         ProviderContext(agent="a", environ={"OPENAI_API_KEY": KEY}),
     )
     events = await collect(p.stream(ask("hi")))
@@ -329,7 +424,9 @@ async def test_compatible_without_key_sends_no_authorization(stub: StubServer) -
 async def test_compatible_with_named_key(stub: StubServer) -> None:
     stub.queue(text_stream(["ok"]))
     p = create_provider(
-        "openai_compatible", "qwen", {"base_url_env": "VLLM_URL", "api_key_env": "VLLM_KEY"},
+        "openai_compatible",
+        "qwen",
+        {"base_url_env": "VLLM_URL", "api_key_env": "VLLM_KEY"},
         ProviderContext(agent="a", environ={"VLLM_URL": f"{stub.url}/v1", "VLLM_KEY": "vk-1"}),
     )
     await collect(p.stream(ask("hi")))

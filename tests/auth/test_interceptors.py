@@ -1,0 +1,381 @@
+"""Server and client interceptors on real grpc.aio servers: contextvars reach the
+servicer, scopes are enforced, health/reflection exemptions, per-hop exchange with
+nested ``act`` through two hops, and exchange failures mapped to statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mesh import context as ctx
+from mesh.auth.exchange import CachingExchanger, Rfc8693Exchanger, StaticTokenSource
+from mesh.auth.interceptors import AuthServerInterceptor, client_interceptors, server_interceptors
+from mesh.auth.jwt import TokenValidator
+from mesh.auth.runtime import client_credential
+from mesh.auth.sts import TokenService, mint, mint_user_token
+from mesh.config import MeshConfig, config_from_dict
+from mesh.errors import Unauthenticated, Unavailable, from_rpc_error
+from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tests.auth.conftest import InfoAgent, bearer, serve, with_auth
+
+GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
+
+
+async def _info(addr: str, metadata: Any = None,
+                interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+                ) -> types_pb2.AgentInfo:
+    async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as channel:
+        result: types_pb2.AgentInfo = await agent_pb2_grpc.AgentStub(channel).Info(
+            agent_pb2.InfoRequest(), metadata=metadata, timeout=10)
+        return result
+
+
+async def test_contextvars_reach_the_servicer(config: MeshConfig, sts: TokenService) -> None:
+    async with serve(server_interceptors(config, "router")) as addr:
+        token = mint_user_token(config, "alice")
+        info = await _info(addr, (*bearer(token), (ctx.MD_CONVERSATION_ID, "conv-1"),
+                                  (ctx.MD_HOP_PATH, "triage, billing")))
+        assert info.name == "alice"
+        assert info.description == "mesh-router"
+        assert info.version == "conv-1"
+        assert list(info.required_scopes) == ["triage", "billing"]
+
+        # Concurrent calls each see their own principal.
+        users = [f"user{i}" for i in range(10)]
+        results = await asyncio.gather(*(
+            _info(addr, bearer(mint_user_token(config, u))) for u in users))
+        assert [r.name for r in results] == users
+
+
+async def test_contextvars_in_a_bidi_stream(config: MeshConfig, sts: TokenService) -> None:
+    async with serve(server_interceptors(config, "router")) as addr, \
+            grpc.aio.insecure_channel(addr) as channel:
+        call = agent_pb2_grpc.AgentStub(channel).Chat(
+            metadata=(*bearer(mint_user_token(config, "alice")), (ctx.MD_CONVERSATION_ID, "c9")),
+            timeout=10)
+        texts = []
+        for message in ("one", "two"):
+            await call.write(types_pb2.ChatRequest(turn=types_pb2.Turn(message=message)))
+            event = await call.read()
+            assert isinstance(event, types_pb2.ChatEvent)
+            texts.append(event.delta.text)
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
+        assert texts == ["alice|mesh-router||c9"] * 2
+
+
+async def test_missing_scope_is_permission_denied(config: MeshConfig, sts: TokenService) -> None:
+    async with serve(server_interceptors(config, "admin")) as addr:
+        aud = config.auth.audience_for("admin")
+        plain = mint_user_token(config, "alice", audience=aud)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _info(addr, bearer(plain))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "mesh.admin" in (info.value.details() or "")
+        scoped = mint_user_token(config, "alice", ["mesh.chat", "mesh.admin"], audience=aud)
+        assert (await _info(addr, bearer(scoped))).name == "alice"
+        role = mint(config, sub="ops", audience=aud, scopes=["mesh.chat"],
+                    extra={"roles": ["mesh.admin"]})
+        assert (await _info(addr, bearer(role))).name == "ops"
+
+
+async def test_health_needs_no_token(config: MeshConfig, sts: TokenService) -> None:
+    async with serve(server_interceptors(config, "router")) as addr, \
+            grpc.aio.insecure_channel(addr) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs lack the methods
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        first = await watch.read()
+        assert isinstance(first, health_pb2.HealthCheckResponse)
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+
+
+async def _grpcurl(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        GRPCURL, "-plaintext", "-max-time", "20", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GRPC_")})
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+    return proc.returncode or 0, out.decode()
+
+
+@pytest.mark.skipif(not Path(GRPCURL).exists(), reason="grpcurl not installed")
+async def test_reflection_exemption(config: MeshConfig, sts: TokenService) -> None:
+    async with serve(server_interceptors(config, "router")) as addr:
+        code, out = await _grpcurl(addr, "list")
+        assert code != 0 and "Unauthenticated" in out
+        token = mint_user_token(config, "alice")
+        code, out = await _grpcurl("-H", f"authorization: Bearer {token}", addr, "list")
+        assert code == 0 and "mesh.v1.Agent" in out
+    open_cfg = with_auth(config, allow_unauthenticated_reflection=True)
+    async with serve(server_interceptors(open_cfg, "router")) as addr:
+        code, out = await _grpcurl(addr, "list")
+        assert code == 0 and "mesh.v1.Agent" in out, out
+        code, out = await _grpcurl("-d", "{}", addr, "mesh.v1.Agent/Info")
+        assert code != 0 and "Unauthenticated" in out  # only reflection is open
+
+
+def _hop(addr: str, interceptors: list[grpc.aio.ClientInterceptor]) -> Callable[[], Any]:
+    channel = grpc.aio.insecure_channel(addr, interceptors=interceptors)
+
+    async def call() -> types_pb2.AgentInfo:
+        # No timeout here: the incoming call's deadline is propagated by the interceptor.
+        result: types_pb2.AgentInfo = await agent_pb2_grpc.AgentStub(channel).Info(
+            agent_pb2.InfoRequest())
+        return result
+
+    return call
+
+
+async def test_two_hops_exchange_on_behalf_of_the_user(config: MeshConfig,
+                                                       sts: TokenService) -> None:
+    """client -> router -> agent a -> agent b: b sees alice, aud b, actors a then router."""
+    async with serve(server_interceptors(config, "b")) as b_addr:
+        to_b = _hop(b_addr, client_interceptors(config, config.auth.audience_for("b"),
+                                                service="a"))
+        async with serve(server_interceptors(config, "a"), InfoAgent(next_hop=to_b)) as a_addr:
+            to_a = _hop(a_addr, client_interceptors(config, config.auth.audience_for("a")))
+            async with serve(server_interceptors(config, "router"),
+                             InfoAgent(next_hop=to_a)) as router_addr:
+                user = mint_user_token(config, "alice")
+                client = client_interceptors(config, "mesh-router",
+                                             token_source=StaticTokenSource(user))
+                before = sts.stats["token"]
+                trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                info = await _info(router_addr, ((ctx.MD_CONVERSATION_ID, "conv-7"),
+                                                 (ctx.MD_HOP_PATH, "a"),
+                                                 (ctx.MD_TRACEPARENT, trace)), client)
+                assert info.name == "alice"
+                assert info.description == "mesh-agent-b"
+                assert [s.name for s in info.skills] == ["mesh-agent-a", "mesh-router"]
+                assert info.version == "conv-7"  # forwarded on both hops
+                assert list(info.required_scopes) == ["a"]
+                assert info.model.provider == trace
+                # The client's 10 s deadline reached the last hop (minus time spent).
+                assert 0 < float(info.model.model) <= 10
+                used = sts.stats["token"] - before
+                again = await _info(router_addr, None, client)
+                assert again.name == "alice"
+                assert sts.stats["token"] - before == used  # all hops served from caches
+
+
+class _FailingExchanger:
+    def __init__(self, err: Exception) -> None:
+        self.err = err
+
+    async def token_for(self, subject_token: str, audience: str) -> str:
+        raise self.err
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_exchange_failures_fail_the_call_with_mapped_status(
+    config: MeshConfig, sts: TokenService
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"https://127.0.0.1:{s.getsockname()[1]}"
+    unreachable = CachingExchanger(Rfc8693Exchanger(
+        credential=client_credential(config, "router"), issuer=dead, timeout_s=2))
+    async with serve(server_interceptors(config, "a")) as addr:
+        token = ctx.current_token.set(mint_user_token(config, "alice"))
+        try:
+            cases: list[tuple[Any, type[Exception], grpc.StatusCode]] = [
+                (unreachable, Unavailable, grpc.StatusCode.UNAVAILABLE),
+                (_FailingExchanger(Unauthenticated("refused", metadata={"error": "x"})),
+                 Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+                (_FailingExchanger(RuntimeError("boom")), Unavailable,
+                 grpc.StatusCode.UNAVAILABLE),
+            ]
+            for exchanger, kind, code in cases:
+                interceptors = client_interceptors(config, "mesh-agent-a", exchanger=exchanger)
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await _info(addr, None, interceptors)
+                assert info.value.code() == code
+                assert isinstance(from_rpc_error(info.value), kind)
+                async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as ch:
+                    call = agent_pb2_grpc.AgentStub(ch).Chat(timeout=10)
+                    assert await call.code() == code, await call.details()
+            # The app-only refusal happens before any call to the identity provider.
+            ctx.current_token.set(mint(config, sub="mesh-router", audience="mesh-router",
+                                       extra={"idtyp": "app"}))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _info(addr, None, client_interceptors(config, "mesh-agent-a"))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            ctx.current_token.reset(token)
+
+
+def _generic_server_handler() -> grpc.GenericRpcHandler:
+    def who() -> bytes:
+        principal = ctx.current_principal.get()
+        return (principal.subject if principal else "-").encode()
+
+    async def uu(request: bytes, context: Any) -> bytes:
+        return who()
+
+    async def us(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        yield who()
+        yield who()
+
+    async def us_write(request: bytes, context: Any) -> None:
+        await context.write(who())
+
+    async def su(requests: AsyncIterator[bytes], context: Any) -> bytes:
+        return b"".join([r async for r in requests]) + who()
+
+    async def ss(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for r in requests:
+            yield r + who()
+
+    return grpc.method_handlers_generic_handler("test.Kinds", {
+        "UU": grpc.unary_unary_rpc_method_handler(uu),
+        "US": grpc.unary_stream_rpc_method_handler(us),
+        "USWrite": grpc.unary_stream_rpc_method_handler(us_write),
+        "SU": grpc.stream_unary_rpc_method_handler(su),
+        "SS": grpc.stream_stream_rpc_method_handler(ss),
+    })
+
+
+async def test_all_four_call_kinds(config: MeshConfig, sts: TokenService) -> None:
+    server = grpc.aio.server(interceptors=server_interceptors(config, "b"),
+                             options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((_generic_server_handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        user = mint_user_token(config, "alice")
+        interceptors = client_interceptors(config, "mesh-agent-b")
+        ctx_token = ctx.current_token.set(user)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                                 interceptors=interceptors) as channel:
+                ch: Any = channel  # raw bytes methods: the stubs cannot type them
+                assert await ch.unary_unary("/test.Kinds/UU")(b"", timeout=10) == b"alice"
+                assert [r async for r in ch.unary_stream("/test.Kinds/US")(b"", timeout=10)] \
+                    == [b"alice", b"alice"]
+                assert [r async for r in ch.unary_stream("/test.Kinds/USWrite")(
+                    b"", timeout=10)] == [b"alice"]
+
+                async def requests() -> AsyncIterator[bytes]:
+                    yield b"x:"
+
+                assert await ch.stream_unary("/test.Kinds/SU")(requests(), timeout=10) \
+                    == b"x:alice"
+                assert [r async for r in ch.stream_stream("/test.Kinds/SS")(
+                    requests(), timeout=10)] == [b"x:alice"]
+        finally:
+            ctx.current_token.reset(ctx_token)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+            ch = plain
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await ch.unary_unary("/test.Kinds/SU")(b"", timeout=10)
+            assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                         grpc.StatusCode.UNIMPLEMENTED)
+            call = ch.unary_stream("/test.Kinds/US")(b"", timeout=10)
+            assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await server.stop(None)
+
+
+async def test_audit_line_per_call(config: MeshConfig, sts: TokenService,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mesh.audit")
+    async with serve(server_interceptors(config, "router")) as addr:
+        token = mint(config, sub="alice", audience="mesh-router", scopes=["mesh.chat"],
+                     extra={"act": {"sub": "mesh-agent-a", "act": {"sub": "mesh-router"}}})
+        await _info(addr, (*bearer(token), (ctx.MD_HOP_PATH, "a,b")))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _info(addr, bearer(token + "x"))
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mesh.audit"]
+    ok = [line for line in lines if line["status"] == "OK"]
+    denied = [line for line in lines if line["status"] == "UNAUTHENTICATED"]
+    assert len(ok) == 1 and len(denied) == 1
+    assert ok[0]["subject"] == "alice"
+    assert ok[0]["actors"] == ["mesh-agent-a", "mesh-router"]
+    assert ok[0]["hop_path"] == ["a", "b"]
+    assert ok[0]["method"] == "/mesh.v1.Agent/Info"
+    assert denied[0]["subject"] is None and "signature" in denied[0]["reason"]
+    assert all(token not in r.getMessage() for r in caplog.records)
+
+
+async def test_factories(config: MeshConfig, sts: TokenService) -> None:
+    off = config_from_dict({"agents": {"a": {"description": "a"}}})
+    assert server_interceptors(off, "a") == []
+    assert client_interceptors(off, "mesh-agent-a") == []
+    assert len(client_interceptors(off, "mesh-router",
+                                   token_source=StaticTokenSource("t"))) == 4
+    [interceptor] = server_interceptors(config, "admin")
+    assert isinstance(interceptor, AuthServerInterceptor)
+    assert interceptor.required_scopes == {"mesh.admin"}
+    assert isinstance(interceptor.validator, TokenValidator)
+    assert interceptor.validator.audience == "mesh-agent-admin"
+    assert interceptor.validator.issuer == sts.issuer
+    assert config.auth.audience_for("router") == "mesh-router"
+    assert with_auth(config, audiences={"a": "api://a"}).auth.audience_for("a") == "api://a"
+
+
+async def test_service_calls_as_itself_with_client_credentials(config: MeshConfig,
+                                                               sts: TokenService) -> None:
+    from mesh.auth.interceptors import service_interceptors
+
+    async with serve(server_interceptors(config, "router")) as addr:
+        interceptors = service_interceptors(config, "mesh-router", service="b")
+        info = await _info(addr, None, interceptors)
+        assert info.name == "mesh-agent-b"  # the agent's own identity (app token)
+        before = sts.stats["token"]
+        await _info(addr, None, interceptors)
+        assert sts.stats["token"] == before  # cached
+    entra = with_auth(config, exchanger="entra")
+    async with serve(server_interceptors(entra, "router")) as addr:
+        info = await _info(addr, None, service_interceptors(entra, "mesh-router"))
+        assert info.name == "mesh-router"
+
+
+@pytest.mark.parametrize("client_auth", [False, True])
+async def test_tls_for_grpc_hops(config: MeshConfig, sts: TokenService,
+                                 client_auth: bool) -> None:
+    from mesh.auth.interceptors import channel_credentials, server_credentials
+
+    cfg = config.model_copy(update={"auth": config.auth.model_copy(update={
+        "tls": config.auth.tls.model_copy(update={"enabled": True,
+                                                  "client_auth": client_auth})})})
+    assert server_credentials(config) is None and channel_credentials(config) is None
+    server_creds = server_credentials(cfg)
+    channel_creds = channel_credentials(cfg)
+    assert server_creds is not None and channel_creds is not None
+    server = grpc.aio.server(interceptors=server_interceptors(cfg, "router"),
+                             options=[("grpc.so_reuseport", 0)])
+    agent_pb2_grpc.add_AgentServicer_to_server(InfoAgent(), server)
+    port = server.add_secure_port("127.0.0.1:0", server_creds)
+    await server.start()
+    try:
+        token = mint_user_token(cfg, "alice")
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_creds) as channel:
+            info = await agent_pb2_grpc.AgentStub(channel).Info(
+                agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10)
+        assert info.name == "alice"
+        if client_auth:  # no client certificate: the handshake fails
+            anonymous = grpc.ssl_channel_credentials(sts.ca_file.read_bytes())
+            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", anonymous) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as failed:
+                    await agent_pb2_grpc.AgentStub(channel).Info(
+                        agent_pb2.InfoRequest(), metadata=bearer(token), timeout=5)
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(None)
