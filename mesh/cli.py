@@ -151,13 +151,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = _config(args)
     config_arg = ["--config", str(Path(config.source).resolve())]
     procs: list[subprocess.Popen[str]] = []
+    signalled: set[int] = set()
     stopping = False
 
     def stop(_signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
-        for proc in procs:
-            if proc.poll() is None:
+        stopping = stopping or _signum != 0
+        # The router first, so it stops taking turns while the agents finish theirs.
+        for proc in reversed(procs):
+            if proc.poll() is None and proc.pid not in signalled:
+                signalled.add(proc.pid)
                 proc.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)

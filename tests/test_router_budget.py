@@ -7,11 +7,10 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
-import pytest
 
 from mesh.client import AgentClient, create_channel, turn_request
 from mesh.config import MeshConfig
-from mesh.errors import HandoffCycle, HopBudgetExceeded, from_rpc_error
+from mesh.errors import HandoffCycle, HopBudgetExceeded, MeshError, from_rpc_error
 from mesh.v1 import router_pb2_grpc, types_pb2
 
 from .meshtest import RecordingProvider, mesh_config, offline_agent, serve_agent, serve_router
@@ -52,16 +51,20 @@ def _ping_pong(max_hops: int) -> MeshConfig:
     )
 
 
-async def _chat_error(router: str, message: str, timeout: float = 30) -> tuple[object, list[types_pb2.ChatEvent]]:
+async def _chat_error(
+    router: str, message: str, timeout: float = 30
+) -> tuple[MeshError, list[types_pb2.ChatEvent]]:
     events: list[types_pb2.ChatEvent] = []
     async with create_channel(router) as channel:
         call = router_pb2_grpc.RouterStub(channel).Chat(timeout=timeout)
         await call.write(turn_request(message))
         await call.done_writing()
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        try:
             async for event in call:
                 events.append(event)
-    return from_rpc_error(caught.value), events
+        except grpc.aio.AioRpcError as err:
+            return from_rpc_error(err), events
+    raise AssertionError("the turn ended without an error status")
 
 
 async def test_transfer_loop_stops_at_exactly_max_hops() -> None:
@@ -149,7 +152,7 @@ async def test_client_cancel_reaches_every_hop() -> None:
 
 
 async def test_cancel_request_ends_the_turn_and_the_stream_goes_on() -> None:
-    async with mesh_of(_three_hops(delay_ms=50)) as (router, providers, servers):
+    async with mesh_of(_three_hops(delay_ms=50)) as (router, providers, _servers):
         async with create_channel(router) as channel:
             stream = AgentClient(channel, router=True).open(timeout=60)
             await stream.send(turn_request("go", conversation_id="k1"))

@@ -23,7 +23,9 @@ from .meshtest import Proc, offline_agent, start_agent, write_config
 LONG = " ".join(f"w{i}" for i in range(300))
 
 
-def _start_router(config: Path, *static: str, env: dict[str, str] | None = None) -> tuple[Proc, str]:
+def _start_router(
+    config: Path, *static: str, env: dict[str, str] | None = None
+) -> tuple[Proc, str]:
     args = ["router", "--config", str(config), "--port", "0"]
     for item in static:
         args += ["--static", item]
@@ -91,8 +93,9 @@ async def test_replica_killed_mid_stream(tmp_path: Path) -> None:
                     outcomes.append("ok")
                     assert events[-1].final.content == LONG
                 except grpc.aio.AioRpcError as err:
-                    assert err.code() == grpc.StatusCode.UNAVAILABLE
-                    assert isinstance(from_rpc_error(err), Unavailable)
+                    mapped = from_rpc_error(err)
+                    assert isinstance(mapped, Unavailable)
+                    assert mapped.code == grpc.StatusCode.UNAVAILABLE
                     assert events[-1].WhichOneof("kind") == "error"
                     assert "failed mid-turn" in events[-1].error.message
                     assert "not replayed" in events[-1].error.message
@@ -190,8 +193,19 @@ def redis_url() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         sock = Path(tmp) / "redis.sock"
         proc = subprocess.Popen(
-            [server, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no",
-             "--dir", tmp],
+            [
+                server,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(sock),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                tmp,
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -1,0 +1,267 @@
+"""The load generator: its own process, driven by JSON lines on stdin.
+
+Each command is one line of JSON; each answer is one line of JSON on stdout
+(nothing else is printed there). Commands:
+
+``{"op": "turns", ...}``
+    ``concurrency`` workers each keep one Chat stream open (or open one per turn
+    with ``fresh``) and send turns back to back for ``warmup + duration`` seconds;
+    turns that started and finished inside the measured window are counted.
+    Answers with turns/s, latency percentiles, time to first delta, deltas/s.
+``{"op": "hold", "address": ..., "count": N}``
+    Opens N Chat streams (one turn each, so each is known to be live) and keeps
+    them open and idle until ``{"op": "release"}``.
+``{"op": "quit"}``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from benchmarks.common import AGENT_METHOD, ECHO_METHOD, ROUTER_METHOD, quiet_grpc, use_uvloop
+from mesh.client import create_channel, turn_request
+from mesh.config import ServerSettings
+from mesh.v1 import types_pb2
+
+METHODS = {"bare": ECHO_METHOD, "agent": AGENT_METHOD, "router": ROUTER_METHOD}
+ChatCall = grpc.aio.StreamStreamCall[types_pb2.ChatRequest, types_pb2.ChatEvent]
+ChatMethod = grpc.aio.StreamStreamMultiCallable[types_pb2.ChatRequest, types_pb2.ChatEvent]
+
+
+class TurnFailed(Exception):
+    """A turn ended with an error event or an early end of stream."""
+
+
+@dataclass
+class Window:
+    start: float
+    stop: float
+    latencies: list[float] = field(default_factory=list)
+    first_delta: list[float] = field(default_factory=list)
+    deltas: int = 0
+    errors: int = 0
+    error_samples: list[str] = field(default_factory=list)
+
+    def failed(self, what: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < 3:
+            self.error_samples.append(what[:300])
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0 when empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[rank]
+
+
+class LoadGen:
+    def __init__(self) -> None:
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.settings = ServerSettings(max_message_bytes=64 * 1024 * 1024)
+        self.held: list[ChatCall] = []
+
+    def channel(self, address: str, slot: str = "") -> grpc.aio.Channel:
+        key = f"{address}#{slot}"
+        if key not in self.channels:
+            self.channels[key] = create_channel(address, settings=self.settings)
+        return self.channels[key]
+
+    def method(self, address: str, kind: str, slot: str = "") -> ChatMethod:
+        return self.channel(address, slot).stream_stream(
+            METHODS[kind],
+            request_serializer=types_pb2.ChatRequest.SerializeToString,
+            response_deserializer=types_pb2.ChatEvent.FromString,
+        )
+
+    # -- turns ------------------------------------------------------------------------
+
+    async def _one_turn(
+        self, call: ChatCall, request: types_pb2.ChatRequest, window: Window, loop: Any
+    ) -> tuple[float, float | None, float]:
+        t0 = loop.time()
+        await call.write(request)
+        first: float | None = None
+        while True:
+            event = await call.read()
+            if event is grpc.aio.EOF:
+                raise TurnFailed("stream ended before the final event")
+            kind = event.WhichOneof("kind")
+            if kind == "delta":
+                now = loop.time()
+                if first is None:
+                    first = now
+                if window.start <= now <= window.stop:
+                    window.deltas += 1
+            elif kind == "final":
+                return t0, first, loop.time()
+            elif kind == "error":
+                raise TurnFailed(f"{event.error.code}: {event.error.message}")
+
+    async def _worker(
+        self,
+        method: ChatMethod,
+        request: types_pb2.ChatRequest,
+        metadata: tuple[tuple[str, str], ...],
+        fresh: bool,
+        window: Window,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        call: ChatCall | None = None
+        while loop.time() < window.stop:
+            try:
+                if call is None:
+                    call = method(metadata=metadata, timeout=600)
+                t0, first, t1 = await self._one_turn(call, request, window, loop)
+                if fresh:
+                    await call.done_writing()
+                    if await call.read() is not grpc.aio.EOF:
+                        raise TurnFailed("events after the final event")
+                    t1 = loop.time()
+                    call = None
+                if t0 >= window.start and t1 <= window.stop:
+                    window.latencies.append(t1 - t0)
+                    if first is not None:
+                        window.first_delta.append(first - t0)
+            except (grpc.aio.AioRpcError, TurnFailed) as err:
+                text = (
+                    f"{err.code().name}: {err.details()}"
+                    if isinstance(err, grpc.aio.AioRpcError)
+                    else str(err)
+                )
+                window.failed(text)
+                if call is not None:
+                    call.cancel()
+                call = None
+                await asyncio.sleep(0.01)  # an error storm must not spin the loop
+        if call is not None:
+            call.cancel()
+
+    async def turns(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        concurrency = int(cmd["concurrency"])
+        warmup, duration = float(cmd["warmup"]), float(cmd["duration"])
+        method = self.method(cmd["address"], cmd["kind"])
+        metadata = tuple((str(k), str(v)) for k, v in cmd.get("metadata", []))
+        now = loop.time()
+        window = Window(start=now + warmup, stop=now + warmup + duration)
+        request = turn_request(cmd["message"], agent=cmd.get("agent", ""))
+        cpu0 = time.process_time()
+        await asyncio.gather(
+            *(
+                self._worker(method, request, metadata, bool(cmd.get("fresh")), window)
+                for _ in range(concurrency)
+            )
+        )
+        cpu = time.process_time() - cpu0
+        lat = sorted(window.latencies)
+        ttfd = sorted(window.first_delta)
+        return {
+            "turns": len(lat),
+            "turns_per_s": len(lat) / duration,
+            "deltas_per_s": window.deltas / duration,
+            "p50_ms": percentile(lat, 50) * 1000,
+            "p99_ms": percentile(lat, 99) * 1000,
+            "ttfd_p50_ms": percentile(ttfd, 50) * 1000,
+            "ttfd_p99_ms": percentile(ttfd, 99) * 1000,
+            "errors": window.errors,
+            "error_samples": window.error_samples,
+            "loadgen_cpu_s": cpu,
+        }
+
+    # -- holding idle streams -----------------------------------------------------------
+
+    async def hold(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        count, per_channel = int(cmd["count"]), int(cmd.get("per_channel", 1000))
+        address = cmd["address"]
+        metadata = tuple((str(k), str(v)) for k, v in cmd.get("metadata", []))
+        request = turn_request(cmd["message"])
+        gate = asyncio.Semaphore(int(cmd.get("parallel", 200)))
+        loop = asyncio.get_running_loop()
+        window = Window(start=0.0, stop=float("inf"))
+        errors: list[str] = []
+        base = len(self.held)
+
+        async def open_one(index: int) -> None:
+            slot = f"hold-{(base + index) // per_channel}"
+            call = self.method(address, "router", slot)(metadata=metadata, timeout=3600)
+            async with gate:
+                try:
+                    await self._one_turn(call, request, window, loop)
+                except (grpc.aio.AioRpcError, TurnFailed) as err:
+                    call.cancel()
+                    errors.append(str(err)[:200])
+                    return
+            self.held.append(call)
+
+        started = loop.time()
+        await asyncio.gather(*(open_one(i) for i in range(count)))
+        return {
+            "held": len(self.held),
+            "opened": count - len(errors),
+            "errors": len(errors),
+            "error_samples": errors[:3],
+            "seconds": loop.time() - started,
+        }
+
+    async def release(self) -> dict[str, Any]:
+        released = len(self.held)
+        for call in self.held:
+            call.cancel()
+        self.held.clear()
+        for key in [k for k in self.channels if "#hold-" in k]:
+            await self.channels.pop(key).close()
+        return {"released": released}
+
+    async def close(self) -> None:
+        await self.release()
+        for channel in self.channels.values():
+            await channel.close()
+
+
+async def serve_commands(loop_name: str) -> None:
+    gen = LoadGen()
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    print(json.dumps({"ready": True, "loop": loop_name}), flush=True)
+    try:
+        while line := await reader.readline():
+            cmd = json.loads(line)
+            op = cmd["op"]
+            if op == "quit":
+                break
+            if op == "turns":
+                result = await gen.turns(cmd)
+            elif op == "hold":
+                result = await gen.hold(cmd)
+            elif op == "release":
+                result = await gen.release()
+            else:
+                result = {"error": f"unknown op {op!r}"}
+            print(json.dumps(result), flush=True)
+    finally:
+        await gen.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen")
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    args = parser.parse_args()
+    quiet_grpc()
+    loop_name = use_uvloop(args.uvloop)
+    asyncio.run(serve_commands(loop_name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
