@@ -42,7 +42,7 @@ FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 mesh \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin mesh \
- && mkdir -p /data /etc/mesh \
+ && mkdir -p /data /etc/mesh/config \
  && chown 10001:10001 /data
 COPY --from=build /app/.venv /app/.venv
 # Tool modules (`billing.tools:lookup_invoice`) are imported from PYTHONPATH; the mesh file
@@ -52,7 +52,7 @@ ENV PATH=/app/.venv/bin:$PATH \
     PYTHONPATH=/app/services \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    MESH_CONFIG=/etc/mesh/mesh.yaml \
+    MESH_CONFIG=/etc/mesh/config/mesh.yaml \
     MESH_DATA_DIR=/data
 WORKDIR /app
 USER 10001:10001

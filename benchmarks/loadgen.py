@@ -86,9 +86,10 @@ class LoadGen:
     # -- turns ------------------------------------------------------------------------
 
     async def _one_turn(
-        self, call: ChatCall, request: types_pb2.ChatRequest, window: Window, loop: Any
+        self, call: ChatCall, request: types_pb2.ChatRequest, window: Window
     ) -> tuple[float, float | None, float]:
-        t0 = loop.time()
+        clock = time.perf_counter  # uvloop's loop.time() ticks in whole milliseconds
+        t0 = clock()
         await call.write(request)
         first: float | None = None
         while True:
@@ -97,13 +98,13 @@ class LoadGen:
                 raise TurnFailed("stream ended before the final event")
             kind = event.WhichOneof("kind")
             if kind == "delta":
-                now = loop.time()
+                now = clock()
                 if first is None:
                     first = now
                 if window.start <= now <= window.stop:
                     window.deltas += 1
             elif kind == "final":
-                return t0, first, loop.time()
+                return t0, first, clock()
             elif kind == "error":
                 raise TurnFailed(f"{event.error.code}: {event.error.message}")
 
@@ -115,20 +116,21 @@ class LoadGen:
         fresh: bool,
         window: Window,
     ) -> None:
-        loop = asyncio.get_running_loop()
+        clock = time.perf_counter
         call: ChatCall | None = None
-        while loop.time() < window.stop:
+        while clock() < window.stop:
             try:
                 if call is None:
                     call = method(metadata=metadata, timeout=600)
-                t0, first, t1 = await self._one_turn(call, request, window, loop)
+                t0, first, t1 = await self._one_turn(call, request, window)
                 if fresh:
                     await call.done_writing()
                     if await call.read() is not grpc.aio.EOF:
                         raise TurnFailed("events after the final event")
-                    t1 = loop.time()
+                    t1 = clock()
                     call = None
-                if t0 >= window.start and t1 <= window.stop:
+                # Closed loop: a turn counts when it ends inside the window.
+                if window.start <= t1 <= window.stop:
                     window.latencies.append(t1 - t0)
                     if first is not None:
                         window.first_delta.append(first - t0)
@@ -147,12 +149,11 @@ class LoadGen:
             call.cancel()
 
     async def turns(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
         concurrency = int(cmd["concurrency"])
         warmup, duration = float(cmd["warmup"]), float(cmd["duration"])
         method = self.method(cmd["address"], cmd["kind"])
         metadata = tuple((str(k), str(v)) for k, v in cmd.get("metadata", []))
-        now = loop.time()
+        now = time.perf_counter()
         window = Window(start=now + warmup, stop=now + warmup + duration)
         request = turn_request(cmd["message"], agent=cmd.get("agent", ""))
         cpu0 = time.process_time()
@@ -196,7 +197,7 @@ class LoadGen:
             call = self.method(address, "router", slot)(metadata=metadata, timeout=3600)
             async with gate:
                 try:
-                    await self._one_turn(call, request, window, loop)
+                    await self._one_turn(call, request, window)
                 except (grpc.aio.AioRpcError, TurnFailed) as err:
                     call.cancel()
                     errors.append(str(err)[:200])

@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from mesh.client import AgentClient, create_channel
@@ -107,3 +108,17 @@ def test_mesh_chat_and_agents_commands(router: str) -> None:
     names = {a["info"]["name"] for a in listing["agents"]}
     assert names == {"triage", "billing", "orders", "researcher", "writer"}
     assert all(a["endpoints"][0]["health"] == "SERVING" for a in listing["agents"])
+
+
+async def test_end_conversation_closes_the_stream(router: str) -> None:
+    from mesh.client import turn_request
+    from mesh.v1 import router_pb2_grpc, types_pb2
+
+    async with create_channel(router) as channel:
+        call = router_pb2_grpc.RouterStub(channel).Chat(timeout=30)
+        await call.write(turn_request("ok bye now", conversation_id="end-1"))
+        events = [e async for e in call]  # ends without our half-close
+        assert await call.code() == grpc.StatusCode.OK
+    handoff = next(e for e in events if e.WhichOneof("kind") == "handoff")
+    assert handoff.handoff.mode == types_pb2.HandoffMode.END_CONVERSATION
+    assert events[-1].final.stop_reason == "end_conversation"

@@ -1,18 +1,40 @@
 """Settings of the ``auth:`` block of ``mesh.yaml``.
 
-Example (the defaults, with the embedded token service)::
+Local runs (the embedded token service, the defaults spelled out)::
 
     auth:
       enabled: true
       exchanger: embedded          # embedded | entra | rfc8693
-      issuer: ""                   # "" = the embedded STS: https://127.0.0.1:<sts.port>
+      issuer: ""                   # "" = the embedded STS: https://<sts.host>:<sts.port>
       leeway_s: 30
+      max_token_bytes: 8192
       jwks_refresh_window_s: 30
       allow_unauthenticated_reflection: false
       audiences: {}                # service -> audience; default mesh-router / mesh-agent-<name>
-      clients:                     # service -> how it authenticates to the identity provider
+      clients:                     # service -> credentials; default: the STS's dev secret
         router: {secret_env: MESH_ROUTER_CLIENT_SECRET}
+        billing: {certificate: certs/billing.pem, private_key: certs/billing-key.pem}
       sts: {host: 127.0.0.1, port: 50040, tenant: mesh, token_ttl_s: 3600}
+      tls: {enabled: false, client_auth: false}   # dev certs from the STS's CA when on
+
+Microsoft Entra ID::
+
+    auth:
+      enabled: true
+      exchanger: entra
+      issuer: https://login.microsoftonline.com/<tenant-id>/v2.0
+      audiences: {router: api://mesh-router, triage: api://mesh-triage}
+      clients:
+        router: {client_id: <app id>, secret_env: MESH_ROUTER_CLIENT_SECRET}
+      entra: {authority: https://login.microsoftonline.com/<tenant-id>}
+
+Keycloak-style RFC 8693::
+
+    auth:
+      enabled: true
+      exchanger: rfc8693
+      issuer: https://keycloak.example/realms/mesh
+      clients: {router: {client_id: mesh-router, secret_env: MESH_ROUTER_CLIENT_SECRET}}
 
 Secrets never live in the file: a client names the environment variable that holds
 its secret (``secret_env``) or points at a certificate and private key on disk.

@@ -4,7 +4,6 @@ real grpc.aio servers on 127.0.0.1 port 0, and a log capture that the last test 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -192,13 +191,3 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
 
-@pytest.fixture
-def env_secret() -> Iterator[None]:
-    """The router's client secret in the environment (for configs built in a test)."""
-    old = os.environ.get(ROUTER_SECRET_ENV)
-    os.environ[ROUTER_SECRET_ENV] = ROUTER_SECRET
-    yield
-    if old is None:
-        os.environ.pop(ROUTER_SECRET_ENV, None)
-    else:
-        os.environ[ROUTER_SECRET_ENV] = old

@@ -243,16 +243,27 @@ def _generic_server_handler() -> grpc.GenericRpcHandler:
         async for r in requests:
             yield r + who()
 
+    async def abort(request: bytes, context: Any) -> bytes:
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        return b""
+
+    async def crash(request: bytes, context: Any) -> bytes:
+        raise RuntimeError("servicer bug")
+
     return grpc.method_handlers_generic_handler("test.Kinds", {
         "UU": grpc.unary_unary_rpc_method_handler(uu),
         "US": grpc.unary_stream_rpc_method_handler(us),
         "USWrite": grpc.unary_stream_rpc_method_handler(us_write),
         "SU": grpc.stream_unary_rpc_method_handler(su),
         "SS": grpc.stream_stream_rpc_method_handler(ss),
+        "Abort": grpc.unary_unary_rpc_method_handler(abort),
+        "Crash": grpc.unary_unary_rpc_method_handler(crash),
     })
 
 
-async def test_all_four_call_kinds(config: MeshConfig, sts: TokenService) -> None:
+async def test_all_four_call_kinds(config: MeshConfig, sts: TokenService,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mesh.audit")
     server = grpc.aio.server(interceptors=server_interceptors(config, "b"),
                              options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((_generic_server_handler(),))
@@ -279,6 +290,11 @@ async def test_all_four_call_kinds(config: MeshConfig, sts: TokenService) -> Non
                     == b"x:alice"
                 assert [r async for r in ch.stream_stream("/test.Kinds/SS")(
                     requests(), timeout=10)] == [b"x:alice"]
+                for method, code in (("Abort", grpc.StatusCode.NOT_FOUND),
+                                     ("Crash", grpc.StatusCode.UNKNOWN)):
+                    with pytest.raises(grpc.aio.AioRpcError) as failed:
+                        await ch.unary_unary(f"/test.Kinds/{method}")(b"", timeout=10)
+                    assert failed.value.code() == code
         finally:
             ctx.current_token.reset(ctx_token)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
@@ -291,6 +307,11 @@ async def test_all_four_call_kinds(config: MeshConfig, sts: TokenService) -> Non
             assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await server.stop(None)
+    statuses = {(line["method"], line["status"]) for line in (
+        json.loads(r.getMessage()) for r in caplog.records if r.name == "mesh.audit")}
+    assert {("/test.Kinds/UU", "OK"), ("/test.Kinds/SS", "OK"),
+            ("/test.Kinds/Abort", "NOT_FOUND"), ("/test.Kinds/Crash", "UNKNOWN"),
+            ("/test.Kinds/US", "UNAUTHENTICATED")} <= statuses
 
 
 async def test_audit_line_per_call(config: MeshConfig, sts: TokenService,
