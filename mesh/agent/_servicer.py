@@ -32,6 +32,7 @@ from mesh.context import current_hop_path
 from mesh.convert import MODE_FROM_PB, MODE_TO_PB, event_to_pb, history_from_pb, to_struct
 from mesh.errors import (
     DeadlineExceeded,
+    Draining,
     InvalidArgument,
     MeshError,
 )
@@ -173,7 +174,7 @@ class _Stream:
             return getter.result()
         getter.cancel()
         if drained in done:
-            return _EOF
+            raise Draining("server is shutting down; open a new stream to continue")
         raise IdleTimeout(f"stream idle for {self.idle_timeout:g}s with no request; closed")
 
     def _stamp(self, event: RuntimeEvent, turn: TurnInput) -> types_pb2.ChatEvent:

@@ -16,7 +16,7 @@ import grpc
 from mesh.agent._servicer import IdleTimeout, abort_with
 from mesh.config import MeshConfig
 from mesh.context import current_hop_path
-from mesh.errors import InvalidArgument, MeshError, NotFound
+from mesh.errors import Draining, InvalidArgument, MeshError, NotFound
 from mesh.router._engine import Router, TurnState
 from mesh.router._pool import AgentPool
 from mesh.server import Lifecycle
@@ -180,7 +180,7 @@ class _ChatStream:
             return getter.result()
         getter.cancel()
         if drained in done:
-            return _EOF
+            raise Draining("server is shutting down; open a new stream to continue")
         raise IdleTimeout(f"stream idle for {idle:g}s with no request; closed")
 
     def _stamp(self, event: types_pb2.ChatEvent, state: TurnState) -> types_pb2.ChatEvent:
