@@ -23,12 +23,16 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
         description="Serve the embedded OAuth2/OIDC token service over HTTPS with a dev CA "
         "kept in the data dir. Prints 'sts: https://HOST:PORT' once listening.",
     )
-    sts.add_argument("--config", metavar="FILE", help="mesh file (default: $MESH_CONFIG or "
-                     "services/mesh.yaml)")
+    sts.add_argument(
+        "--config", metavar="FILE", help="mesh file (default: $MESH_CONFIG or services/mesh.yaml)"
+    )
     sts.add_argument("--host", help="address to bind (default: auth.sts.host, loopback)")
     sts.add_argument("--port", type=int, help="port to bind (0: any free port)")
-    sts.add_argument("--rotate", action="store_true",
-                     help="rotate the signing key on disk and exit (a running STS picks it up)")
+    sts.add_argument(
+        "--rotate",
+        action="store_true",
+        help="rotate the signing key on disk and exit (a running STS picks it up)",
+    )
     sts.set_defaults(func=run_sts)
 
     token = subparsers.add_parser(
@@ -39,10 +43,20 @@ def add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     token.add_argument("--config", metavar="FILE", help="mesh file")
     token.add_argument("--sub", required=True, help="the user (sub claim)")
-    token.add_argument("--scope", action="append", default=None, metavar="SCOPE",
-                       help="scope to grant (repeatable; default: auth.sts.default_scopes)")
-    token.add_argument("--ttl", type=int, default=None, metavar="SECONDS",
-                       help="lifetime in seconds (default: auth.sts.token_ttl_s)")
+    token.add_argument(
+        "--scope",
+        action="append",
+        default=None,
+        metavar="SCOPE",
+        help="scope to grant (repeatable; default: auth.sts.default_scopes)",
+    )
+    token.add_argument(
+        "--ttl",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="lifetime in seconds (default: auth.sts.token_ttl_s)",
+    )
     token.add_argument("--audience", help="audience (default: the router's)")
     token.add_argument("--mfa", action="store_true", help="mark the sign-in as multi-factor")
     token.set_defaults(func=run_token)
@@ -88,8 +102,14 @@ def run_token(args: argparse.Namespace) -> int:
         return 2
     try:
         config: MeshConfig = load_config(args.config)
-        token = mint_user_token(config, args.sub, args.scope, args.ttl,
-                                audience=args.audience, amr=["pwd", "mfa"] if args.mfa else None)
+        token = mint_user_token(
+            config,
+            args.sub,
+            args.scope,
+            args.ttl,
+            audience=args.audience,
+            amr=["pwd", "mfa"] if args.mfa else None,
+        )
     except (ConfigError, OSError, ValueError) as err:
         print(f"mesh token: {err}", file=sys.stderr)
         return 2

@@ -165,8 +165,7 @@ class AuthConfig(BaseModel):
     """service ("router" or an agent name) -> audience, overriding the defaults."""
     clients: dict[str, ClientConfig] = Field(default_factory=dict)
     """service -> its client credentials (extra keys register extra STS clients)."""
-    algorithms: list[Algorithm] = Field(default_factory=lambda: _default_algorithms(),
-                                        min_length=1)
+    algorithms: list[Algorithm] = Field(default_factory=lambda: _default_algorithms(), min_length=1)
     """Signature algorithms accepted; the token's own ``alg`` header is never trusted."""
     leeway_s: float = Field(default=30.0, ge=0, le=300)
     """Clock skew tolerated on ``exp``, ``nbf`` and ``iat``."""

@@ -137,9 +137,15 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -149,8 +155,11 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
         _write_private(ca_key_path, _key_pem(ca_key))
         _write_public(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
         files.server_cert.unlink(missing_ok=True)
-    if _valid(files.server_cert, hosts) and _serves_both(files.server_cert) and \
-            files.server_key.exists():
+    if (
+        _valid(files.server_cert, hosts)
+        and _serves_both(files.server_cert)
+        and files.server_key.exists()
+    ):
         return files
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
@@ -163,10 +172,13 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
         .not_valid_after(_now() + dt.timedelta(days=_VALID_DAYS))
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -211,16 +223,22 @@ def certificate_der(cert_pem: bytes) -> bytes:
 def certificate_public_pem(cert_pem: bytes) -> str:
     """The SubjectPublicKeyInfo PEM of a PEM certificate."""
     cert = x509.load_pem_x509_certificate(cert_pem)
-    return cert.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
+    return (
+        cert.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode("ascii")
+    )
 
 
 def sha1_thumbprint_hex(cert_pem: bytes) -> str:
     """The SHA-1 thumbprint (hex) Entra shows for a certificate."""
-    return x509.load_pem_x509_certificate(cert_pem).fingerprint(
-        hashes.SHA1()  # noqa: S303 - x5t is SHA-1 by definition (RFC 7515)
-    ).hex()
+    return (
+        x509.load_pem_x509_certificate(cert_pem)
+        .fingerprint(
+            hashes.SHA1()  # noqa: S303 - x5t is SHA-1 by definition (RFC 7515)
+        )
+        .hex()
+    )
 
 
 def generate_rsa_private_pem() -> str:

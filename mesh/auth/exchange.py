@@ -90,7 +90,8 @@ def error_from_response(body: Mapping[str, Any], status: int | None = None) -> M
         return Unavailable(f"identity provider failed: {_describe(body)}", metadata=meta)
     if error in _INTERACTION_ERRORS or "claims" in meta:
         return Unauthenticated(
-            f"identity provider requires user interaction: {_describe(body)}", metadata=meta)
+            f"identity provider requires user interaction: {_describe(body)}", metadata=meta
+        )
     return Unauthenticated(f"token exchange refused: {_describe(body)}", metadata=meta)
 
 
@@ -112,8 +113,9 @@ def _expiry(token: str, expires_in: object, now: float) -> float:
 class ExchangeCache:
     """Exchanged tokens by (SHA-256 of subject token, audience), dropped ``skew_s`` early."""
 
-    def __init__(self, max_entries: int = 4096, skew_s: float = 60.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, max_entries: int = 4096, skew_s: float = 60.0, clock: Callable[[], float] = time.time
+    ) -> None:
         self.max_entries = max_entries
         self.skew_s = skew_s
         self._clock = clock
@@ -237,8 +239,10 @@ class Rfc8693Exchanger:
     async def _endpoint(self) -> str:
         if not self.token_url:
             doc = await fetch_json(
-                self._http(), self.issuer.rstrip("/") + "/.well-known/openid-configuration",
-                "identity provider discovery")
+                self._http(),
+                self.issuer.rstrip("/") + "/.well-known/openid-configuration",
+                "identity provider discovery",
+            )
             url = doc.get("token_endpoint")
             if not isinstance(url, str) or not url.startswith("https://"):
                 raise Unavailable("identity provider discovery has no https token_endpoint")
@@ -249,16 +253,26 @@ class Rfc8693Exchanger:
         cred = self.credential
         if cred.private_key_pem and cred.thumbprint_hex:
             now = int(self._clock())
-            claims = {"iss": cred.client_id, "sub": cred.client_id, "aud": url,
-                      "iat": now, "nbf": now, "exp": now + 300,
-                      "jti": secrets.token_urlsafe(16)}
+            claims = {
+                "iss": cred.client_id,
+                "sub": cred.client_id,
+                "aud": url,
+                "iat": now,
+                "nbf": now,
+                "exp": now + 300,
+                "jti": secrets.token_urlsafe(16),
+            }
             import base64
 
             x5t = base64.urlsafe_b64encode(bytes.fromhex(cred.thumbprint_hex)).rstrip(b"=")
-            assertion = sign(claims, cred.private_key_pem, kid=x5t.decode(),
-                             headers={"x5t": x5t.decode()})
-            return {"client_id": cred.client_id, "client_assertion_type": ASSERTION_TYPE,
-                    "client_assertion": assertion}, None
+            assertion = sign(
+                claims, cred.private_key_pem, kid=x5t.decode(), headers={"x5t": x5t.decode()}
+            )
+            return {
+                "client_id": cred.client_id,
+                "client_assertion_type": ASSERTION_TYPE,
+                "client_assertion": assertion,
+            }, None
         if cred.secret is None:
             raise ConfigError(f"client {cred.client_id}: no secret or certificate")
         return {}, (cred.client_id, cred.secret)
@@ -278,8 +292,9 @@ class Rfc8693Exchanger:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise Unavailable(f"identity provider answered HTTP {response.status_code} "
-                              "without a JSON body")
+            raise Unavailable(
+                f"identity provider answered HTTP {response.status_code} without a JSON body"
+            )
         if response.status_code != 200 or "access_token" not in body:
             raise error_from_response(body, response.status_code)
         if not isinstance(body["access_token"], str):
@@ -335,8 +350,9 @@ class _TimeoutSession(requests.Session):
         self.verify = verify
         self._timeout_s = timeout_s
 
-    def request(self, method: str | bytes, url: str | bytes,
-                *args: Any, **kwargs: Any) -> requests.Response:
+    def request(
+        self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any
+    ) -> requests.Response:
         kwargs.setdefault("timeout", self._timeout_s)
         return super().request(method, url, *args, **kwargs)
 
@@ -389,15 +405,15 @@ class EntraExchanger:
 
     async def _run(self, func: Callable[..., Any], *args: Any) -> Any:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(func, *args),
-                                          timeout=self._timeout_s * 2 + 1)
+            return await asyncio.wait_for(
+                asyncio.to_thread(func, *args), timeout=self._timeout_s * 2 + 1
+            )
         except TimeoutError:
             raise Unavailable("identity provider timed out") from None
         except requests.RequestException as err:
             raise Unavailable(f"identity provider unreachable: {type(err).__name__}") from None
         except ValueError as err:  # msal: discovery failed / malformed response
-            raise Unavailable(f"identity provider discovery failed: {type(err).__name__}") \
-                from None
+            raise Unavailable(f"identity provider discovery failed: {type(err).__name__}") from None
 
     async def _application(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -519,8 +535,14 @@ class StsUserTokenSource:
     """Mints a user token with the embedded STS's keys on disk (local runs only), and
     mints again shortly before it expires."""
 
-    def __init__(self, config: MeshConfig, sub: str, scopes: list[str] | None = None,
-                 ttl_s: int | None = None, audience: str | None = None) -> None:
+    def __init__(
+        self,
+        config: MeshConfig,
+        sub: str,
+        scopes: list[str] | None = None,
+        ttl_s: int | None = None,
+        audience: str | None = None,
+    ) -> None:
         self.config = config
         self.sub = sub
         self.scopes = scopes
@@ -533,8 +555,9 @@ class StsUserTokenSource:
 
         now = time.time()
         if self._cached is None or self._cached[1] - 30 <= now:
-            token = mint_user_token(self.config, self.sub, self.scopes, self.ttl_s,
-                                    audience=self.audience)
+            token = mint_user_token(
+                self.config, self.sub, self.scopes, self.ttl_s, audience=self.audience
+            )
             self._cached = (token, _expiry(token, None, now))
         return self._cached[0]
 

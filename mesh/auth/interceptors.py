@@ -104,8 +104,9 @@ class _CallState:
         current_deadline.set(None if remaining is None else time.monotonic() + remaining)
 
 
-def _final_code(context: grpc.aio.ServicerContext[Any, Any],
-                error: BaseException | None) -> grpc.StatusCode:
+def _final_code(
+    context: grpc.aio.ServicerContext[Any, Any], error: BaseException | None
+) -> grpc.StatusCode:
     code = context.code()
     if code is not None and _status(code) != grpc.StatusCode.OK:
         return _status(code)
@@ -165,7 +166,8 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):
 
     def exempt(self, method: str) -> bool:
         return method.startswith(HEALTH_PREFIX) or (
-            self.allow_reflection and method.startswith(REFLECTION_PREFIX))
+            self.allow_reflection and method.startswith(REFLECTION_PREFIX)
+        )
 
     async def intercept_service(
         self,
@@ -190,13 +192,21 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):
             principal = principal_from_claims(claims, self.validator.audience)
             if self.required_scopes and not self.required_scopes & principal.scopes:
                 raise PermissionDenied(
-                        "missing a required scope or role (any of: {})".format(
-                        ", ".join(sorted(self.required_scopes))))
+                    "missing a required scope or role (any of: {})".format(
+                        ", ".join(sorted(self.required_scopes))
+                    )
+                )
         except MeshError as err:
-            audit.log_call(service=self.service, method=method, code=err.code,
-                           principal=principal, hop_path=hop_path,
-                           conversation_id=conversation, request_id=request_id,
-                           reason=err.message)
+            audit.log_call(
+                service=self.service,
+                method=method,
+                code=err.code,
+                principal=principal,
+                hop_path=hop_path,
+                conversation_id=conversation,
+                request_id=request_id,
+                reason=err.message,
+            )
             return self._refuse(handler, err)
         state = _CallState(principal, token, hop_path, conversation, request_id, traceparent)
         return self._wrap(handler, state, method)
@@ -211,17 +221,26 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: Handler, state: _CallState, method: str) -> Handler:
         behavior = _original(handler)
 
-        def done(context: grpc.aio.ServicerContext[Any, Any], started: float,
-                 error: BaseException | None) -> None:
-            audit.log_call(service=self.service, method=method,
-                           code=_final_code(context, error), principal=state.principal,
-                           hop_path=state.hop_path, conversation_id=state.conversation_id,
-                           request_id=state.request_id,
-                           duration_ms=(time.monotonic() - started) * 1000)
+        def done(
+            context: grpc.aio.ServicerContext[Any, Any], started: float, error: BaseException | None
+        ) -> None:
+            audit.log_call(
+                service=self.service,
+                method=method,
+                code=_final_code(context, error),
+                principal=state.principal,
+                hop_path=state.hop_path,
+                conversation_id=state.conversation_id,
+                request_id=state.request_id,
+                duration_ms=(time.monotonic() - started) * 1000,
+            )
 
         if inspect.isasyncgenfunction(behavior):
-            async def streamed(request: Any, context: grpc.aio.ServicerContext[Any, Any],
-                               ) -> AsyncIterator[Any]:
+
+            async def streamed(
+                request: Any,
+                context: grpc.aio.ServicerContext[Any, Any],
+            ) -> AsyncIterator[Any]:
                 state.apply(context)
                 started, error = time.monotonic(), None
                 try:
@@ -289,14 +308,13 @@ class HopAuth:
             try:
                 token = await self._token()
             except MeshError as err:
-                log.warning("token exchange for %s failed: %s", self.audience,
-                            describe_error(err))
+                log.warning("token exchange for %s failed: %s", self.audience, describe_error(err))
                 raise _rpc_error(err) from None
             except Exception as err:  # noqa: BLE001 - map, never leak library text
-                log.warning("token exchange for %s failed: %s", self.audience,
-                            describe_error(err))
-                raise _rpc_error(Unavailable(f"token exchange failed: {type(err).__name__}")) \
-                    from None
+                log.warning("token exchange for %s failed: %s", self.audience, describe_error(err))
+                raise _rpc_error(
+                    Unavailable(f"token exchange failed: {type(err).__name__}")
+                ) from None
             if token is not None:
                 metadata.add(ctx.MD_AUTHORIZATION, f"Bearer {token}")
         forwarded = {
@@ -313,16 +331,18 @@ class HopAuth:
         if deadline is not None:
             remaining = max(deadline - time.monotonic(), 0.0)
             timeout = remaining if timeout is None else min(timeout, remaining)
-        return ClientCallDetails(method, timeout, metadata, details.credentials,
-                                 details.wait_for_ready)
+        return ClientCallDetails(
+            method, timeout, metadata, details.credentials, details.wait_for_ready
+        )
 
 
 class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, hop: HopAuth) -> None:
         self.hop = hop
 
-    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any,
-                                    request: Any) -> Any:
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         return await continuation(await self.hop.prepare(client_call_details), request)
 
 
@@ -330,8 +350,9 @@ class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     def __init__(self, hop: HopAuth) -> None:
         self.hop = hop
 
-    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any,
-                                     request: Any) -> Any:
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         return await continuation(await self.hop.prepare(client_call_details), request)
 
 
@@ -339,8 +360,9 @@ class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
     def __init__(self, hop: HopAuth) -> None:
         self.hop = hop
 
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any,
-                                     request_iterator: Any) -> Any:
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(await self.hop.prepare(client_call_details), request_iterator)
 
 
@@ -348,8 +370,9 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
     def __init__(self, hop: HopAuth) -> None:
         self.hop = hop
 
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any,
-                                      request_iterator: Any) -> Any:
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(await self.hop.prepare(client_call_details), request_iterator)
 
 
@@ -430,7 +453,8 @@ def client_interceptors(
             return []
         return hop_interceptors(HopAuth(audience, None, token_source))
     return hop_interceptors(
-        HopAuth(audience, exchanger or exchanger_for(config, service), token_source))
+        HopAuth(audience, exchanger or exchanger_for(config, service), token_source)
+    )
 
 
 def service_interceptors(
@@ -482,8 +506,10 @@ def server_credentials(config: MeshConfig) -> grpc.ServerCredentials | None:
 
         raise ConfigError("auth.tls.client_auth: needs auth.tls.ca_file")
     return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca if tls.client_auth else None,
-        require_client_auth=tls.client_auth)
+        [(key, cert)],
+        root_certificates=ca if tls.client_auth else None,
+        require_client_auth=tls.client_auth,
+    )
 
 
 def channel_credentials(config: MeshConfig) -> grpc.ChannelCredentials | None:

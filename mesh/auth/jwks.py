@@ -47,8 +47,9 @@ async def fetch_json(client: httpx.AsyncClient, url: str, what: str) -> dict[str
 
 def make_client(verify: ssl.SSLContext | bool, timeout_s: float) -> httpx.AsyncClient:
     """An httpx client that ignores proxy/CA environment variables and has a timeout."""
-    return httpx.AsyncClient(verify=verify, timeout=timeout_s, trust_env=False,
-                             follow_redirects=False)
+    return httpx.AsyncClient(
+        verify=verify, timeout=timeout_s, trust_env=False, follow_redirects=False
+    )
 
 
 class JwksCache:
@@ -117,7 +118,8 @@ class JwksCache:
             if kid in self._keys and self._fresh(now):
                 return self._keys[kid]
             may_fetch = self._attempted_at is None or (
-                now - self._attempted_at >= self.refresh_window_s)
+                now - self._attempted_at >= self.refresh_window_s
+            )
             if may_fetch:
                 try:
                     await self._refresh()
@@ -139,8 +141,10 @@ class JwksCache:
         url = self.jwks_url
         if not url:
             discovery = await fetch_json(
-                client, self.issuer.rstrip("/") + "/.well-known/openid-configuration",
-                "identity provider discovery")
+                client,
+                self.issuer.rstrip("/") + "/.well-known/openid-configuration",
+                "identity provider discovery",
+            )
             jwks_uri = discovery.get("jwks_uri")
             if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
                 raise Unavailable("identity provider discovery has no jwks_uri")

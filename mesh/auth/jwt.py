@@ -232,8 +232,9 @@ class TokenValidator:
         now = self._clock()
         for name in ("exp", "nbf", "iat"):
             value = claims.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(
-                    value, int | float)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
                 raise Unauthenticated(f"token claims invalid: {name} is not a number")
         if float(claims["exp"]) < now - self.leeway_s:
             raise Unauthenticated("token expired")
@@ -276,8 +277,14 @@ def sign(
     """A compact JWS of ``claims`` signed with ``private_pem`` and carrying ``kid``."""
     if alg not in SUPPORTED_ALGORITHMS:
         raise ValueError(f"unsupported algorithm {alg}")
-    return str(jose_jwt.encode(dict(claims), _private_key(private_pem, alg), algorithm=alg,
-                               headers={"kid": kid, "typ": "JWT", **(headers or {})}))
+    return str(
+        jose_jwt.encode(
+            dict(claims),
+            _private_key(private_pem, alg),
+            algorithm=alg,
+            headers={"kid": kid, "typ": "JWT", **(headers or {})},
+        )
+    )
 
 
 def verify_client_assertion(
@@ -299,8 +306,9 @@ def verify_client_assertion(
     if header.get("alg") != "RS256":
         raise Unauthenticated("client assertion must be RS256")
     allowed = {t.rstrip("=") for t in thumbprints}
-    named = {v.rstrip("=") for k, v in header.items()
-             if k in ("x5t", "x5t#S256") and isinstance(v, str)}  # msal keeps the padding
+    named = {
+        v.rstrip("=") for k, v in header.items() if k in ("x5t", "x5t#S256") and isinstance(v, str)
+    }  # msal keeps the padding
     if named and allowed and not named & allowed:
         raise Unauthenticated("client assertion names an unregistered certificate")
     aud_list = list(audiences)

@@ -122,8 +122,9 @@ def client_credential(config: MeshConfig, service: str) -> ClientCredential:
         cert = _read(client.certificate, f"{where}.certificate", config.base_dir)
         key = _read(client.private_key, f"{where}.private_key", config.base_dir)
         thumb = client.thumbprint or sha1_thumbprint_hex(cert.encode())
-        return ClientCredential(client_id, certificate_pem=cert, private_key_pem=key,
-                                thumbprint_hex=thumb)
+        return ClientCredential(
+            client_id, certificate_pem=cert, private_key_pem=key, thumbprint_hex=thumb
+        )
     if client.secret_env:
         value = os.environ.get(client.secret_env)
         if value:
@@ -161,8 +162,9 @@ def registered_clients(config: MeshConfig) -> dict[str, RegisteredClient]:
         if client.secret_env and os.environ.get(client.secret_env):
             found.append(os.environ[client.secret_env])
         if client.certificate:
-            cert = _read(client.certificate, f"auth.clients.{service}.certificate",
-                         config.base_dir).encode()
+            cert = _read(
+                client.certificate, f"auth.clients.{service}.certificate", config.base_dir
+            ).encode()
             public_pem = certificate_public_pem(cert)
             der = certificate_der(cert)
             thumbs = (thumbprint_b64(der), thumbprint_b64(der, sha256=True))

@@ -50,6 +50,7 @@ from mesh.auth.jwt import (
     public_jwk,
     scopes_of,
     sign,
+    unverified_claims,
     verify_client_assertion,
 )
 from mesh.auth.runtime import (
@@ -122,8 +123,12 @@ class KeyStore:
     def _add_key_and_save(self) -> str:
         kid = secrets.token_urlsafe(12)
         self._data["keys"].append(
-            {"kid": kid, "pem": generate_rsa_private_pem(), "created": time.time(),
-             "retire_at": None}
+            {
+                "kid": kid,
+                "pem": generate_rsa_private_pem(),
+                "created": time.time(),
+                "retire_at": None,
+            }
         )
         self._data["active"] = kid
         self._save()
@@ -234,8 +239,13 @@ def mint_user_token(
 class OAuthError(Exception):
     """An OAuth2 error response."""
 
-    def __init__(self, error: str, description: str, status: int = 400,
-                 extra: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        error: str,
+        description: str,
+        status: int = 400,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(description)
         self.error = error
         self.description = description
@@ -273,8 +283,9 @@ class TokenService:
     """The embedded STS. ``start()`` serves in a background thread; use as a context
     manager in tests. ``url`` is known once started (port 0 allowed)."""
 
-    def __init__(self, config: MeshConfig, *, host: str | None = None,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, config: MeshConfig, *, host: str | None = None, port: int | None = None
+    ) -> None:
         self.config = config
         self.host = host if host is not None else config.auth.sts.host
         self.port = port if port is not None else config.auth.sts.port
@@ -305,9 +316,12 @@ class TokenService:
         self.port = int(bound_port)
         self.url = f"https://{shown}:{self.port}"
         self._write_url()
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.2},
-                                        name="mesh-sts", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="mesh-sts",
+            daemon=True,
+        )
         self._thread.start()
         log.info("token service listening on %s (issuer %s)", self.url, self.issuer)
         return self
@@ -369,10 +383,16 @@ class TokenService:
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
             "id_token_signing_alg_values_supported": ["RS256"],
-            "grant_types_supported": [GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER,
-                                      GRANT_TOKEN_EXCHANGE],
+            "grant_types_supported": [
+                GRANT_CLIENT_CREDENTIALS,
+                GRANT_JWT_BEARER,
+                GRANT_TOKEN_EXCHANGE,
+            ],
             "token_endpoint_auth_methods_supported": [
-                "client_secret_post", "client_secret_basic", "private_key_jwt"],
+                "client_secret_post",
+                "client_secret_basic",
+                "private_key_jwt",
+            ],
             "token_endpoint_auth_signing_alg_values_supported": ["RS256"],
             "tenant_region_scope": None,
         }
@@ -388,12 +408,20 @@ class TokenService:
 
     # minting
 
-    def issue(self, *, sub: str, audience: str, client_id: str,
-              claims: Mapping[str, Any] | None = None) -> tuple[str, int]:
+    def issue(
+        self, *, sub: str, audience: str, client_id: str, claims: Mapping[str, Any] | None = None
+    ) -> tuple[str, int]:
         ttl = self.config.auth.sts.token_ttl_s
         extra = {"azp": client_id, **(claims or {})}
-        token = mint(self.config, sub=sub, audience=audience, ttl_s=ttl, issuer=self.issuer,
-                     extra=extra, store=self.keys)
+        token = mint(
+            self.config,
+            sub=sub,
+            audience=audience,
+            ttl_s=ttl,
+            issuer=self.issuer,
+            extra=extra,
+            store=self.keys,
+        )
         return token, ttl
 
     # the token endpoint
@@ -492,8 +520,9 @@ class TokenService:
         if perms:
             missing = perms - have
             if missing:
-                raise OAuthError("invalid_scope", "subject token lacks: " + " ".join(
-                    sorted(missing)))
+                raise OAuthError(
+                    "invalid_scope", "subject token lacks: " + " ".join(sorted(missing))
+                )
             return sorted(perms)
         return sorted(have)
 
@@ -510,8 +539,9 @@ class TokenService:
             extra={"suberror": "basic_action", "claims": challenge},
         )
 
-    def _delegate(self, client_id: str, subject: dict[str, Any],
-                  form: Mapping[str, str]) -> tuple[str, int, list[str], str]:
+    def _delegate(
+        self, client_id: str, subject: dict[str, Any], form: Mapping[str, str], *, holder: str = ""
+    ) -> tuple[str, int, list[str], str]:
         if is_app_only(subject):
             raise OAuthError("invalid_grant", "app-only tokens cannot be exchanged for a user")
         audience, perms = self._target(form)
@@ -519,10 +549,16 @@ class TokenService:
         self._step_up(subject, audience)
         claims = {k: subject[k] for k in CARRIED_CLAIMS if k in subject}
         claims["scp"] = " ".join(scopes)
-        claims["act"] = _nest_act(subject.get("act"), client_id)
+        previous = subject.get("act")
+        if holder:
+            # The subject token was issued to another service (``holder``) that acted on it;
+            # it stays in the delegation chain between the earlier actors and this client.
+            previous = _nest_act(previous, holder)
+        claims["act"] = _nest_act(previous, client_id)
         claims["idtyp"] = "user"
-        token, ttl = self.issue(sub=str(subject["sub"]), audience=audience, client_id=client_id,
-                                claims=claims)
+        token, ttl = self.issue(
+            sub=str(subject["sub"]), audience=audience, client_id=client_id, claims=claims
+        )
         return token, ttl, scopes, audience
 
     def _on_behalf_of(self, client_id: str, form: Mapping[str, str]) -> dict[str, Any]:
@@ -537,10 +573,36 @@ class TokenService:
             "scope": " ".join(f"{audience}/{s}" for s in scopes) or f"{audience}/.default",
         }
 
+    def _exchangeable_subject(self, client_id: str, token: str) -> tuple[dict[str, Any], str]:
+        """The subject token's claims, and the service it was issued to when not ``client_id``.
+
+        A client may exchange a token meant for itself, or one issued to another service
+        with this client as its current actor: the router re-exchanging the token it
+        obtained for agent A when A hands the turn to B, so that B's token records
+        ``router > A > router`` rather than losing A.
+        """
+        try:
+            return self._validate(token, client_id, "subject_token"), ""
+        except OAuthError as first:
+            try:
+                audience = unverified_claims(token).get("aud")
+            except MeshError:
+                raise first from None
+            if not isinstance(audience, str) or audience not in self._audiences:
+                raise
+            subject = self._validate(token, audience, "subject_token")
+            act = subject.get("act")
+            if not isinstance(act, dict) or act.get("sub") != client_id:
+                raise OAuthError(
+                    "invalid_grant",
+                    "subject_token was neither issued to nor acted on by the client",
+                ) from None
+            return subject, audience
+
     def _token_exchange(self, client_id: str, form: Mapping[str, str]) -> dict[str, Any]:
         if form.get("subject_token_type") not in (TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT):
             raise OAuthError("invalid_request", "unsupported subject_token_type")
-        subject = self._validate(form.get("subject_token", ""), client_id, "subject_token")
+        subject, holder = self._exchangeable_subject(client_id, form.get("subject_token", ""))
         actor_token = form.get("actor_token")
         if actor_token is not None:
             if form.get("actor_token_type") not in (TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT):
@@ -548,7 +610,7 @@ class TokenService:
             actor = self._validate(actor_token, self.issuer, "actor_token")
             if actor.get("sub") != client_id:
                 raise OAuthError("invalid_grant", "actor_token does not name the client")
-        token, ttl, scopes, _ = self._delegate(client_id, subject, form)
+        token, ttl, scopes, _ = self._delegate(client_id, subject, form, holder=holder)
         return {
             "token_type": "Bearer",
             "access_token": token,
@@ -562,10 +624,18 @@ class TokenService:
             audience, _ = self._target(form)
         else:
             audience = self.issuer
-        token, ttl = self.issue(sub=client_id, audience=audience, client_id=client_id,
-                                claims={"idtyp": "app", "roles": []})
-        return {"token_type": "Bearer", "access_token": token, "expires_in": ttl,
-                "ext_expires_in": ttl}
+        token, ttl = self.issue(
+            sub=client_id,
+            audience=audience,
+            client_id=client_id,
+            claims={"idtyp": "app", "roles": []},
+        )
+        return {
+            "token_type": "Bearer",
+            "access_token": token,
+            "expires_in": ttl,
+            "ext_expires_in": ttl,
+        }
 
 
 # -- HTTP plumbing ---------------------------------------------------------------------------
@@ -575,8 +645,13 @@ class _HttpsServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 context: ssl.SSLContext, service: TokenService) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        context: ssl.SSLContext,
+        service: TokenService,
+    ) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.ssl_context = context
@@ -625,9 +700,11 @@ class _Handler(BaseHTTPRequestHandler):
         service = self.server.service
         path = self.path.split("?", 1)[0].rstrip("/")
         tenant = service.tenant
-        if path in ("/.well-known/openid-configuration",
-                    f"/{tenant}/v2.0/.well-known/openid-configuration",
-                    f"/{tenant}/.well-known/openid-configuration"):
+        if path in (
+            "/.well-known/openid-configuration",
+            f"/{tenant}/v2.0/.well-known/openid-configuration",
+            f"/{tenant}/.well-known/openid-configuration",
+        ):
             service.count("discovery")
             self._send(200, service.discovery())
         elif path in (f"/{tenant}/discovery/v2.0/keys", "/jwks"):
@@ -637,8 +714,13 @@ class _Handler(BaseHTTPRequestHandler):
             with service._stats_lock:
                 self._send(200, dict(service.stats))
         elif path == f"/{tenant}/oauth2/v2.0/authorize":
-            self._send(400, {"error": "unsupported_response_type",
-                             "error_description": "no interactive flows; use `mesh token`"})
+            self._send(
+                400,
+                {
+                    "error": "unsupported_response_type",
+                    "error_description": "no interactive flows; use `mesh token`",
+                },
+            )
         else:
             self._send(404, {"error": "not_found"})
 

@@ -137,8 +137,9 @@ class InfoAgent(agent_pb2_grpc.AgentServicer):
 
         remaining = context.time_remaining()
         return types_pb2.AgentInfo(
-            model=types_pb2.ModelInfo(provider=current_traceparent.get(),
-                                      model=f"{remaining:.3f}" if remaining else ""),
+            model=types_pb2.ModelInfo(
+                provider=current_traceparent.get(), model=f"{remaining:.3f}" if remaining else ""
+            ),
             name=principal.subject,
             description=principal.audience,
             skills=[types_pb2.Skill(name=a) for a in principal.actor_chain],
@@ -154,8 +155,14 @@ class InfoAgent(agent_pb2_grpc.AgentServicer):
             principal = ctx.current_principal.get()
             assert principal is not None
             seq += 1
-            text = "|".join([principal.subject, principal.audience, ",".join(
-                principal.actor_chain), ctx.current_conversation_id.get()])
+            text = "|".join(
+                [
+                    principal.subject,
+                    principal.audience,
+                    ",".join(principal.actor_chain),
+                    ctx.current_conversation_id.get(),
+                ]
+            )
             yield types_pb2.ChatEvent(agent="x", seq=seq, delta=types_pb2.TextDelta(text=text))
 
     async def Handoff(  # noqa: N802 - gRPC method name
@@ -171,14 +178,17 @@ async def serve(
 ) -> AsyncIterator[str]:
     """A real grpc.aio server on 127.0.0.1:0 with health, reflection and the agent."""
     # Like the mesh's server bootstrap: metadata up to 16 KiB reaches the interceptor.
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.so_reuseport", 0), ("grpc.max_metadata_size", 16 * 1024)])
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[("grpc.so_reuseport", 0), ("grpc.max_metadata_size", 16 * 1024)],
+    )
     agent_pb2_grpc.add_AgentServicer_to_server(servicer or InfoAgent(), server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        ["mesh.v1.Agent", "grpc.health.v1.Health", reflection.SERVICE_NAME], server)
+        ["mesh.v1.Agent", "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -189,5 +199,3 @@ async def serve(
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
-
-

@@ -32,8 +32,13 @@ RUNNER = (
 
 async def _mesh(*args: str, timeout: float = 60) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RUNNER, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        RUNNER,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=timeout)
     SUBPROCESS_OUTPUT.append(err.decode())
     return proc.returncode or 0, out.decode(), err.decode()
@@ -48,9 +53,19 @@ async def test_mesh_token_prints_only_a_token_the_router_accepts(
     config: MeshConfig, sts: TokenService, tmp_path: Path
 ) -> None:
     file = _write_config(tmp_path / "mesh.yaml", mesh_dict(Path(config.data_dir)))
-    code, out, err = await _mesh("token", "--config", str(file), "--sub", "alice",
-                                 "--scope", "mesh.chat", "--scope", "mesh.admin",
-                                 "--ttl", "120")
+    code, out, err = await _mesh(
+        "token",
+        "--config",
+        str(file),
+        "--sub",
+        "alice",
+        "--scope",
+        "mesh.chat",
+        "--scope",
+        "mesh.admin",
+        "--ttl",
+        "120",
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert len(lines) == 1
@@ -59,19 +74,24 @@ async def test_mesh_token_prints_only_a_token_the_router_accepts(
     assert claims["sub"] == "alice" and claims["aud"] == "mesh-router"
     assert claims["scp"] == "mesh.chat mesh.admin"
     assert claims["exp"] - claims["iat"] == 120
-    async with serve(server_interceptors(config, "router")) as addr, \
-            grpc.aio.insecure_channel(addr) as channel:
+    async with (
+        serve(server_interceptors(config, "router")) as addr,
+        grpc.aio.insecure_channel(addr) as channel,
+    ):
         info = await agent_pb2_grpc.AgentStub(channel).Info(
-            agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10)
+            agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10
+        )
     assert info.name == "alice"
 
 
 async def test_mesh_token_bad_arguments(tmp_path: Path) -> None:
-    code, out, err = await _mesh("token", "--config", str(tmp_path / "missing.yaml"),
-                                 "--sub", "alice")
+    code, out, err = await _mesh(
+        "token", "--config", str(tmp_path / "missing.yaml"), "--sub", "alice"
+    )
     assert code == 2 and out == "" and "no such file" in err
-    code, out, _ = await _mesh("token", "--sub", "alice", "--ttl", "0",
-                               "--config", str(tmp_path / "missing.yaml"))
+    code, out, _ = await _mesh(
+        "token", "--sub", "alice", "--ttl", "0", "--config", str(tmp_path / "missing.yaml")
+    )
     assert code == 2 and out == ""
 
 
@@ -79,8 +99,17 @@ async def test_mesh_sts_serves_prints_url_rotates_and_stops(tmp_path: Path) -> N
     body = mesh_dict(tmp_path / "data")
     file = _write_config(tmp_path / "mesh.yaml", body)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", RUNNER, "sts", "--config", str(file), "--port", "0",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-c",
+        RUNNER,
+        "sts",
+        "--config",
+        str(file),
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         assert proc.stdout is not None
         line = (await asyncio.wait_for(proc.stdout.readline(), timeout=60)).decode().strip()

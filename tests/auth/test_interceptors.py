@@ -31,20 +31,29 @@ from tests.auth.conftest import InfoAgent, bearer, serve, with_auth
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
 
 
-async def _info(addr: str, metadata: Any = None,
-                interceptors: list[grpc.aio.ClientInterceptor] | None = None,
-                ) -> types_pb2.AgentInfo:
+async def _info(
+    addr: str,
+    metadata: Any = None,
+    interceptors: list[grpc.aio.ClientInterceptor] | None = None,
+) -> types_pb2.AgentInfo:
     async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as channel:
         result: types_pb2.AgentInfo = await agent_pb2_grpc.AgentStub(channel).Info(
-            agent_pb2.InfoRequest(), metadata=metadata, timeout=10)
+            agent_pb2.InfoRequest(), metadata=metadata, timeout=10
+        )
         return result
 
 
 async def test_contextvars_reach_the_servicer(config: MeshConfig, sts: TokenService) -> None:
     async with serve(server_interceptors(config, "router")) as addr:
         token = mint_user_token(config, "alice")
-        info = await _info(addr, (*bearer(token), (ctx.MD_CONVERSATION_ID, "conv-1"),
-                                  (ctx.MD_HOP_PATH, "triage, billing")))
+        info = await _info(
+            addr,
+            (
+                *bearer(token),
+                (ctx.MD_CONVERSATION_ID, "conv-1"),
+                (ctx.MD_HOP_PATH, "triage, billing"),
+            ),
+        )
         assert info.name == "alice"
         assert info.description == "mesh-router"
         assert info.version == "conv-1"
@@ -52,17 +61,21 @@ async def test_contextvars_reach_the_servicer(config: MeshConfig, sts: TokenServ
 
         # Concurrent calls each see their own principal.
         users = [f"user{i}" for i in range(10)]
-        results = await asyncio.gather(*(
-            _info(addr, bearer(mint_user_token(config, u))) for u in users))
+        results = await asyncio.gather(
+            *(_info(addr, bearer(mint_user_token(config, u))) for u in users)
+        )
         assert [r.name for r in results] == users
 
 
 async def test_contextvars_in_a_bidi_stream(config: MeshConfig, sts: TokenService) -> None:
-    async with serve(server_interceptors(config, "router")) as addr, \
-            grpc.aio.insecure_channel(addr) as channel:
+    async with (
+        serve(server_interceptors(config, "router")) as addr,
+        grpc.aio.insecure_channel(addr) as channel,
+    ):
         call = agent_pb2_grpc.AgentStub(channel).Chat(
             metadata=(*bearer(mint_user_token(config, "alice")), (ctx.MD_CONVERSATION_ID, "c9")),
-            timeout=10)
+            timeout=10,
+        )
         texts = []
         for message in ("one", "two"):
             await call.write(types_pb2.ChatRequest(turn=types_pb2.Turn(message=message)))
@@ -84,14 +97,17 @@ async def test_missing_scope_is_permission_denied(config: MeshConfig, sts: Token
         assert "mesh.admin" in (info.value.details() or "")
         scoped = mint_user_token(config, "alice", ["mesh.chat", "mesh.admin"], audience=aud)
         assert (await _info(addr, bearer(scoped))).name == "alice"
-        role = mint(config, sub="ops", audience=aud, scopes=["mesh.chat"],
-                    extra={"roles": ["mesh.admin"]})
+        role = mint(
+            config, sub="ops", audience=aud, scopes=["mesh.chat"], extra={"roles": ["mesh.admin"]}
+        )
         assert (await _info(addr, bearer(role))).name == "ops"
 
 
 async def test_health_needs_no_token(config: MeshConfig, sts: TokenService) -> None:
-    async with serve(server_interceptors(config, "router")) as addr, \
-            grpc.aio.insecure_channel(addr) as channel:
+    async with (
+        serve(server_interceptors(config, "router")) as addr,
+        grpc.aio.insecure_channel(addr) as channel,
+    ):
         stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs lack the methods
         reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -104,9 +120,15 @@ async def test_health_needs_no_token(config: MeshConfig, sts: TokenService) -> N
 
 async def _grpcurl(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        GRPCURL, "-plaintext", "-max-time", "20", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("GRPC_")})
+        GRPCURL,
+        "-plaintext",
+        "-max-time",
+        "20",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GRPC_")},
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
     return proc.returncode or 0, out.decode()
 
@@ -133,30 +155,39 @@ def _hop(addr: str, interceptors: list[grpc.aio.ClientInterceptor]) -> Callable[
     async def call() -> types_pb2.AgentInfo:
         # No timeout here: the incoming call's deadline is propagated by the interceptor.
         result: types_pb2.AgentInfo = await agent_pb2_grpc.AgentStub(channel).Info(
-            agent_pb2.InfoRequest())
+            agent_pb2.InfoRequest()
+        )
         return result
 
     return call
 
 
-async def test_two_hops_exchange_on_behalf_of_the_user(config: MeshConfig,
-                                                       sts: TokenService) -> None:
+async def test_two_hops_exchange_on_behalf_of_the_user(
+    config: MeshConfig, sts: TokenService
+) -> None:
     """client -> router -> agent a -> agent b: b sees alice, aud b, actors a then router."""
     async with serve(server_interceptors(config, "b")) as b_addr:
-        to_b = _hop(b_addr, client_interceptors(config, config.auth.audience_for("b"),
-                                                service="a"))
+        to_b = _hop(b_addr, client_interceptors(config, config.auth.audience_for("b"), service="a"))
         async with serve(server_interceptors(config, "a"), InfoAgent(next_hop=to_b)) as a_addr:
             to_a = _hop(a_addr, client_interceptors(config, config.auth.audience_for("a")))
-            async with serve(server_interceptors(config, "router"),
-                             InfoAgent(next_hop=to_a)) as router_addr:
+            async with serve(
+                server_interceptors(config, "router"), InfoAgent(next_hop=to_a)
+            ) as router_addr:
                 user = mint_user_token(config, "alice")
-                client = client_interceptors(config, "mesh-router",
-                                             token_source=StaticTokenSource(user))
+                client = client_interceptors(
+                    config, "mesh-router", token_source=StaticTokenSource(user)
+                )
                 before = sts.stats["token"]
                 trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-                info = await _info(router_addr, ((ctx.MD_CONVERSATION_ID, "conv-7"),
-                                                 (ctx.MD_HOP_PATH, "a"),
-                                                 (ctx.MD_TRACEPARENT, trace)), client)
+                info = await _info(
+                    router_addr,
+                    (
+                        (ctx.MD_CONVERSATION_ID, "conv-7"),
+                        (ctx.MD_HOP_PATH, "a"),
+                        (ctx.MD_TRACEPARENT, trace),
+                    ),
+                    client,
+                )
                 assert info.name == "alice"
                 assert info.description == "mesh-agent-b"
                 assert [s.name for s in info.skills] == ["mesh-agent-a", "mesh-router"]
@@ -190,17 +221,20 @@ async def test_exchange_failures_fail_the_call_with_mapped_status(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"https://127.0.0.1:{s.getsockname()[1]}"
-    unreachable = CachingExchanger(Rfc8693Exchanger(
-        credential=client_credential(config, "router"), issuer=dead, timeout_s=2))
+    unreachable = CachingExchanger(
+        Rfc8693Exchanger(credential=client_credential(config, "router"), issuer=dead, timeout_s=2)
+    )
     async with serve(server_interceptors(config, "a")) as addr:
         token = ctx.current_token.set(mint_user_token(config, "alice"))
         try:
             cases: list[tuple[Any, type[Exception], grpc.StatusCode]] = [
                 (unreachable, Unavailable, grpc.StatusCode.UNAVAILABLE),
-                (_FailingExchanger(Unauthenticated("refused", metadata={"error": "x"})),
-                 Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-                (_FailingExchanger(RuntimeError("boom")), Unavailable,
-                 grpc.StatusCode.UNAVAILABLE),
+                (
+                    _FailingExchanger(Unauthenticated("refused", metadata={"error": "x"})),
+                    Unauthenticated,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                ),
+                (_FailingExchanger(RuntimeError("boom")), Unavailable, grpc.StatusCode.UNAVAILABLE),
             ]
             for exchanger, kind, code in cases:
                 interceptors = client_interceptors(config, "mesh-agent-a", exchanger=exchanger)
@@ -212,8 +246,9 @@ async def test_exchange_failures_fail_the_call_with_mapped_status(
                     call = agent_pb2_grpc.AgentStub(ch).Chat(timeout=10)
                     assert await call.code() == code, await call.details()
             # The app-only refusal happens before any call to the identity provider.
-            ctx.current_token.set(mint(config, sub="mesh-router", audience="mesh-router",
-                                       extra={"idtyp": "app"}))
+            ctx.current_token.set(
+                mint(config, sub="mesh-router", audience="mesh-router", extra={"idtyp": "app"})
+            )
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await _info(addr, None, client_interceptors(config, "mesh-agent-a"))
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -250,22 +285,27 @@ def _generic_server_handler() -> grpc.GenericRpcHandler:
     async def crash(request: bytes, context: Any) -> bytes:
         raise RuntimeError("servicer bug")
 
-    return grpc.method_handlers_generic_handler("test.Kinds", {
-        "UU": grpc.unary_unary_rpc_method_handler(uu),
-        "US": grpc.unary_stream_rpc_method_handler(us),
-        "USWrite": grpc.unary_stream_rpc_method_handler(us_write),
-        "SU": grpc.stream_unary_rpc_method_handler(su),
-        "SS": grpc.stream_stream_rpc_method_handler(ss),
-        "Abort": grpc.unary_unary_rpc_method_handler(abort),
-        "Crash": grpc.unary_unary_rpc_method_handler(crash),
-    })
+    return grpc.method_handlers_generic_handler(
+        "test.Kinds",
+        {
+            "UU": grpc.unary_unary_rpc_method_handler(uu),
+            "US": grpc.unary_stream_rpc_method_handler(us),
+            "USWrite": grpc.unary_stream_rpc_method_handler(us_write),
+            "SU": grpc.stream_unary_rpc_method_handler(su),
+            "SS": grpc.stream_stream_rpc_method_handler(ss),
+            "Abort": grpc.unary_unary_rpc_method_handler(abort),
+            "Crash": grpc.unary_unary_rpc_method_handler(crash),
+        },
+    )
 
 
-async def test_all_four_call_kinds(config: MeshConfig, sts: TokenService,
-                                   caplog: pytest.LogCaptureFixture) -> None:
+async def test_all_four_call_kinds(
+    config: MeshConfig, sts: TokenService, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="mesh.audit")
-    server = grpc.aio.server(interceptors=server_interceptors(config, "b"),
-                             options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        interceptors=server_interceptors(config, "b"), options=[("grpc.so_reuseport", 0)]
+    )
     server.add_generic_rpc_handlers((_generic_server_handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -274,24 +314,30 @@ async def test_all_four_call_kinds(config: MeshConfig, sts: TokenService,
         interceptors = client_interceptors(config, "mesh-agent-b")
         ctx_token = ctx.current_token.set(user)
         try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
-                                                 interceptors=interceptors) as channel:
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}", interceptors=interceptors
+            ) as channel:
                 ch: Any = channel  # raw bytes methods: the stubs cannot type them
                 assert await ch.unary_unary("/test.Kinds/UU")(b"", timeout=10) == b"alice"
-                assert [r async for r in ch.unary_stream("/test.Kinds/US")(b"", timeout=10)] \
-                    == [b"alice", b"alice"]
-                assert [r async for r in ch.unary_stream("/test.Kinds/USWrite")(
-                    b"", timeout=10)] == [b"alice"]
+                assert [r async for r in ch.unary_stream("/test.Kinds/US")(b"", timeout=10)] == [
+                    b"alice",
+                    b"alice",
+                ]
+                assert [
+                    r async for r in ch.unary_stream("/test.Kinds/USWrite")(b"", timeout=10)
+                ] == [b"alice"]
 
                 async def requests() -> AsyncIterator[bytes]:
                     yield b"x:"
 
-                assert await ch.stream_unary("/test.Kinds/SU")(requests(), timeout=10) \
-                    == b"x:alice"
-                assert [r async for r in ch.stream_stream("/test.Kinds/SS")(
-                    requests(), timeout=10)] == [b"x:alice"]
-                for method, code in (("Abort", grpc.StatusCode.NOT_FOUND),
-                                     ("Crash", grpc.StatusCode.UNKNOWN)):
+                assert await ch.stream_unary("/test.Kinds/SU")(requests(), timeout=10) == b"x:alice"
+                assert [
+                    r async for r in ch.stream_stream("/test.Kinds/SS")(requests(), timeout=10)
+                ] == [b"x:alice"]
+                for method, code in (
+                    ("Abort", grpc.StatusCode.NOT_FOUND),
+                    ("Crash", grpc.StatusCode.UNKNOWN),
+                ):
                     with pytest.raises(grpc.aio.AioRpcError) as failed:
                         await ch.unary_unary(f"/test.Kinds/{method}")(b"", timeout=10)
                     assert failed.value.code() == code
@@ -301,25 +347,39 @@ async def test_all_four_call_kinds(config: MeshConfig, sts: TokenService,
             ch = plain
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await ch.unary_unary("/test.Kinds/SU")(b"", timeout=10)
-            assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED,
-                                         grpc.StatusCode.UNIMPLEMENTED)
+            assert info.value.code() in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.UNIMPLEMENTED,
+            )
             call = ch.unary_stream("/test.Kinds/US")(b"", timeout=10)
             assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await server.stop(None)
-    statuses = {(line["method"], line["status"]) for line in (
-        json.loads(r.getMessage()) for r in caplog.records if r.name == "mesh.audit")}
-    assert {("/test.Kinds/UU", "OK"), ("/test.Kinds/SS", "OK"),
-            ("/test.Kinds/Abort", "NOT_FOUND"), ("/test.Kinds/Crash", "UNKNOWN"),
-            ("/test.Kinds/US", "UNAUTHENTICATED")} <= statuses
+    statuses = {
+        (line["method"], line["status"])
+        for line in (json.loads(r.getMessage()) for r in caplog.records if r.name == "mesh.audit")
+    }
+    assert {
+        ("/test.Kinds/UU", "OK"),
+        ("/test.Kinds/SS", "OK"),
+        ("/test.Kinds/Abort", "NOT_FOUND"),
+        ("/test.Kinds/Crash", "UNKNOWN"),
+        ("/test.Kinds/US", "UNAUTHENTICATED"),
+    } <= statuses
 
 
-async def test_audit_line_per_call(config: MeshConfig, sts: TokenService,
-                                   caplog: pytest.LogCaptureFixture) -> None:
+async def test_audit_line_per_call(
+    config: MeshConfig, sts: TokenService, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="mesh.audit")
     async with serve(server_interceptors(config, "router")) as addr:
-        token = mint(config, sub="alice", audience="mesh-router", scopes=["mesh.chat"],
-                     extra={"act": {"sub": "mesh-agent-a", "act": {"sub": "mesh-router"}}})
+        token = mint(
+            config,
+            sub="alice",
+            audience="mesh-router",
+            scopes=["mesh.chat"],
+            extra={"act": {"sub": "mesh-agent-a", "act": {"sub": "mesh-router"}}},
+        )
         await _info(addr, (*bearer(token), (ctx.MD_HOP_PATH, "a,b")))
         with pytest.raises(grpc.aio.AioRpcError):
             await _info(addr, bearer(token + "x"))
@@ -339,8 +399,7 @@ async def test_factories(config: MeshConfig, sts: TokenService) -> None:
     off = config_from_dict({"agents": {"a": {"description": "a"}}})
     assert server_interceptors(off, "a") == []
     assert client_interceptors(off, "mesh-agent-a") == []
-    assert len(client_interceptors(off, "mesh-router",
-                                   token_source=StaticTokenSource("t"))) == 4
+    assert len(client_interceptors(off, "mesh-router", token_source=StaticTokenSource("t"))) == 4
     [interceptor] = server_interceptors(config, "admin")
     assert isinstance(interceptor, AuthServerInterceptor)
     assert interceptor.required_scopes == {"mesh.admin"}
@@ -351,8 +410,9 @@ async def test_factories(config: MeshConfig, sts: TokenService) -> None:
     assert with_auth(config, audiences={"a": "api://a"}).auth.audience_for("a") == "api://a"
 
 
-async def test_service_calls_as_itself_with_client_credentials(config: MeshConfig,
-                                                               sts: TokenService) -> None:
+async def test_service_calls_as_itself_with_client_credentials(
+    config: MeshConfig, sts: TokenService
+) -> None:
     from mesh.auth.interceptors import service_interceptors
 
     async with serve(server_interceptors(config, "router")) as addr:
@@ -369,19 +429,27 @@ async def test_service_calls_as_itself_with_client_credentials(config: MeshConfi
 
 
 @pytest.mark.parametrize("client_auth", [False, True])
-async def test_tls_for_grpc_hops(config: MeshConfig, sts: TokenService,
-                                 client_auth: bool) -> None:
+async def test_tls_for_grpc_hops(config: MeshConfig, sts: TokenService, client_auth: bool) -> None:
     from mesh.auth.interceptors import channel_credentials, server_credentials
 
-    cfg = config.model_copy(update={"auth": config.auth.model_copy(update={
-        "tls": config.auth.tls.model_copy(update={"enabled": True,
-                                                  "client_auth": client_auth})})})
+    cfg = config.model_copy(
+        update={
+            "auth": config.auth.model_copy(
+                update={
+                    "tls": config.auth.tls.model_copy(
+                        update={"enabled": True, "client_auth": client_auth}
+                    )
+                }
+            )
+        }
+    )
     assert server_credentials(config) is None and channel_credentials(config) is None
     server_creds = server_credentials(cfg)
     channel_creds = channel_credentials(cfg)
     assert server_creds is not None and channel_creds is not None
-    server = grpc.aio.server(interceptors=server_interceptors(cfg, "router"),
-                             options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(
+        interceptors=server_interceptors(cfg, "router"), options=[("grpc.so_reuseport", 0)]
+    )
     agent_pb2_grpc.add_AgentServicer_to_server(InfoAgent(), server)
     port = server.add_secure_port("127.0.0.1:0", server_creds)
     await server.start()
@@ -389,14 +457,16 @@ async def test_tls_for_grpc_hops(config: MeshConfig, sts: TokenService,
         token = mint_user_token(cfg, "alice")
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_creds) as channel:
             info = await agent_pb2_grpc.AgentStub(channel).Info(
-                agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10)
+                agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10
+            )
         assert info.name == "alice"
         if client_auth:  # no client certificate: the handshake fails
             anonymous = grpc.ssl_channel_credentials(sts.ca_file.read_bytes())
             async with grpc.aio.secure_channel(f"127.0.0.1:{port}", anonymous) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
                     await agent_pb2_grpc.AgentStub(channel).Info(
-                        agent_pb2.InfoRequest(), metadata=bearer(token), timeout=5)
+                        agent_pb2.InfoRequest(), metadata=bearer(token), timeout=5
+                    )
                 assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(None)

@@ -31,8 +31,9 @@ def _tls(sts: TokenService) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(sts.ca_file))
 
 
-async def _post(sts: TokenService, form: dict[str, str],
-                auth: tuple[str, str] | None = None) -> httpx.Response:
+async def _post(
+    sts: TokenService, form: dict[str, str], auth: tuple[str, str] | None = None
+) -> httpx.Response:
     async with httpx.AsyncClient(verify=_tls(sts), trust_env=False, timeout=10) as client:
         if auth is None:
             return await client.post(sts.token_endpoint, data=form)
@@ -46,8 +47,9 @@ def _tokens(sts: TokenService) -> int:
 async def test_discovery_and_jwks_over_https(sts: TokenService) -> None:
     async with httpx.AsyncClient(verify=_tls(sts), trust_env=False, timeout=10) as client:
         doc = (await client.get(f"{sts.url}/.well-known/openid-configuration")).json()
-        tenant_doc = (await client.get(
-            f"{sts.authority}/v2.0/.well-known/openid-configuration")).json()
+        tenant_doc = (
+            await client.get(f"{sts.authority}/v2.0/.well-known/openid-configuration")
+        ).json()
         jwks = (await client.get(doc["jwks_uri"])).json()
         stats = (await client.get(f"{sts.url}/_stats")).json()
     assert doc == tenant_doc
@@ -60,8 +62,9 @@ async def test_discovery_and_jwks_over_https(sts: TokenService) -> None:
 
 
 async def test_plain_http_and_untrusted_clients_are_refused(sts: TokenService) -> None:
-    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=None),
-                                 trust_env=False, timeout=10) as client:
+    async with httpx.AsyncClient(
+        verify=ssl.create_default_context(cafile=None), trust_env=False, timeout=10
+    ) as client:
         with pytest.raises(httpx.ConnectError):
             await client.get(f"{sts.url}/.well-known/openid-configuration")
     async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
@@ -105,16 +108,20 @@ async def test_msal_obo_with_certificate(config: MeshConfig, sts: TokenService) 
     before_assertions = sts.stats["grant:" + GRANT_JWT_BEARER]
     token = await exchanger.token_for(user, "mesh-agent-b")
     claims = unverified_claims(token)
-    assert (claims["sub"], claims["aud"], claims["azp"]) == ("carol", "mesh-agent-b",
-                                                             "mesh-agent-a")
+    assert (claims["sub"], claims["aud"], claims["azp"]) == (
+        "carol",
+        "mesh-agent-b",
+        "mesh-agent-a",
+    )
     assert sts.stats["grant:" + GRANT_JWT_BEARER] == before_assertions + 1
     before = _tokens(sts)
     assert await exchanger.token_for(user, "mesh-agent-b") == token
     assert _tokens(sts) == before
 
 
-async def test_msal_wrong_certificate_is_refused(config: MeshConfig, sts: TokenService,
-                                                 tmp_path: Any) -> None:
+async def test_msal_wrong_certificate_is_refused(
+    config: MeshConfig, sts: TokenService, tmp_path: Any
+) -> None:
     from mesh.auth.devca import make_client_certificate
 
     cert, key = make_client_certificate(tmp_path, "intruder")
@@ -125,16 +132,22 @@ async def test_msal_wrong_certificate_is_refused(config: MeshConfig, sts: TokenS
         private_key_pem=key.read_text(),
         thumbprint_hex=client_credential(cfg, "a").thumbprint_hex,  # claims a's cert
     )
-    exchanger = CachingExchanger(EntraExchanger(
-        credential=stolen, authority=sts.authority, validate_authority=False,
-        ca_file=sts.ca_file))
+    exchanger = CachingExchanger(
+        EntraExchanger(
+            credential=stolen,
+            authority=sts.authority,
+            validate_authority=False,
+            ca_file=sts.ca_file,
+        )
+    )
     user = mint_user_token(cfg, "carol", audience="mesh-agent-a")
     with pytest.raises(Unauthenticated, match="invalid_client"):
         await exchanger.token_for(user, "mesh-agent-b")
 
 
-async def test_msal_obo_claims_challenge_reaches_caller(entra_config: MeshConfig,
-                                                        sts: TokenService) -> None:
+async def test_msal_obo_claims_challenge_reaches_caller(
+    entra_config: MeshConfig, sts: TokenService
+) -> None:
     exchanger = build_exchanger(entra_config, "router")
     with pytest.raises(Unauthenticated) as info:
         await exchanger.token_for(mint_user_token(entra_config, "dave"), "mesh-agent-stepup")
@@ -142,15 +155,21 @@ async def test_msal_obo_claims_challenge_reaches_caller(entra_config: MeshConfig
     challenge = json.loads(info.value.metadata["claims"])
     assert challenge["access_token"]["amr"]["values"] == ["mfa"]
     ok = await exchanger.token_for(
-        mint_user_token(entra_config, "dave", amr=["pwd", "mfa"]), "mesh-agent-stepup")
+        mint_user_token(entra_config, "dave", amr=["pwd", "mfa"]), "mesh-agent-stepup"
+    )
     assert unverified_claims(ok)["aud"] == "mesh-agent-stepup"
 
 
-async def test_app_only_token_refused_before_any_idp_call(entra_config: MeshConfig,
-                                                          sts: TokenService) -> None:
+async def test_app_only_token_refused_before_any_idp_call(
+    entra_config: MeshConfig, sts: TokenService
+) -> None:
     exchanger = build_exchanger(entra_config, "router")
-    app_token = mint(entra_config, sub="mesh-router", audience="mesh-router",
-                     extra={"idtyp": "app", "azp": "mesh-router"})
+    app_token = mint(
+        entra_config,
+        sub="mesh-router",
+        audience="mesh-router",
+        extra={"idtyp": "app", "azp": "mesh-router"},
+    )
     no_scope = mint(entra_config, sub="eve", audience="mesh-router")
     before = _tokens(sts)
     for token in (app_token, no_scope):
@@ -159,8 +178,9 @@ async def test_app_only_token_refused_before_any_idp_call(entra_config: MeshConf
     assert _tokens(sts) == before
 
 
-async def test_msal_direct_use_needs_session_that_ignores_env(sts: TokenService,
-                                                              monkeypatch: Any) -> None:
+async def test_msal_direct_use_needs_session_that_ignores_env(
+    sts: TokenService, monkeypatch: Any
+) -> None:
     """msal itself, unpatched, with the documented session: REQUESTS_CA_BUNDLE pointing
     at the system store must not break trust in the dev CA."""
     import requests
@@ -170,8 +190,13 @@ async def test_msal_direct_use_needs_session_that_ignores_env(sts: TokenService,
     session.trust_env = False
     session.verify = str(sts.ca_file)
     app = msal.ConfidentialClientApplication(
-        "mesh-router", client_credential=ROUTER_SECRET, authority=sts.authority,
-        validate_authority=False, instance_discovery=False, http_client=session)
+        "mesh-router",
+        client_credential=ROUTER_SECRET,
+        authority=sts.authority,
+        validate_authority=False,
+        instance_discovery=False,
+        http_client=session,
+    )
     result = await asyncio.to_thread(app.acquire_token_for_client, ["mesh-agent-a/.default"])
     assert "access_token" in result, result.get("error")
     assert unverified_claims(result["access_token"])["idtyp"] == "app"
@@ -216,9 +241,15 @@ async def test_token_exchange_rules(config: MeshConfig, sts: TokenService) -> No
     assert unknown.json()["error"] == "invalid_target"
     narrower = await _post(sts, {**base, "scope": "mesh.admin"}, creds)
     assert narrower.json()["error"] == "invalid_scope"
-    other_actor = await _post(sts, {
-        **base, "actor_token": mint(config, sub="someone", audience=sts.issuer),
-        "actor_token_type": "urn:ietf:params:oauth:token-type:access_token"}, creds)
+    other_actor = await _post(
+        sts,
+        {
+            **base,
+            "actor_token": mint(config, sub="someone", audience=sts.issuer),
+            "actor_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        },
+        creds,
+    )
     assert other_actor.json()["error"] == "invalid_grant"
     for bad in (user[:-4] + "AAAA", "garbage", ""):
         response = await _post(sts, {**base, "subject_token": bad}, creds)
@@ -229,8 +260,7 @@ async def test_token_exchange_rules(config: MeshConfig, sts: TokenService) -> No
 async def test_rfc8693_exchange_is_cached(config: MeshConfig, sts: TokenService) -> None:
     exchanger = build_exchanger(config, "router")
     user = mint_user_token(config, "frank")
-    results = await asyncio.gather(*(exchanger.token_for(user, "mesh-agent-b")
-                                     for _ in range(5)))
+    results = await asyncio.gather(*(exchanger.token_for(user, "mesh-agent-b") for _ in range(5)))
     assert len(set(results)) == 1
     before = _tokens(sts)
     await exchanger.token_for(user, "mesh-agent-b")
@@ -243,12 +273,23 @@ async def test_unreachable_idp_is_unavailable(config: MeshConfig, sts: TokenServ
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         dead = f"https://127.0.0.1:{s.getsockname()[1]}"
-    rfc = CachingExchanger(Rfc8693Exchanger(
-        credential=client_credential(config, "router"), issuer=dead,
-        verify=_tls(sts), timeout_s=2))
-    entra = CachingExchanger(EntraExchanger(
-        credential=client_credential(config, "router"), authority=f"{dead}/mesh",
-        validate_authority=False, ca_file=sts.ca_file, timeout_s=2))
+    rfc = CachingExchanger(
+        Rfc8693Exchanger(
+            credential=client_credential(config, "router"),
+            issuer=dead,
+            verify=_tls(sts),
+            timeout_s=2,
+        )
+    )
+    entra = CachingExchanger(
+        EntraExchanger(
+            credential=client_credential(config, "router"),
+            authority=f"{dead}/mesh",
+            validate_authority=False,
+            ca_file=sts.ca_file,
+            timeout_s=2,
+        )
+    )
     user = mint_user_token(config, "alice")
     for exchanger in (rfc, entra):
         with pytest.raises(Unavailable):

@@ -41,8 +41,13 @@ def _b64(data: bytes) -> str:
 def _claims(sts: TokenService, **overrides: Any) -> dict[str, Any]:
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": sts.issuer, "sub": "mallory", "aud": "mesh-router", "iat": now, "nbf": now,
-        "exp": now + 600, "scp": "mesh.chat",
+        "iss": sts.issuer,
+        "sub": "mallory",
+        "aud": "mesh-router",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "scp": "mesh.chat",
     }
     for key, value in overrides.items():
         if value is None:
@@ -58,8 +63,9 @@ def _signed(sts: TokenService, **overrides: Any) -> str:
 
 
 def _unsigned(header: Mapping[str, Any], claims: Mapping[str, Any], signature: str = "") -> str:
-    return ".".join([_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()),
-                     signature])
+    return ".".join(
+        [_b64(json.dumps(header).encode()), _b64(json.dumps(claims).encode()), signature]
+    )
 
 
 def _alg_none(sts: TokenService) -> str:
@@ -74,8 +80,11 @@ def _hs256_with_public_key(sts: TokenService) -> str:
     kid, pem = sts.keys.signing_key()
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-    public_pem = load_pem_private_key(pem.encode(), None).public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public_pem = (
+        load_pem_private_key(pem.encode(), None)
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     head = _unsigned({"alg": "HS256", "typ": "JWT", "kid": kid}, _claims(sts))[:-1]
     mac = hmac.new(public_pem, head.encode(), hashlib.sha256).digest()
     return f"{head}.{_b64(mac)}"
@@ -84,8 +93,9 @@ def _hs256_with_public_key(sts: TokenService) -> str:
 def _es256_header_on_rsa_key(sts: TokenService) -> str:
     kid, _ = sts.keys.signing_key()
     key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     return sign(_claims(sts), pem, kid, alg="ES256")
 
 
@@ -99,8 +109,11 @@ def _unknown_kid(sts: TokenService) -> str:
 
 def _forged_kid(sts: TokenService) -> str:
     """What a flood looks like: a fresh random kid on every request."""
-    return _unsigned({"alg": "RS256", "kid": secrets.token_urlsafe(8)}, _claims(sts),
-                     _b64(secrets.token_bytes(256)))
+    return _unsigned(
+        {"alg": "RS256", "kid": secrets.token_urlsafe(8)},
+        _claims(sts),
+        _b64(secrets.token_bytes(256)),
+    )
 
 
 def _oversize(sts: TokenService) -> str:
@@ -121,8 +134,9 @@ BAD_TOKENS: dict[str, Callable[[TokenService], str]] = {
     "ES256 header on an RSA kid": _es256_header_on_rsa_key,
     "unknown kid": _unknown_kid,
     "no kid": _no_kid,
-    "expired": lambda s: _signed(s, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200,
-                                 nbf=int(time.time()) - 7200),
+    "expired": lambda s: _signed(
+        s, exp=int(time.time()) - 3600, iat=int(time.time()) - 7200, nbf=int(time.time()) - 7200
+    ),
     "nbf in the future": lambda s: _signed(s, nbf=int(time.time()) + 3600),
     "iat in the future": lambda s: _signed(s, iat=int(time.time()) + 3600),
     "wrong aud": lambda s: _signed(s, aud="mesh-agent-a"),
@@ -152,8 +166,9 @@ async def router_addr(config: MeshConfig, sts: TokenService) -> Any:
 async def _info(addr: str, metadata: Any = None) -> types_pb2.AgentInfo:
     async with grpc.aio.insecure_channel(addr) as channel:
         stub = agent_pb2_grpc.AgentStub(channel)
-        result: types_pb2.AgentInfo = await stub.Info(agent_pb2.InfoRequest(),
-                                                      metadata=metadata, timeout=10)
+        result: types_pb2.AgentInfo = await stub.Info(
+            agent_pb2.InfoRequest(), metadata=metadata, timeout=10
+        )
         return result
 
 
@@ -162,14 +177,16 @@ async def _assert_up(addr: str, config: MeshConfig) -> None:
     assert info.name == "alice"
     async with grpc.aio.insecure_channel(addr) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs lack the methods
-        reply = await stub.Check(
-            health_pb2.HealthCheckRequest(), timeout=10)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_no_token_is_unauthenticated(router_addr: str, config: MeshConfig) -> None:
-    for metadata in (None, (("authorization", "Basic YWxpY2U6cHc="),),
-                     (("authorization", "Bearer "),)):
+    for metadata in (
+        None,
+        (("authorization", "Basic YWxpY2U6cHc="),),
+        (("authorization", "Bearer "),),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await _info(router_addr, metadata)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -179,8 +196,9 @@ async def test_no_token_is_unauthenticated(router_addr: str, config: MeshConfig)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TOKENS))
-async def test_bad_token_is_unauthenticated(case: str, router_addr: str, config: MeshConfig,
-                                            sts: TokenService) -> None:
+async def test_bad_token_is_unauthenticated(
+    case: str, router_addr: str, config: MeshConfig, sts: TokenService
+) -> None:
     token = BAD_TOKENS[case](sts)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _info(router_addr, bearer(token) if token else (("authorization", "Bearer"),))
@@ -192,8 +210,9 @@ async def test_bad_token_is_unauthenticated(case: str, router_addr: str, config:
     await _assert_up(router_addr, config)
 
 
-async def test_bad_token_on_a_bidi_stream(router_addr: str, config: MeshConfig,
-                                          sts: TokenService) -> None:
+async def test_bad_token_on_a_bidi_stream(
+    router_addr: str, config: MeshConfig, sts: TokenService
+) -> None:
     async with grpc.aio.insecure_channel(router_addr) as channel:
         stub = agent_pb2_grpc.AgentStub(channel)
         for token in (_alg_none(sts), _foreign_key_known_kid(sts)):
@@ -216,11 +235,15 @@ async def test_unknown_kid_flood_fetches_jwks_at_most_once_per_window(
         before = sts.stats["jwks"]
         async with grpc.aio.insecure_channel(addr) as channel:
             stub = agent_pb2_grpc.AgentStub(channel)
-            calls = [stub.Info(agent_pb2.InfoRequest(), metadata=bearer(_forged_kid(sts)),
-                               timeout=10) for _ in range(50)]
+            calls = [
+                stub.Info(agent_pb2.InfoRequest(), metadata=bearer(_forged_kid(sts)), timeout=10)
+                for _ in range(50)
+            ]
             results = await asyncio.gather(*calls, return_exceptions=True)
-        assert all(isinstance(r, grpc.aio.AioRpcError)
-                   and r.code() == grpc.StatusCode.UNAUTHENTICATED for r in results)
+        assert all(
+            isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.UNAUTHENTICATED
+            for r in results
+        )
         assert sts.stats["jwks"] - before <= 1
         await _assert_up(addr, cfg)
 
@@ -228,8 +251,9 @@ async def test_unknown_kid_flood_fetches_jwks_at_most_once_per_window(
 async def test_jwks_window_unit(sts: TokenService) -> None:
     """With a controllable clock: one fetch per window, whatever the number of kids."""
     now = [1000.0]
-    cache = JwksCache(issuer=sts.issuer, verify=_tls(sts), refresh_window_s=30,
-                      clock=lambda: now[0])
+    cache = JwksCache(
+        issuer=sts.issuer, verify=_tls(sts), refresh_window_s=30, clock=lambda: now[0]
+    )
     validator = TokenValidator(issuer=sts.issuer, audience="mesh-router", keys=cache)
     try:
         for _ in range(20):
@@ -258,8 +282,9 @@ def _tls(sts: TokenService) -> Any:
     return ssl.create_default_context(cafile=str(sts.ca_file))
 
 
-async def test_key_rotation_is_picked_up_without_restart(config: MeshConfig,
-                                                         sts: TokenService) -> None:
+async def test_key_rotation_is_picked_up_without_restart(
+    config: MeshConfig, sts: TokenService
+) -> None:
     cfg = with_auth(config, jwks_refresh_window_s=0)
     async with serve(server_interceptors(cfg, "router")) as addr:
         old = mint_user_token(cfg, "alice")
@@ -293,18 +318,30 @@ class _StaticKeys:
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.one_of(
-    st.text(max_size=300),
-    st.binary(max_size=300).map(lambda b: _b64(b)),
-    st.lists(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
-                     max_size=60), min_size=1, max_size=5).map(".".join),
-    st.tuples(st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=4),
-              st.dictionaries(st.text(max_size=8), st.integers(), max_size=4)).map(
-        lambda hc: _unsigned(hc[0], hc[1], "c2ln")),
-))
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.binary(max_size=300).map(lambda b: _b64(b)),
+        st.lists(
+            st.text(
+                alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+                max_size=60,
+            ),
+            min_size=1,
+            max_size=5,
+        ).map(".".join),
+        st.tuples(
+            st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=4),
+            st.dictionaries(st.text(max_size=8), st.integers(), max_size=4),
+        ).map(lambda hc: _unsigned(hc[0], hc[1], "c2ln")),
+    )
+)
 def test_garbage_never_crashes_the_validator(token: str) -> None:
-    validator = TokenValidator(issuer="https://issuer.test", audience="mesh-router",
-                               keys=_StaticKeys(public_jwk(FOREIGN_PEM, "k1")))
+    validator = TokenValidator(
+        issuer="https://issuer.test",
+        audience="mesh-router",
+        keys=_StaticKeys(public_jwk(FOREIGN_PEM, "k1")),
+    )
     with pytest.raises(Unauthenticated) as info:
         _run_without_loop(validator.validate(token))
     if len(token) >= 8:

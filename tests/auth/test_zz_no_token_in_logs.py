@@ -32,8 +32,10 @@ async def test_no_token_or_secret_in_any_log_line(config: MeshConfig, sts: Token
     for kind in ("entra", "embedded"):
         exchanger = build_exchanger(with_auth(config, exchanger=kind), "router")
         await exchanger.token_for(user, "mesh-agent-b")
-    async with serve(server_interceptors(config, "router")) as addr, \
-            grpc.aio.insecure_channel(addr) as channel:
+    async with (
+        serve(server_interceptors(config, "router")) as addr,
+        grpc.aio.insecure_channel(addr) as channel,
+    ):
         stub = agent_pb2_grpc.AgentStub(channel)
         await stub.Info(agent_pb2.InfoRequest(), metadata=bearer(user), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh.client import AgentClient, create_channel
+from tests.meshtest import mesh_config, serve_agent, serve_router
 
-from ..meshtest import mesh_config, serve_agent, serve_router
 from .test_provider_llama import llama_server, model_path, pytestmark
 
 __all__ = ["llama_server", "model_path", "pytestmark"]
