@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -25,6 +27,7 @@ from mesh.errors import ConfigError, MeshError
 from mesh.logs import setup_logging
 
 EXIT_USAGE = 2
+ENV_TOKEN = "MESH_TOKEN"  # noqa: S105 - the variable's name, not a token
 
 
 def _config(args: argparse.Namespace) -> MeshConfig:
@@ -36,6 +39,15 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
         "--config",
         metavar="FILE",
         help=f"mesh file (default: ${ENV_CONFIG}, else services/mesh.yaml)",
+    )
+
+
+def _add_user(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--user",
+        default=os.environ.get("USER") or "dev",
+        help="who you are in the locally minted token when auth is on (default: $USER); "
+        f"${ENV_TOKEN} overrides it",
     )
 
 
@@ -56,7 +68,7 @@ async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
     registration = None
     if args.register:
         advertise = args.advertise or address
-        interceptors, credentials = _service_channel_args(config)
+        interceptors, credentials = _service_channel_args(config, name)
         registration = asyncio.ensure_future(
             register_forever(
                 args.register,
@@ -77,7 +89,7 @@ async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
 
 
 def _service_channel_args(
-    config: MeshConfig,
+    config: MeshConfig, service: str
 ) -> tuple[list[grpc.aio.ClientInterceptor], grpc.ChannelCredentials | None]:
     """Interceptors/credentials a service uses to call the router as itself."""
     if not config.auth.enabled:
@@ -85,7 +97,7 @@ def _service_channel_args(
     from mesh.auth import interceptors as auth
 
     return (
-        auth.service_interceptors(config, config.auth.audience_for("router")),
+        auth.service_interceptors(config, config.auth.audience_for("router"), service=service),
         auth.channel_credentials(config),
     )
 
@@ -147,6 +159,10 @@ def _wait_line(proc: subprocess.Popen[str], prefix: str) -> str:
     raise ConfigError(f"process exited ({proc.wait()}) before printing {prefix!r}")
 
 
+def _ca_hint(config: MeshConfig) -> str:
+    return config.auth.tls.ca_file or str(config.data_dir / "sts" / "tls" / "ca.pem")
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     config = _config(args)
     config_arg = ["--config", str(Path(config.source).resolve())]
@@ -169,6 +185,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         static: list[str] = []
         lines = []
+        auth = config.auth
+        if auth.enabled and auth.exchanger == "embedded" and not auth.issuer:
+            # The token service first: every other service fetches its keys at start.
+            sts = _spawn(["sts", *config_arg])
+            procs.append(sts)
+            lines.append(_wait_line(sts, "sts: "))
         for name, agent in config.agents.items():
             for replica in range(agent.replicas):
                 port = agent.port if replica == 0 else 0
@@ -185,10 +207,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(line, flush=True)
         print(f"router: {address}", flush=True)
         print(f"try: mesh chat --router {address} 'I need a refund for INV-1001'", flush=True)
-        print(f"try: grpcurl -plaintext {address} list", flush=True)
+        transport = "-plaintext" if not auth.tls.enabled else f"-cacert {_ca_hint(config)}"
+        header = ""
+        if auth.enabled:
+            print("try: export MESH_TOKEN=$(mesh token --sub alice)", flush=True)
+            header = ' -H "authorization: Bearer $MESH_TOKEN"'
+        print(f"try: grpcurl {transport}{header} {address} list", flush=True)
+        turn = '\'{"turn": {"message": "hello"}}\''
         print(
-            f'try: grpcurl -plaintext -d \'{{"turn": {{"message": "hello"}}}}\' '
-            f"{address} mesh.v1.Router/Chat",
+            f"try: grpcurl {transport}{header} -d {turn} {address} mesh.v1.Router/Chat",
             flush=True,
         )
         print("mesh up: running; Ctrl-C stops everything", flush=True)
@@ -206,16 +233,65 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0 if stopping and all(c == 0 for c in codes) else 1
 
 
-# -- mesh chat / info ---------------------------------------------------------------------
+# -- mesh chat / agents / info -----------------------------------------------------------
 
 
-async def _chat(args: argparse.Namespace) -> int:
+def _maybe_config(args: argparse.Namespace) -> MeshConfig | None:
+    """The config when one is named or the default exists; clients can do without."""
+    from mesh.config import resolve_config_path
+
+    if args.config is None and not resolve_config_path(None).exists():
+        return None
+    return _config(args)
+
+
+@dataclass
+class _Caller:
+    """How a command-line client reaches a service: credentials and a bearer token."""
+
+    config: MeshConfig | None
+    user: str
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if self.config is None or not self.config.auth.enabled:
+            return None
+        from mesh.auth.interceptors import channel_credentials
+
+        return channel_credentials(self.config)
+
+    async def metadata(self, service: str) -> tuple[tuple[str, str], ...]:
+        """``authorization`` for ``service`` ("router" or an agent), when auth is on.
+
+        ``$MESH_TOKEN`` wins; otherwise, on a mesh that runs the embedded token
+        service, a user token is minted locally (as ``mesh token`` would).
+        """
+        token = os.environ.get(ENV_TOKEN)
+        if not token and self.config is not None and self.config.auth.enabled:
+            if self.config.auth.exchanger != "embedded" or self.config.auth.issuer:
+                raise ConfigError(
+                    f"auth is on: set ${ENV_TOKEN} to a user token for "
+                    f"{self.config.auth.audience_for(service)}"
+                )
+            from mesh.auth.exchange import StsUserTokenSource
+
+            audience = self.config.auth.audience_for(service)
+            token = await StsUserTokenSource(self.config, self.user, audience=audience).token()
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _caller(args: argparse.Namespace) -> _Caller:
+    return _Caller(_maybe_config(args), args.user)
+
+
+async def _chat(args: argparse.Namespace, caller: _Caller) -> int:
     from mesh.client import AgentClient, create_channel, turn_request
     from mesh.v1 import types_pb2
 
-    async with create_channel(args.target) as channel:
+    service = "router" if args.router_api else (args.agent or "router")
+    metadata = await caller.metadata(service)
+    async with create_channel(args.target, credentials=caller.credentials()) as channel:
         client = AgentClient(channel, router=args.router_api)
-        stream = client.open(timeout=args.timeout)
+        stream = client.open(timeout=args.timeout, metadata=metadata)
         speaker = ""
         try:
             request = turn_request(
@@ -242,7 +318,7 @@ async def _chat(args: argparse.Namespace) -> int:
                     )
                 elif kind == "final":
                     usage = event.final.usage
-                    print(file=sys.stdout, flush=True)
+                    print(flush=True)
                     print(
                         f"-- {event.agent} {event.final.stop_reason}; tokens in "
                         f"{usage.input_tokens} out {usage.output_tokens}; "
@@ -258,35 +334,38 @@ async def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router_address(args: argparse.Namespace, caller: _Caller) -> str:
+    if args.router:
+        return str(args.router)
+    if caller.config is None:
+        raise ConfigError("no config found: give --router HOST:PORT")
+    return f"{caller.config.router.host}:{caller.config.router.port}"
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     if args.target and args.router:
         print("mesh chat: give --router or --target, not both", file=sys.stderr)
         return EXIT_USAGE
+    caller = _caller(args)
     if not args.target:
         args.router_api = True
-        if not args.router:
-            config = _config(args)
-            args.router = f"{config.router.host}:{config.router.port}"
-        args.target = args.router
-    return asyncio.run(_chat(args))
+        args.target = _router_address(args, caller)
+    return asyncio.run(_chat(args, caller))
 
 
-async def _agents(router: str, as_json: bool) -> int:
+async def _agents(router: str, as_json: bool, caller: _Caller) -> int:
     from mesh.client import create_channel
     from mesh.errors import from_rpc_error
     from mesh.v1 import router_pb2, router_pb2_grpc
 
-    async with create_channel(router) as channel:
+    metadata = await caller.metadata("router")
+    async with create_channel(router, credentials=caller.credentials()) as channel:
         try:
             listing = await router_pb2_grpc.RouterStub(channel).ListAgents(
-                router_pb2.ListAgentsRequest(), timeout=10
+                router_pb2.ListAgentsRequest(), timeout=10, metadata=metadata
             )
-        except Exception as err:
-            import grpc
-
-            if isinstance(err, grpc.RpcError):
-                raise from_rpc_error(err) from None
-            raise
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
     if as_json:
         print(json_format.MessageToJson(listing, indent=2, preserving_proto_field_name=True))
         return 0
@@ -301,24 +380,33 @@ async def _agents(router: str, as_json: bool) -> int:
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
-    router = args.router
-    if not router:
-        config = _config(args)
-        router = f"{config.router.host}:{config.router.port}"
-    return asyncio.run(_agents(router, args.json))
+    caller = _caller(args)
+    return asyncio.run(_agents(_router_address(args, caller), args.json, caller))
 
 
-async def _info(target: str) -> int:
+async def _info(target: str, agent: str | None, caller: _Caller) -> int:
     from mesh.client import AgentClient, create_channel
+    from mesh.v1 import agent_pb2, agent_pb2_grpc
 
-    async with create_channel(target) as channel:
-        info = await AgentClient(channel).info()
+    metadata = await caller.metadata(agent or "router")
+    async with create_channel(target, credentials=caller.credentials()) as channel:
+        if metadata:
+            try:
+                info = await agent_pb2_grpc.AgentStub(channel).Info(
+                    agent_pb2.InfoRequest(), timeout=10, metadata=metadata
+                )
+            except grpc.RpcError as err:
+                from mesh.errors import from_rpc_error
+
+                raise from_rpc_error(err) from None
+        else:
+            info = await AgentClient(channel).info()
         print(json_format.MessageToJson(info, indent=2, preserving_proto_field_name=True))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    return asyncio.run(_info(args.target))
+    return asyncio.run(_info(args.target, args.agent, _caller(args)))
 
 
 # -- parser -------------------------------------------------------------------------------
@@ -352,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("agents", help="list the agents a router sees")
     _add_config(p)
+    _add_user(p)
     p.add_argument("--router", help="HOST:PORT of the router (default: from the config)")
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
     p.set_defaults(func=cmd_agents)
@@ -369,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="send one message and stream the answer")
     p.add_argument("message", help="what to say")
+    _add_user(p)
     _add_config(p)
     p.add_argument("--router", help="HOST:PORT of the router (default: from the config)")
     p.add_argument("--target", help="HOST:PORT of an agent, to talk to it directly")
@@ -380,7 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe an agent")
     p.add_argument("--target", required=True, help="HOST:PORT of an agent")
+    p.add_argument("--agent", help="the agent's name (the token's audience when auth is on)")
+    _add_config(p)
+    _add_user(p)
     p.set_defaults(func=cmd_info)
+
+    from mesh.auth.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

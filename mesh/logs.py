@@ -39,3 +39,5 @@ def setup_logging(level: str | None = None) -> None:
     handler._mesh = True  # type: ignore[attr-defined]  # marks our handler as installed
     root.addHandler(handler)
     root.setLevel((level or os.environ.get("MESH_LOG_LEVEL", "INFO")).upper())
+    # One line per HTTP request to the identity provider is noise at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

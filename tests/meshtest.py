@@ -171,17 +171,30 @@ def free_ports_env(config: MeshConfig, data_dir: Path) -> dict[str, str]:
     """Environment overrides that put every service of ``config`` on a free port."""
     env = {f"MESH_AGENTS__{name.upper()}__PORT": "0" for name in config.agents}
     env["MESH_ROUTER__PORT"] = "0"
+    env["MESH_AUTH__STS__PORT"] = "0"
     env["MESH_DATA_DIR"] = str(data_dir)
     return env
 
 
-def start_mesh(config: Path, data_dir: Path, env: dict[str, str] | None = None) -> tuple[Proc, str]:
-    """``mesh up`` on free ports; returns the process and the router's address."""
+def start_mesh(
+    config: Path, data_dir: Path, env: dict[str, str] | None = None
+) -> tuple[Proc, str, dict[str, str]]:
+    """``mesh up`` on free ports; returns the process, the router's address and the
+    environment that points clients (``mesh chat``, ``mesh token``) at this mesh."""
     from mesh.config import load_config
 
     full = {**free_ports_env(load_config(config), data_dir), **(env or {})}
     proc = Proc(["up", "--config", str(config), "--router-port", "0"], full)
-    return proc, proc.wait_line("router: ", timeout=60)
+    return proc, proc.wait_line("router: ", timeout=60), full
+
+
+def mesh_token(config: Path, env: dict[str, str], sub: str = "alice") -> str:
+    """A user token from ``mesh token`` (prints only the token)."""
+    proc = Proc(["token", "--config", str(config), "--sub", sub], env)
+    assert proc.popen.wait(timeout=30) == 0, "".join(proc.stderr)
+    token = proc.wait_line("")
+    assert token.count(".") == 2
+    return token
 
 
 @contextlib.asynccontextmanager

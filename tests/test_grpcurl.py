@@ -13,7 +13,8 @@ from .meshtest import MESH_YAML, Proc, start_agent, tool_path
 
 @pytest.fixture(scope="module")
 def billing() -> Iterator[str]:
-    proc, address = start_agent(MESH_YAML, "billing")
+    # One agent on its own, before any router or token service: auth off explicitly.
+    proc, address = start_agent(MESH_YAML, "billing", {"MESH_AUTH__ENABLED": "false"})
     try:
         yield address
     finally:
@@ -97,10 +98,11 @@ def test_info_over_grpcurl(billing: str) -> None:
 
 
 def test_mesh_info_and_chat_commands(billing: str) -> None:
-    info = Proc(["info", "--target", billing])
+    plain = {"MESH_AUTH__ENABLED": "false"}
+    info = Proc(["info", "--target", billing], plain)
     assert info.popen.wait(timeout=30) == 0
     assert json.loads("".join(info.stdout))["name"] == "billing"
-    chat = Proc(["chat", "--target", billing, "show my invoice"])
+    chat = Proc(["chat", "--target", billing, "show my invoice"], plain)
     assert chat.popen.wait(timeout=30) == 0, "".join(chat.stderr)
     out = "".join(chat.stdout)
     assert out.startswith("[billing] ")

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from mesh.context import (
     MD_HOP_PATH,
     MD_REQUEST_ID,
     current_request_id,
+    current_token,
     format_hop_path,
 )
 from mesh.convert import message_to_pb
@@ -54,6 +55,8 @@ END = types_pb2.HandoffMode.END_CONVERSATION
 OPEN_ATTEMPTS = 3
 
 Emit = Callable[[types_pb2.ChatEvent], None]
+Delegate = Callable[[str], Awaitable[str | None]]
+"""agent -> the token that agent holds for this turn (None: keep the caller's token)."""
 
 
 @dataclass
@@ -97,10 +100,18 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class Router:
-    def __init__(self, config: MeshConfig, pool: AgentPool, store: ConversationStore) -> None:
+    def __init__(
+        self,
+        config: MeshConfig,
+        pool: AgentPool,
+        store: ConversationStore,
+        *,
+        delegate: Delegate | None = None,
+    ) -> None:
         self.config = config
         self.pool = pool
         self.store = store
+        self.delegate = delegate
         self._routes = [
             (route, re.compile(route.matches, re.I) if route.matches else None)
             for route in config.router.routes
@@ -179,7 +190,7 @@ class Router:
         )
 
     async def _open(
-        self, state: TurnState, agent: str, request: Any, method: str
+        self, state: TurnState, agent: str, request: Any, method: str, source: str = ""
     ) -> tuple[Any, Any, Endpoint]:
         """Open a stream on a healthy replica and read its first event.
 
@@ -188,6 +199,11 @@ class Router:
         """
         tried: set[str] = set()
         last: MeshError | None = None
+        subject = current_token.get()
+        if source and self.delegate is not None and subject is not None:
+            # The handoff comes from ``source``: the next token is exchanged from the one
+            # ``source`` held, so the delegation chain records it (router > source > ...).
+            subject = await self.delegate(source) or subject
         for _attempt in range(OPEN_ATTEMPTS):
             endpoint = self.pool.pick(agent, tried)
             if endpoint is None:
@@ -201,7 +217,12 @@ class Router:
             tried.add(endpoint.address)
             # The generated stubs type calls as sync iterators; these are aio stream calls.
             stub_method: Any = endpoint.stub.Chat if method == "chat" else endpoint.stub.Handoff
-            call = stub_method(metadata=self._metadata(state), timeout=state.remaining())
+            # Client interceptors read the subject token when the call is created.
+            reset = current_token.set(subject)
+            try:
+                call = stub_method(metadata=self._metadata(state), timeout=state.remaining())
+            finally:
+                current_token.reset(reset)
             endpoint.active += 1
             try:
                 await call.write(request)
@@ -242,9 +263,10 @@ class Router:
         request: Any,
         method: str,
         stack: list[str],
+        source: str = "",
     ) -> Outcome:
         """Relay one agent's events until its final; runs its CONSULTs concurrently."""
-        call, event, endpoint = await self._open(state, agent, request, method)
+        call, event, endpoint = await self._open(state, agent, request, method, source)
         outcome = Outcome(agent)
         flowed = False
         try:
@@ -351,7 +373,7 @@ class Router:
         request = self._handoff_turn(
             state, source, CONSULT, handoff.reason, handoff.message, handoff.context, history
         )
-        outcome = await self._run_agent(state, handoff.target, request, "handoff", stack)
+        outcome = await self._run_agent(state, handoff.target, request, "handoff", stack, source)
         assert outcome.final is not None
         result = types_pb2.ConsultResult(
             call_id=handoff.call_id, agent=handoff.target, content=outcome.final.content
@@ -397,7 +419,7 @@ class Router:
                     {},
                     [*state.history, user],
                 )
-                outcome = await self._run_agent(state, agent, request, "handoff", [])
+                outcome = await self._run_agent(state, agent, request, "handoff", [], previous)
             while outcome.transfer is not None:
                 handoff = outcome.transfer
                 assert outcome.final is not None
@@ -416,7 +438,9 @@ class Router:
                     handoff.context,
                     history,
                 )
-                outcome = await self._run_agent(state, handoff.target, request, "handoff", [])
+                outcome = await self._run_agent(
+                    state, handoff.target, request, "handoff", [], outcome.agent
+                )
         assert outcome is not None and outcome.final is not None
         final = types_pb2.FinalMessage()
         final.CopyFrom(outcome.final)

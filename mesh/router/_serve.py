@@ -9,7 +9,8 @@ import grpc
 from mesh.agent._serve import server_credentials, server_interceptors
 from mesh.client import create_channel
 from mesh.config import DiscoveryConfig, MeshConfig, RouterConfig
-from mesh.router._engine import Router
+from mesh.context import current_token
+from mesh.router._engine import Delegate, Router
 from mesh.router._pool import AgentPool
 from mesh.router._servicer import RouterServicer
 from mesh.router._store import ConversationStore, open_store
@@ -28,7 +29,10 @@ def agent_channel_factory(config: MeshConfig) -> Callable[[str, str], grpc.aio.C
         if config.auth.enabled:
             from mesh.auth import interceptors as auth
 
-            interceptors.extend(auth.client_interceptors(config, config.auth.audience_for(agent)))
+            # The user's token, exchanged for this agent, on calls made for a turn; the
+            # router's own client-credentials token on its own calls (Info).
+            audience = config.auth.audience_for(agent)
+            interceptors.extend(auth.service_interceptors(config, audience, service="router"))
             credentials = auth.channel_credentials(config)
         return create_channel(
             address, settings=config.server, interceptors=interceptors, credentials=credentials
@@ -49,6 +53,28 @@ def with_static(config: MeshConfig, static: Mapping[str, Sequence[str]]) -> Mesh
     return config.model_copy(update={"router": router})
 
 
+def delegation(config: MeshConfig) -> Delegate | None:
+    """How the router gets the token an agent held, for handoffs from that agent.
+
+    With the embedded STS or RFC 8693 the router re-exchanges that token, so the next
+    agent's token nests ``act`` through the agent that handed over. Entra's OBO cannot
+    take a token issued to another app; there the hop path in the audit log records it.
+    """
+    if not config.auth.enabled or config.auth.exchanger == "entra":
+        return None
+    from mesh.auth.exchange import exchanger_for
+
+    exchanger = exchanger_for(config, "router")
+
+    async def held_by(agent: str) -> str | None:
+        token = current_token.get()
+        if token is None:
+            return None
+        return await exchanger.token_for(token, config.auth.audience_for(agent))
+
+    return held_by
+
+
 class RouterApp:
     """The router's server, pool and store, started and stopped together."""
 
@@ -56,7 +82,7 @@ class RouterApp:
         self.config = config
         self.pool = AgentPool(config, agent_channel_factory(config))
         self.store = store or open_store(config)
-        self.router = Router(config, self.pool, self.store)
+        self.router = Router(config, self.pool, self.store, delegate=delegation(config))
         self.lifecycle = Lifecycle()
         servicer = RouterServicer(config, self.router, self.pool, self.lifecycle)
         self.server = MeshServer(

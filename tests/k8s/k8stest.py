@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from ..meshtest import MESH_YAML, REPO, tool_path
+from tests.meshtest import MESH_YAML, REPO, tool_path
 
 K8S = REPO / "k8s"
 OVERLAYS = {

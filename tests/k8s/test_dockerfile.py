@@ -10,7 +10,8 @@ import re
 import shlex
 import subprocess
 
-from ..meshtest import REPO, tool_path
+from tests.meshtest import REPO, tool_path
+
 from .k8stest import (
     DOCKERFILE,
     OVERLAYS,

@@ -24,8 +24,8 @@ from .k8stest import (
     config_map,
     containers,
     declared_ports,
-    dockerfile_stages,
     dns_targets,
+    dockerfile_stages,
     env_from_config_maps,
     mesh_agents,
     of_kind,
@@ -125,7 +125,7 @@ def test_non_root_read_only_no_capabilities(overlay: str) -> None:
         assert ctx.get("privileged", False) is False, where
         assert ctx.get("capabilities", {}).get("drop") == ["ALL"], where
         assert not ctx.get("capabilities", {}).get("add"), where
-        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {}))
+        seccomp: Obj = ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}
         assert seccomp.get("type") == "RuntimeDefault", where
         assert pod.get("automountServiceAccountToken") is False, where
         assert pod["serviceAccountName"] == deployment["metadata"]["name"], where
@@ -319,9 +319,12 @@ def test_dev_one_replica_each_embedded_sts_trusted_by_everyone(
     (sts,) = containers(deployments["sts"])
     mounts = {m["mountPath"]: m for m in sts["volumeMounts"]}
     assert mounts["/data/sts/tls"]["readOnly"] is True
-    assert "emptyDir" in {v["name"]: v for v in pod_spec(deployments["sts"])["volumes"]}[
-        mounts["/data/sts"]["name"]
-    ]
+    assert (
+        "emptyDir"
+        in {v["name"]: v for v in pod_spec(deployments["sts"])["volumes"]}[
+            mounts["/data/sts"]["name"]
+        ]
+    )
 
 
 def test_prod_replicas_autoscaling_budgets() -> None:

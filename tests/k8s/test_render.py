@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ..meshtest import MESH_YAML, tool_path
+from tests.meshtest import MESH_YAML, tool_path
+
 from .k8stest import COMPONENTS, K8S, K8S_VERSION, OVERLAYS, parse, rendered_text, run_kustomize
 
 
@@ -40,7 +41,9 @@ def test_renders_and_validates_strictly(overlay: str, tmp_path: Path) -> None:
     text = rendered_text(overlay)
     objects = parse(text)
     assert objects, f"{overlay} rendered nothing"
-    assert all(o["metadata"].get("namespace") == "mesh" for o in objects if o["kind"] != "Namespace")
+    assert all(
+        o["metadata"].get("namespace") == "mesh" for o in objects if o["kind"] != "Namespace"
+    )
     out = tmp_path / f"{overlay}.yaml"
     out.write_text(text, encoding="utf-8")
     validate_strict(out)
