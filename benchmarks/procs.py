@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -136,10 +137,8 @@ class LoadGenProcess:
 
     def stop(self) -> None:
         if self.popen.poll() is None:
-            try:
+            with contextlib.suppress(RuntimeError, BrokenPipeError, ValueError):
                 self.request({"op": "quit"})
-            except (RuntimeError, BrokenPipeError, ValueError):
-                pass
             try:
                 self.popen.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -39,10 +39,16 @@ def headline(report: dict[str, Any]) -> list[str]:
     for _key, case, _row in _rows(report, "turns"):
         if case["target"] not in targets:
             targets.append(case["target"])
-    stream_label = {"bare": "bare", "direct": "0 hops", "router": "1 hop", "transfer": "2 hops",
-                    "router +auth": "1 hop +auth"}
+    stream_label = {
+        "bare": "bare",
+        "direct": "0 hops",
+        "router": "1 hop",
+        "transfer": "2 hops",
+        "router +auth": "1 hop +auth",
+    }
     rows = []
     for target in targets:
+
         def get(c: int, metric: str, target: str = target) -> float:
             row = summary.get(f"turns/{target}/c{c}")
             return float(row[metric]) if row else 0.0
@@ -58,13 +64,23 @@ def headline(report: dict[str, Any]) -> list[str]:
                 _ms(get(1, "p99_ms")),
                 _ms(get(128, "p99_ms")),
                 _ms(get(1, "ttfd_p50_ms")),
-                _num(float(stream["deltas_per_s"])) if stream else "–",
+                _num(float(stream["deltas_per_s"])) if stream else "-",
                 _ms(get(16, "server_cpu_ms_per_turn")),
             ]
         )
     return _table(
-        ["target", "turns/s c=1", "c=16", "c=128", "p50 ms c=1", "p99 ms c=1", "p99 ms c=128",
-         "first delta ms c=1", "deltas/s (stream)", "server CPU ms/turn c=16"],
+        [
+            "target",
+            "turns/s c=1",
+            "c=16",
+            "c=128",
+            "p50 ms c=1",
+            "p99 ms c=1",
+            "p99 ms c=128",
+            "first delta ms c=1",
+            "deltas/s (stream)",
+            "server CPU ms/turn c=16",
+        ],
         rows,
     )
 
@@ -78,7 +94,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Generated {report['generated']} in {report['elapsed_s']} s by `make bench` "
         f"(`python -m benchmarks`). {s['reps']} repetitions of every case, interleaved in a "
         f"shuffled order; each case {s['warmup_s']} s warm-up + {s['duration_s']} s measured. "
-        "Figures are medians over repetitions; ± is half the min–max range.",
+        "Figures are medians over repetitions; ± is half the min-max range.",
         "",
         f"**Machine:** {m['cpu']}, {m['cpus_usable']} usable CPUs, {m['memory_gib']} GiB, "
         f"Linux {m['kernel']}, {m['implementation']} {m['python']}, grpcio {m['grpcio']}, "
@@ -113,8 +129,18 @@ def render_markdown(report: dict[str, Any]) -> str:
             ]
         )
     lines += _table(
-        ["target", "c", "turns/s", "p50 ms", "p99 ms", "first delta p50 ms",
-         "server CPU ms/turn", "client CPU ms/turn", "CPU busy", "errors"],
+        [
+            "target",
+            "c",
+            "turns/s",
+            "p50 ms",
+            "p99 ms",
+            "first delta p50 ms",
+            "server CPU ms/turn",
+            "client CPU ms/turn",
+            "CPU busy",
+            "errors",
+        ],
         rows,
     )
     lines += ["", "## Ratios (median of per-repetition ratios)", ""]
@@ -123,10 +149,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         rows.append(
             [
                 r["ratio"],
-                f"{r['throughput']:.2f}" if r["throughput"] is not None else "–",
-                f"{r['p50']:.2f}" if r["p50"] is not None else "–",
-                f"{r['server_cpu']:.2f}" if r["server_cpu"] is not None else "–",
-                f"{r['deltas']:.2f}" if r.get("deltas") is not None else "–",
+                f"{r['throughput']:.2f}" if r["throughput"] is not None else "-",
+                f"{r['p50']:.2f}" if r["p50"] is not None else "-",
+                f"{r['server_cpu']:.2f}" if r["server_cpu"] is not None else "-",
+                f"{r['deltas']:.2f}" if r.get("deltas") is not None else "-",
             ]
         )
     lines += _table(["ratio", "turns/s", "p50 latency", "server CPU/turn", "deltas/s"], rows)
@@ -150,18 +176,28 @@ def render_markdown(report: dict[str, Any]) -> str:
                 str(row["errors"]),
             ]
         )
-    lines += _table(["path", "deltas/s", "first delta p50 ms", "whole turn p50 ms", "CPU busy",
-                     "errors"], rows)
+    lines += _table(
+        ["path", "deltas/s", "first delta p50 ms", "whole turn p50 ms", "CPU busy", "errors"], rows
+    )
     for group, title, note in (
-        ("fresh", "A new stream per turn (c=16)",
-         "Each turn opens its own Chat call and closes it: the per-call costs (HTTP/2 stream, "
-         "interceptors, JWT validation on the first hop) that a long-lived stream pays once."),
-        ("sqlite", "Router with the default SQLite store",
-         "The other router cases use the memory store; SQLite commits every turn with "
-         "synchronous=FULL before the final event is sent."),
-        ("uvloop", "uvloop (c=16)",
-         "`client uvloop`: the load generator on uvloop; `servers uvloop`: the services "
-         "started through `benchmarks.serve --uvloop`; compare with the asyncio rows above."),
+        (
+            "fresh",
+            "A new stream per turn (c=16)",
+            "Each turn opens its own Chat call and closes it: the per-call costs (HTTP/2 stream, "
+            "interceptors, JWT validation on the first hop) that a long-lived stream pays once.",
+        ),
+        (
+            "sqlite",
+            "Router with the default SQLite store",
+            "The other router cases use the memory store; SQLite commits every turn with "
+            "synchronous=FULL before the final event is sent.",
+        ),
+        (
+            "uvloop",
+            "uvloop (c=16)",
+            "`client uvloop`: the load generator on uvloop; `servers uvloop`: the services "
+            "started through `benchmarks.serve --uvloop`; compare with the asyncio rows above.",
+        ),
     ):
         group_rows = _rows(report, group)
         if not group_rows:
@@ -180,8 +216,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                     str(row["errors"]),
                 ]
             )
-        lines += _table(["target", "c", "turns/s", "p50 ms", "p99 ms", "server CPU ms/turn",
-                         "errors"], rows)
+        lines += _table(
+            ["target", "c", "turns/s", "p50 ms", "p99 ms", "server CPU ms/turn", "errors"], rows
+        )
     if report["hold"]:
         lines += [
             "",
@@ -198,13 +235,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                 [
                     label,
                     _num(row["router_rss_mib"], 1),
-                    _num(row["kib_per_stream"], 1) if "kib_per_stream" in row else "–",
-                    f"{row['open_s']:.1f}" if "open_s" in row else "–",
-                    str(row.get("errors", "–")),
+                    _num(row["kib_per_stream"], 1) if "kib_per_stream" in row else "-",
+                    f"{row['open_s']:.1f}" if "open_s" in row else "-",
+                    str(row.get("errors", "-")),
                 ]
             )
-        lines += _table(["open streams", "router RSS MiB", "KiB per stream", "open time s",
-                         "errors"], rows)
+        lines += _table(
+            ["open streams", "router RSS MiB", "KiB per stream", "open time s", "errors"], rows
+        )
     errors = [(k, v["error_samples"]) for k, v in report["summary"].items() if v["errors"]]
     if errors:
         lines += ["", "## Errors", ""]

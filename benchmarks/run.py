@@ -118,7 +118,9 @@ class Bench:
         argv += ["agent", agent, "--config", str(config), "--port", "0"]
         return self.start(name, argv, f"agent {agent}: ")
 
-    def router(self, name: str, config: Path, agents: dict[str, Service], uv: bool = False) -> Service:
+    def router(
+        self, name: str, config: Path, agents: dict[str, Service], uv: bool = False
+    ) -> Service:
         argv = ["benchmarks.serve", *(["--uvloop"] if uv else [])]
         argv += ["router", "--config", str(config), "--port", "0"]
         for agent, service in agents.items():
@@ -217,27 +219,50 @@ class Bench:
             grid += targets(True)
         for name, spec in grid:
             for c in CONCURRENCY:
-                out.append(Case(f"turns/{name}/c{c}", "turns", name, "asyncio", concurrency=c, **spec))
+                out.append(
+                    Case(f"turns/{name}/c{c}", "turns", name, "asyncio", concurrency=c, **spec)
+                )
         stream_names = {"bare": "bare", "direct": "0 hops", "router": "1 hop", "transfer": "2 hops"}
         for name, spec in grid:
             if name in stream_names or name == "router +auth":
                 label = stream_names.get(name, "1 hop +auth")
                 out.append(
-                    Case(f"stream/{label}", "stream", label, "asyncio", concurrency=1,
-                         message=LONG_MESSAGE, **spec)
+                    Case(
+                        f"stream/{label}",
+                        "stream",
+                        label,
+                        "asyncio",
+                        concurrency=1,
+                        message=LONG_MESSAGE,
+                        **spec,
+                    )
                 )
         for name, spec in grid:
             if name in ("bare", "direct", "router", "direct +auth", "router +auth"):
                 out.append(
-                    Case(f"fresh/{name}", "fresh", name, "asyncio", concurrency=16, fresh=True,
-                         **spec)
+                    Case(
+                        f"fresh/{name}",
+                        "fresh",
+                        name,
+                        "asyncio",
+                        concurrency=16,
+                        fresh=True,
+                        **spec,
+                    )
                 )
         if "router-sqlite" in s:
             for c in (1, 16):
                 out.append(
-                    Case(f"sqlite/router/c{c}", "sqlite", "router (SQLite store)", "asyncio",
-                         "router", s["router-sqlite"].address, c,
-                         servers=["router-sqlite", "agent-a"])
+                    Case(
+                        f"sqlite/router/c{c}",
+                        "sqlite",
+                        "router (SQLite store)",
+                        "asyncio",
+                        "router",
+                        s["router-sqlite"].address,
+                        c,
+                        servers=["router-sqlite", "agent-a"],
+                    )
                 )
         if self.args.uvloop:
             plain = {
@@ -258,8 +283,16 @@ class Bench:
                 ):
                     kind, address, servers = table[target]
                     out.append(
-                        Case(f"uvloop/{target}/{label}", "uvloop", f"{target} · {label}", loop,
-                             kind, address, 16, servers=servers)
+                        Case(
+                            f"uvloop/{target}/{label}",
+                            "uvloop",
+                            f"{target} · {label}",
+                            loop,
+                            kind,
+                            address,
+                            16,
+                            servers=servers,
+                        )
                     )
         return out
 
@@ -323,8 +356,16 @@ class Bench:
         a = self.services["agent-a"]
         router = self.router("router-hold", base, {"a": a})
         loadgen = self.loadgens["asyncio"]
-        case = Case("hold", "hold", "router", "asyncio", "router", router.address, 1,
-                    servers=["router-hold"])
+        case = Case(
+            "hold",
+            "hold",
+            "router",
+            "asyncio",
+            "router",
+            router.address,
+            1,
+            servers=["router-hold"],
+        )
         self.warm([case])
         rows: list[dict[str, Any]] = []
         baseline = router.rss()
@@ -332,8 +373,14 @@ class Bench:
         held = 0
         for count in self.args.hold:
             result = loadgen.request(
-                {"op": "hold", "address": router.address, "count": count - held,
-                 "message": SHORT_MESSAGE, "per_channel": 1000, "parallel": 200}
+                {
+                    "op": "hold",
+                    "address": router.address,
+                    "count": count - held,
+                    "message": SHORT_MESSAGE,
+                    "per_channel": 1000,
+                    "parallel": 200,
+                }
             )
             held = int(result["held"])
             rss = router.rss()
@@ -417,7 +464,11 @@ def ratios(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     for target in ("bare", "direct", "router"):
         for label in ("client uvloop", "servers uvloop", "both uvloop"):
             pairs.append(
-                (f"{target}: {label}/asyncio c=16", f"uvloop/{target}/{label}", f"turns/{target}/c16")
+                (
+                    f"{target}: {label}/asyncio c=16",
+                    f"uvloop/{target}/{label}",
+                    f"turns/{target}/c16",
+                )
             )
     pairs.append(("SQLite/memory store c=16", "sqlite/router/c16", "turns/router/c16"))
     out = []
@@ -457,8 +508,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-auth", dest="auth", action="store_false", help="skip the auth cases")
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="skip uvloop cases")
     p.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip SQLite cases")
-    p.add_argument("--hold", type=int, nargs="*", default=list(HOLD_COUNTS),
-                   help="idle streams one router holds (cumulative steps)")
+    p.add_argument(
+        "--hold",
+        type=int,
+        nargs="*",
+        default=list(HOLD_COUNTS),
+        help="idle streams one router holds (cumulative steps)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/json go")
     p.add_argument("--seed", type=int, default=7, help="seed of the case order")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
@@ -533,4 +589,3 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     eprint(f"wrote {args.out / 'latest.md'} and latest.json in {report['elapsed_s']} s")
     return 0
-

@@ -53,7 +53,11 @@ class ServerSettings(_Frozen):
     max_concurrent_rpcs: int = Field(default=2000, ge=1)
     """Calls in flight per process; beyond this new calls get RESOURCE_EXHAUSTED."""
     max_concurrent_streams: int = Field(default=1000, ge=1)
-    """HTTP/2 streams per connection."""
+    """Chat/Handoff streams in flight per process; beyond this new ones get
+    RESOURCE_EXHAUSTED at once (never a queue that hangs)."""
+    http2_max_streams_per_connection: int = Field(default=4096, ge=1)
+    """HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: keep it above ``max_concurrent_streams``, or
+    clients queue extra streams in their transport instead of being told."""
     keepalive_time_s: float = Field(default=30.0, gt=0)
     """Ping an idle connection this often."""
     keepalive_timeout_s: float = Field(default=10.0, gt=0)

@@ -7,6 +7,7 @@ gRPC-specific, so the logic under the servicers can use it too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -47,6 +48,19 @@ current_token: ContextVar[str | None] = ContextVar("mesh_token", default=None)
 current_hop_path: ContextVar[tuple[str, ...]] = ContextVar("mesh_hop_path", default=())
 current_conversation_id: ContextVar[str] = ContextVar("mesh_conversation_id", default="")
 current_request_id: ContextVar[str] = ContextVar("mesh_request_id", default="")
+
+
+CONVERSATION_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def check_conversation_id(value: str, field: str) -> None:
+    """Conversation ids travel in metadata: 1-128 visible ASCII characters of a safe set."""
+    from mesh.errors import InvalidArgument
+
+    if value and not CONVERSATION_ID_RE.match(value):
+        raise InvalidArgument(
+            f"{field} must be 1-128 characters of A-Z a-z 0-9 . _ : @ / + = -", field=field
+        )
 
 
 def parse_hop_path(value: str) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -52,6 +53,109 @@ def rejecting_handler(handler: Handler, err: MeshError) -> Handler:
     return grpc.stream_stream_rpc_method_handler(streaming, des, ser)
 
 
+class _Undecodable:
+    """What a request that does not parse as its message type deserializes to."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _guard(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as err:  # noqa: BLE001 - any parse failure is the caller's bad input
+            return _Undecodable(err)
+
+    return parse
+
+
+def _undecodable(method: str) -> InvalidArgument:
+    return InvalidArgument(f"the request to {method} is not a valid protobuf message")
+
+
+def guard_requests(handler: Handler, method: str) -> Handler:
+    """``handler`` with requests that fail to parse refused as INVALID_ARGUMENT.
+
+    grpc.aio ends such a call UNKNOWN ("Unexpected DecodeError"); a client sending
+    garbage deserves a status that says it is at fault.
+    """
+    des, ser = _guard(handler.request_deserializer), handler.response_serializer
+    err = _undecodable(method)
+
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(err.code, err.message, err.trailing_metadata())
+
+    async def checked(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _Undecodable):
+                await refuse(context)
+            yield request
+
+    if handler.unary_unary is not None:
+        uu: Any = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Undecodable):
+                await refuse(context)
+            return await uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
+    if handler.stream_unary is not None:
+        su: Any = handler.stream_unary
+
+        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            return await su(checked(requests, context), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
+    if handler.unary_stream is not None:
+        us: Any = handler.unary_stream
+        if inspect.isasyncgenfunction(us):
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await refuse(context)
+                async for response in us(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
+
+        async def unary_stream_writer(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> None:
+            if isinstance(request, _Undecodable):
+                await refuse(context)
+            await us(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream_writer, des, ser)
+    ss: Any = handler.stream_stream
+    if ss is None:
+        return handler
+    if inspect.isasyncgenfunction(ss):
+
+        async def stream_stream(
+            requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            async for response in ss(checked(requests, context), context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, des, ser)
+
+    async def stream_stream_writer(
+        requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await ss(checked(requests, context), context)
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream_writer, des, ser)
+
+
 def metadata_dict(details: grpc.HandlerCallDetails) -> dict[str, str]:
     """The call's text metadata (binary ``-bin`` values are left out)."""
     out: dict[str, str] = {}
@@ -74,6 +178,10 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        method: Any = handler_call_details.method
+        handler = guard_requests(
+            handler, method.decode() if isinstance(method, bytes) else str(method)
+        )
         metadata = metadata_dict(handler_call_details)
         path = parse_hop_path(metadata.get(MD_HOP_PATH, ""))
         if len(path) > MAX_PATH or not all(_NAME.match(p) for p in path):

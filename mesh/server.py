@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from mesh.config import ServerSettings
-from mesh.errors import Draining
+from mesh.errors import Draining, ResourceExhausted
 
 log = logging.getLogger("mesh.server")
 
@@ -39,8 +39,10 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # Both: the soft limit alone refuses header blocks above it only at random.
         ("grpc.max_metadata_size", settings.max_metadata_bytes),
-        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
+        ("grpc.max_concurrent_streams", settings.http2_max_streams_per_connection),
         ("grpc.keepalive_time_ms", int(settings.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -50,9 +52,11 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 class Lifecycle:
-    """Tracks in-flight work so a drain can wait for it, and refuses new work while draining."""
+    """Tracks in-flight work so a drain can wait for it; refuses new work while draining
+    and beyond ``max_streams``."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int | None = None) -> None:
+        self.max_streams = max_streams
         self.draining = asyncio.Event()
         self._active = 0
         self._idle = asyncio.Event()
@@ -65,6 +69,10 @@ class Lifecycle:
     def check(self) -> None:
         if self.draining.is_set():
             raise Draining("server is shutting down; retry on another replica")
+        if self.max_streams is not None and self._active >= self.max_streams:
+            raise ResourceExhausted(
+                f"{self._active} streams in flight, the limit (server.max_concurrent_streams)"
+            )
 
     @contextlib.asynccontextmanager
     async def work(self) -> AsyncIterator[None]:
@@ -112,7 +120,7 @@ class MeshServer:
     ) -> None:
         self.settings = settings
         self.services = list(services)
-        self.lifecycle = lifecycle or Lifecycle()
+        self.lifecycle = lifecycle or Lifecycle(settings.max_concurrent_streams)
         self.label = label
         self.health = HealthServicer()
         self._credentials = server_credentials

@@ -41,10 +41,16 @@ def write_config(directory: Path, data: dict[str, Any], name: str = "mesh.yaml")
     return path
 
 
+#: Every process the tests started; the suite's last check reads their output.
+STARTED: list[Proc] = []
+
+
 class Proc:
     """A ``python -m mesh ...`` process whose stdout lines can be awaited."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: Path = REPO):
+        self.args = list(args)
+        STARTED.append(self)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "mesh", *args],

@@ -17,6 +17,12 @@ from .meshtest import offline_agent, start_agent, write_config
 GRACE = 30.0
 
 
+async def _write_then_read(call: Any) -> None:
+    # The server may refuse before the write lands; either side then sees the status.
+    await call.write(turn_request("go"))
+    await call.read()
+
+
 async def test_sigterm_drains_open_stream_and_exits_zero(tmp_path: object) -> None:
     from pathlib import Path
 
@@ -54,9 +60,8 @@ async def test_sigterm_drains_open_stream_and_exits_zero(tmp_path: object) -> No
 
             # New work is refused while draining, so callers go elsewhere.
             refused = agent_pb2_grpc.AgentStub(other).Chat(timeout=10)
-            await refused.write(turn_request("go"))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await refused.read()
+                await _write_then_read(refused)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in (caught.value.details() or "")
 

@@ -59,7 +59,7 @@ def build_agent_server(
 ) -> tuple[MeshServer, AgentRuntime]:
     """A ready-to-start server for one agent (``mesh agent`` and the tests use this)."""
     runtime = build_runtime(config, name, provider=provider)
-    lifecycle = Lifecycle()
+    lifecycle = Lifecycle(config.server.max_concurrent_streams)
     servicer = AgentServicer(runtime, lifecycle, idle_timeout=config.server.idle_stream_timeout_s)
     add: Callable[[grpc.aio.Server], None] = lambda server: (  # noqa: E731
         agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)

@@ -28,7 +28,7 @@ from mesh.agent._runtime import (
     RuntimeEvent,
     TurnInput,
 )
-from mesh.context import current_hop_path
+from mesh.context import check_conversation_id, current_hop_path
 from mesh.convert import MODE_FROM_PB, MODE_TO_PB, event_to_pb, history_from_pb, to_struct
 from mesh.errors import (
     DeadlineExceeded,
@@ -65,6 +65,7 @@ def parse_chat_turn(request: types_pb2.ChatRequest) -> TurnInput:
     turn = request.turn
     if not turn.message.strip():
         raise InvalidArgument("turn.message is required: the user's message", field="turn.message")
+    check_conversation_id(turn.conversation_id, "turn.conversation_id")
     return TurnInput(
         conversation_id=turn.conversation_id or uuid.uuid4().hex,
         message=turn.message,
@@ -81,6 +82,7 @@ def parse_handoff(request: agent_pb2.HandoffRequest) -> TurnInput:
         raise InvalidArgument(
             "handoff.message is required: what the target should answer", field="handoff.message"
         )
+    check_conversation_id(handoff.conversation_id, "handoff.conversation_id")
     mode = MODE_FROM_PB.get(int(handoff.mode))
     if mode is None or mode == "end_conversation":
         raise InvalidArgument("handoff.mode must be TRANSFER or CONSULT", field="handoff.mode")

@@ -40,6 +40,7 @@ from mesh.errors import (
     HopBudgetExceeded,
     MeshError,
     Unavailable,
+    decode_details,
     from_status,
 )
 from mesh.providers.base import ChatMessage
@@ -225,34 +226,38 @@ class Router:
                 current_token.reset(reset)
             endpoint.active += 1
             try:
-                await call.write(request)
-                first = await call.read()
+                try:
+                    await call.write(request)
+                    first = await call.read()
+                except asyncio.InvalidStateError:
+                    first = grpc.aio.EOF  # the call failed before it started (an interceptor)
                 if first is grpc.aio.EOF:
                     code = await call.code()
-                    raise from_status(
-                        code, await call.details() or "", list(await call.trailing_metadata() or ())
-                    )
-                return call, first, endpoint
-            except (grpc.aio.AioRpcError, MeshError) as err:
-                endpoint.active -= 1
-                call.cancel()
-                mapped = (
-                    err
-                    if isinstance(err, MeshError)
-                    else from_status(
-                        err.code(), err.details() or "", list(err.trailing_metadata() or ())
-                    )
-                )
-                if mapped.code != grpc.StatusCode.UNAVAILABLE:
-                    raise mapped from None
-                self.pool.mark_failed(endpoint)
-                log.warning(
-                    "replica %s of %s unavailable before its first event: %s",
-                    endpoint.address,
-                    agent,
-                    mapped.message,
-                )
-                last = mapped
+                    details = await call.details() or ""
+                    trailing = [(str(k), v) for k, v in (await call.trailing_metadata() or ())]
+                else:
+                    return call, first, endpoint
+            except grpc.aio.AioRpcError as err:
+                code, details = err.code(), err.details() or ""
+                trailing = [(str(k), v) for k, v in (err.trailing_metadata() or ())]
+            endpoint.active -= 1
+            call.cancel()
+            mapped = from_status(code, details, trailing)
+            # Only a replica that is down or draining is worth trying another for; our own
+            # failures (a token exchange, a refusal) would fail on every replica alike.
+            if code != grpc.StatusCode.UNAVAILABLE or decode_details(trailing)[0] not in (
+                "",
+                "DRAINING",
+            ):
+                raise mapped from None
+            self.pool.mark_failed(endpoint)
+            log.warning(
+                "replica %s of %s unavailable before its first event: %s",
+                endpoint.address,
+                agent,
+                mapped.message,
+            )
+            last = mapped
         detail = f": {last.message}" if last else ""
         raise Unavailable(f"no healthy replica of agent {agent!r}{detail}")
 

@@ -83,7 +83,7 @@ class RouterApp:
         self.pool = AgentPool(config, agent_channel_factory(config))
         self.store = store or open_store(config)
         self.router = Router(config, self.pool, self.store, delegate=delegation(config))
-        self.lifecycle = Lifecycle()
+        self.lifecycle = Lifecycle(config.server.max_concurrent_streams)
         servicer = RouterServicer(config, self.router, self.pool, self.lifecycle)
         self.server = MeshServer(
             config.server,

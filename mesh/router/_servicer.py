@@ -15,7 +15,7 @@ import grpc
 
 from mesh.agent._servicer import IdleTimeout, abort_with
 from mesh.config import MeshConfig
-from mesh.context import current_hop_path
+from mesh.context import check_conversation_id, current_hop_path
 from mesh.errors import Draining, InvalidArgument, MeshError, NotFound
 from mesh.router._engine import Router, TurnState
 from mesh.router._pool import AgentPool
@@ -151,6 +151,7 @@ class _ChatStream:
                         raise InvalidArgument(
                             "turn.message is required: the user's message", field="turn.message"
                         )
+                    check_conversation_id(request.turn.conversation_id, "turn.conversation_id")
                     self.inbox.put_nowait(request.turn)
                 elif kind == "cancel":
                     if self.turn_task is not None and not self.turn_task.done():

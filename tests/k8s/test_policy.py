@@ -367,6 +367,7 @@ def test_prod_identity_and_redis_from_secrets(
     assert config.router.store.url_env == "MESH_REDIS_URL"
     assert config.auth.exchanger == "entra"
     assert config.auth.client_for("router").secret_env == "MESH_ROUTER_CLIENT_SECRET"
+    assert not config.auth.allow_unauthenticated_reflection
     for name in mesh_agents():
         (agent,) = containers(deployments[name])
         assert secret_env(agent)["MESH_AUTH__ISSUER"]["name"] == "mesh-identity"

@@ -20,9 +20,7 @@ from mesh.client import create_channel, turn_request
 from mesh.config import MeshConfig
 from mesh.errors import STATUS_DETAILS_KEY, Unavailable, decode_details, from_rpc_error
 from mesh.v1 import agent_pb2_grpc, router_pb2_grpc, types_pb2
-
-from ..meshtest import (
-    Proc,
+from tests.meshtest import (
     RecordingProvider,
     mesh_config,
     offline_agent,
@@ -31,7 +29,8 @@ from ..meshtest import (
     start_agent,
     write_config,
 )
-from .conftest import endpoints, read_turn, say, start_router, wait_serving
+
+from .helpers import drain, endpoints, read_turn, say, start_router, wait_serving
 
 LONG = " ".join(f"w{i}" for i in range(400))
 
@@ -74,9 +73,7 @@ async def test_agent_killed_mid_stream_conversation_continues(tmp_path: Path) ->
             victim.popen.kill()
             victim.popen.wait()
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                while (event := await call.read()) is not grpc.aio.EOF:
-                    assert isinstance(event, types_pb2.ChatEvent)
-                    seen.append(event)
+                await drain(call, seen)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert isinstance(from_rpc_error(caught.value), Unavailable)
             assert seen and seen[-1].WhichOneof("kind") == "error"
@@ -226,8 +223,7 @@ async def test_slow_agent_deadline_honoured_at_every_hop() -> None:
             await call.write(turn_request("go"))
             events: list[types_pb2.ChatEvent] = []
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                async for event in call:
-                    events.append(event)
+                await drain(call, events)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert any(e.agent == "slow" for e in events)  # the slow agent had started
         # Each hop got the caller's deadline, shrunk by what was already spent.

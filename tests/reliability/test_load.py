@@ -9,9 +9,9 @@ import grpc
 
 from mesh.client import create_channel
 from mesh.v1 import router_pb2_grpc
+from tests.meshtest import offline_agent, start_agent, write_config
 
-from ..meshtest import offline_agent, start_agent, write_config
-from .conftest import rss_mib, say, start_router, wait_serving
+from .helpers import rss_mib, say, start_router, wait_serving
 
 STREAMS = 500
 TURNS = 3

@@ -9,8 +9,7 @@ import grpc
 
 from mesh.client import turn_request
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
-
-from ..meshtest import Proc
+from tests.meshtest import Proc
 
 
 def rss_mib(pid: int) -> float:
@@ -73,3 +72,13 @@ async def say(
     """One turn on an open stream; returns its last event."""
     await call.write(turn_request(message, conversation_id=conversation_id))
     return (await read_turn(call))[-1]
+
+
+async def drain(
+    call: grpc.aio.StreamStreamCall[types_pb2.ChatRequest, types_pb2.ChatEvent],
+    into: list[types_pb2.ChatEvent],
+) -> None:
+    """Read every event until the stream ends (raises on a non-OK status)."""
+    while (event := await call.read()) is not grpc.aio.EOF:
+        assert isinstance(event, types_pb2.ChatEvent)
+        into.append(event)
