@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from pydantic_settings import (
 
 from mesh.auth.config import AuthConfig
 from mesh.errors import ConfigError
+from mesh.matching import TextCondition
 
 NAME_RE = r"^[a-z][a-z0-9_-]{0,62}$"
 DEFAULT_CONFIG = Path("services/mesh.yaml")
@@ -164,28 +166,20 @@ class AgentConfig(_Frozen):
         return value
 
 
-class RouteRule(_Frozen):
-    """CONDITIONAL routing: picks an agent before any model runs."""
+class RouteRule(TextCondition):
+    """CONDITIONAL routing: picks an agent before any model runs. Every condition given
+    must hold: a word of ``contains``, the ``matches`` pattern, each ``context`` pair."""
 
     agent: str
-    contains: list[str] = Field(default_factory=list)
-    """Any of these words (case-insensitive) in the user's message."""
-    matches: str | None = None
-    """A regular expression searched in the user's message."""
     context: dict[str, str] = Field(default_factory=dict)
     """Every key must equal this value in the turn's context or call metadata."""
 
-    @field_validator("contains", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("matches")
-    @classmethod
-    def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            re.compile(value)
-        return value
+    def applies(self, text: str, context: Mapping[str, str], metadata: Mapping[str, str]) -> bool:
+        if self.contains and not self.contains_any(text):
+            return False
+        if self.matches is not None and not self.matches_pattern(text):
+            return False
+        return all(context.get(k, metadata.get(k)) == v for k, v in self.context.items())
 
     @model_validator(mode="after")
     def _has_condition(self) -> RouteRule:

@@ -120,6 +120,12 @@ class DeadlineExceeded(MeshError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class IdleTimeout(DeadlineExceeded):
+    """A stream carried no request for longer than the server allows."""
+
+    reason = "IDLE_TIMEOUT"
+
+
 class ResourceExhausted(MeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
@@ -173,6 +179,7 @@ _ALL: Sequence[type[MeshError]] = (
     Unavailable,
     Draining,
     DeadlineExceeded,
+    IdleTimeout,
     ResourceExhausted,
     Cancelled,
     ProviderError,

@@ -26,7 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from mesh.config import ServerSettings
-from mesh.errors import Draining, ResourceExhausted
+from mesh.errors import Draining, IdleTimeout, ResourceExhausted
 
 log = logging.getLogger("mesh.server")
 
@@ -95,6 +95,28 @@ class Lifecycle:
         except TimeoutError:
             return False
         return True
+
+
+async def next_request(inbox: asyncio.Queue[object], lifecycle: Lifecycle, idle: float) -> object:
+    """The next item a stream's reader queued.
+
+    Raises IdleTimeout when none comes within ``idle`` seconds, and Draining when the
+    server starts draining first: an idle stream holds no turn worth waiting for.
+    """
+    getter = asyncio.ensure_future(inbox.get())
+    drained = asyncio.ensure_future(lifecycle.draining.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {getter, drained}, timeout=idle, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        drained.cancel()
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    if drained in done:
+        raise Draining("server is shutting down; open a new stream to continue")
+    raise IdleTimeout(f"stream idle for {idle:g}s with no request; closed")
 
 
 @dataclass(frozen=True)

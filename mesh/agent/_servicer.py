@@ -32,20 +32,15 @@ from mesh.context import check_conversation_id, current_hop_path
 from mesh.convert import MODE_FROM_PB, MODE_TO_PB, event_to_pb, history_from_pb, to_struct
 from mesh.errors import (
     DeadlineExceeded,
-    Draining,
     InvalidArgument,
     MeshError,
 )
-from mesh.server import Lifecycle
+from mesh.server import Lifecycle, next_request
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.agent")
 
 Req = TypeVar("Req", agent_pb2.HandoffRequest, types_pb2.ChatRequest)
-
-
-class IdleTimeout(DeadlineExceeded):
-    reason = "IDLE_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -162,23 +157,6 @@ class _Stream:
         finally:
             self.inbox.put_nowait(_EOF)
 
-    async def _next(self) -> object:
-        """The next inbox item; closes idle streams and idle streams of a draining server."""
-        getter = asyncio.ensure_future(self.inbox.get())
-        drained = asyncio.ensure_future(self.lifecycle.draining.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {getter, drained}, timeout=self.idle_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            drained.cancel()
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        if drained in done:
-            raise Draining("server is shutting down; open a new stream to continue")
-        raise IdleTimeout(f"stream idle for {self.idle_timeout:g}s with no request; closed")
-
     def _stamp(self, event: RuntimeEvent, turn: TurnInput) -> types_pb2.ChatEvent:
         self.seq += 1
         out = event_to_pb(event)
@@ -226,7 +204,7 @@ class _Stream:
         reader = asyncio.ensure_future(self.read(requests, parse))
         try:
             while True:
-                item = await self._next()
+                item = await next_request(self.inbox, self.lifecycle, self.idle_timeout)
                 if item is _EOF:
                     return
                 if isinstance(item, MeshError):

@@ -358,9 +358,15 @@ class TokenService:
         return self.config.auth.issuer or self.url
 
     @property
+    def public_url(self) -> str:
+        """Where clients reach this service: the configured issuer (e.g. a Kubernetes
+        Service name) when set, else the address it bound."""
+        return self.config.auth.issuer.rstrip("/") or self.url
+
+    @property
     def authority(self) -> str:
         """The Entra-style authority for msal: ``https://host:port/<tenant>``."""
-        return f"{self.url}/{self.tenant}"
+        return f"{self.public_url}/{self.tenant}"
 
     @property
     def token_endpoint(self) -> str:

@@ -27,8 +27,9 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mesh.matching import TextCondition
 from mesh.providers.base import (
     ChatMessage,
     ModelEvent,
@@ -44,15 +45,10 @@ from mesh.providers.base import (
 )
 
 
-class OfflineRule(BaseModel):
-    """When the user's message matches, do one thing."""
+class OfflineRule(TextCondition):
+    """When the user's message contains any of ``contains`` or matches ``matches``, do
+    one thing."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    contains: list[str] = Field(default_factory=list)
-    """Any of these words or phrases (case-insensitive) triggers the rule."""
-    matches: str | None = None
-    """A regular expression (searched, case-insensitive) that triggers the rule."""
     reply: str | None = None
     """Answer with this text (``{agent}`` and ``{message}`` are filled in)."""
     tool: str | None = None
@@ -67,18 +63,6 @@ class OfflineRule(BaseModel):
     """End the conversation (the router closes it)."""
     reason: str = ""
     """The reason given with a handoff."""
-
-    @field_validator("contains", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("matches")
-    @classmethod
-    def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            re.compile(value)
-        return value
 
     @model_validator(mode="after")
     def _one_action(self) -> OfflineRule:
@@ -98,10 +82,7 @@ class OfflineRule(BaseModel):
         return self
 
     def hit(self, text: str) -> bool:
-        lowered = text.lower()
-        if any(word.lower() in lowered for word in self.contains):
-            return True
-        return self.matches is not None and re.search(self.matches, text, re.I) is not None
+        return self.contains_any(text) or self.matches_pattern(text)
 
 
 class OfflineOptions(BaseModel):

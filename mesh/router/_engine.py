@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -113,10 +112,6 @@ class Router:
         self.pool = pool
         self.store = store
         self.delegate = delegate
-        self._routes = [
-            (route, re.compile(route.matches, re.I) if route.matches else None)
-            for route in config.router.routes
-        ]
 
     # -- routing ---------------------------------------------------------------------
 
@@ -138,18 +133,9 @@ class Router:
                     field="turn.agent",
                 )
             return turn.agent
-        text = turn.message.lower()
-        for route, pattern in self._routes:
-            if route.contains and not any(word.lower() in text for word in route.contains):
-                continue
-            if pattern is not None and not pattern.search(turn.message):
-                continue
-            if any(
-                turn.context.get(key, metadata.get(key)) != value
-                for key, value in route.context.items()
-            ):
-                continue
-            return route.agent
+        for route in self.config.router.routes:
+            if route.applies(turn.message, turn.context, metadata):
+                return route.agent
         if active and self.known(active):
             return active
         if self.config.router.default_agent:

@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 
-from mesh.agent._servicer import IdleTimeout, abort_with
+from mesh.agent._servicer import abort_with
 from mesh.config import MeshConfig
 from mesh.context import check_conversation_id, current_hop_path
-from mesh.errors import Draining, InvalidArgument, MeshError, NotFound
+from mesh.errors import InvalidArgument, MeshError, NotFound
 from mesh.router._engine import Router, TurnState
 from mesh.router._pool import AgentPool
-from mesh.server import Lifecycle
+from mesh.server import Lifecycle, next_request
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.router")
@@ -167,23 +167,6 @@ class _ChatStream:
         finally:
             self.inbox.put_nowait(_EOF)
 
-    async def _next(self) -> object:
-        idle = self.s.config.server.idle_stream_timeout_s
-        getter = asyncio.ensure_future(self.inbox.get())
-        drained = asyncio.ensure_future(self.s.lifecycle.draining.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {getter, drained}, timeout=idle, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            drained.cancel()
-        if getter in done:
-            return getter.result()
-        getter.cancel()
-        if drained in done:
-            raise Draining("server is shutting down; open a new stream to continue")
-        raise IdleTimeout(f"stream idle for {idle:g}s with no request; closed")
-
     def _stamp(self, event: types_pb2.ChatEvent, state: TurnState) -> types_pb2.ChatEvent:
         self.seq += 1
         event.seq = self.seq
@@ -225,7 +208,9 @@ class _ChatStream:
         loop = asyncio.get_running_loop()
         try:
             while True:
-                item = await self._next()
+                item = await next_request(
+                    self.inbox, self.s.lifecycle, self.s.config.server.idle_stream_timeout_s
+                )
                 if item is _EOF:
                     return
                 if isinstance(item, MeshError):
