@@ -37,7 +37,9 @@ def use_uvloop(enabled: bool) -> str:
     import uvloop
 
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return f"uvloop {uvloop.__version__}"
+    from importlib import metadata
+
+    return f"uvloop {metadata.version('uvloop')}"
 
 
 def quiet_grpc() -> None:

@@ -94,7 +94,7 @@ class LoadGen:
         first: float | None = None
         while True:
             event = await call.read()
-            if event is grpc.aio.EOF:
+            if not isinstance(event, types_pb2.ChatEvent):
                 raise TurnFailed("stream ended before the final event")
             kind = event.WhichOneof("kind")
             if kind == "delta":
@@ -197,10 +197,17 @@ class LoadGen:
             call = self.method(address, "router", slot)(metadata=metadata, timeout=3600)
             async with gate:
                 try:
-                    await self._one_turn(call, request, window)
+                    await asyncio.wait_for(self._one_turn(call, request, window), 30)
+                except TimeoutError:
+                    call.cancel()
+                    errors.append("no final event within 30 s")
+                    return
                 except (grpc.aio.AioRpcError, TurnFailed) as err:
                     call.cancel()
                     errors.append(str(err)[:200])
+                    return
+                except asyncio.InvalidStateError:  # ended before the write: say how
+                    errors.append(f"{(await call.code()).name}: {await call.details()}"[:200])
                     return
             self.held.append(call)
 

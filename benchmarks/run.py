@@ -104,6 +104,7 @@ class Bench:
         self.services: dict[str, Service] = {}
         self.loadgens: dict[str, LoadGenProcess] = {}
         self.notes: list[str] = []
+        self.hold_rows: list[dict[str, Any]] = []
 
     # -- processes ----------------------------------------------------------------------
 
@@ -367,7 +368,7 @@ class Bench:
             servers=["router-hold"],
         )
         self.warm([case])
-        rows: list[dict[str, Any]] = []
+        rows = self.hold_rows  # kept by main() even if a later step fails
         baseline = router.rss()
         rows.append({"streams": 0, "router_rss_mib": baseline, "open_s": 0.0, "errors": 0})
         held = 0
@@ -547,7 +548,14 @@ def main(argv: list[str] | None = None) -> int:
                     result["rep"] = rep
                     runs[case.key].append(result)
             eprint("holding idle streams")
-            hold = bench.hold() if args.hold else []
+            try:
+                hold = bench.hold() if args.hold else []
+            except RuntimeError as err:  # keep the measured cases even if this part fails
+                eprint(f"holding idle streams failed: {err}")
+                hold = [
+                    *bench.hold_rows,
+                    {"streams": 0, "router_rss_mib": 0.0, "errors": 1, "failed": str(err)},
+                ]
             loops = {name: lg.loop for name, lg in bench.loadgens.items()}
         finally:
             bench.stop_all()

@@ -70,12 +70,6 @@ async def test_streams_beyond_max_concurrent_rpcs_get_resource_exhausted() -> No
                     call.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.max_concurrent_streams is only HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: the "
-    "client transport queues the extra streams, which hang until their deadline "
-    "(DEADLINE_EXCEEDED) instead of getting RESOURCE_EXHAUSTED",
-)
 async def test_streams_beyond_max_concurrent_streams_get_resource_exhausted() -> None:
     limit = 4
     config = mesh_config({"a": offline_agent()}, server={"max_concurrent_streams": limit})
