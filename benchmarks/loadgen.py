@@ -73,7 +73,11 @@ class LoadGen:
     def channel(self, address: str, slot: str = "") -> grpc.aio.Channel:
         key = f"{address}#{slot}"
         if key not in self.channels:
-            self.channels[key] = create_channel(address, settings=self.settings)
+            # Each slot its own connection: one holds at most the server's HTTP/2
+            # streams per connection, and held streams never free theirs.
+            self.channels[key] = create_channel(
+                address, settings=self.settings, own_connection=bool(slot)
+            )
         return self.channels[key]
 
     def method(self, address: str, kind: str, slot: str = "") -> ChatMethod:

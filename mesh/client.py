@@ -38,9 +38,17 @@ def create_channel(
     settings: ServerSettings | None = None,
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     credentials: grpc.ChannelCredentials | None = None,
+    own_connection: bool = False,
 ) -> grpc.aio.Channel:
-    """One channel to ``target`` with the mesh's limits (and interceptors, e.g. token exchange)."""
+    """One channel to ``target`` with the mesh's limits (and interceptors, e.g. token exchange).
+
+    Channels to the same target share one HTTP/2 connection unless ``own_connection``;
+    a client holding more streams than the server allows per connection
+    (``server.http2_max_streams_per_connection``) needs several channels that each own one.
+    """
     options = channel_options(settings)
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if credentials is not None:
         return grpc.aio.secure_channel(
             target, credentials, options=options, interceptors=list(interceptors)

@@ -48,6 +48,10 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", int(settings.min_ping_interval_s * 1000)),
         ("grpc.http2.max_ping_strikes", 2),
+        # A burst of new streams waits in the core's pending queue until a handler
+        # takes it; past these limits the core cancels calls, however many RPCs we allow.
+        ("grpc.server.max_pending_requests", settings.max_concurrent_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_concurrent_rpcs * 2),
     ]
 
 
