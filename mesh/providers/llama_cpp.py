@@ -29,6 +29,7 @@ scripts/fetch_smollm2.py``), switch an agent's ``provider:`` block in
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import importlib.util
 import threading
@@ -105,6 +106,16 @@ class _Loaded:
 
 _MODELS: dict[tuple[str, int, int | None, int, str | None], _Loaded] = {}
 _MODELS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_models() -> None:
+    """Free the models while the interpreter is whole (llama's __del__ fails at teardown)."""
+    with _MODELS_LOCK:
+        for loaded in _MODELS.values():
+            with contextlib.suppress(Exception):
+                loaded.llm.close()
+        _MODELS.clear()
 
 
 def resolve_model_path(options: LlamaCppOptions, environ: dict[str, str]) -> Path:
