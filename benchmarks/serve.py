@@ -11,6 +11,7 @@ measure the services on uvloop without changing them.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if uv:
         args = args[1:]
     use_uvloop(uv)
+    # The mesh picks uvloop by itself when installed; the asyncio cases must say so.
+    os.environ["MESH_EVENT_LOOP"] = "uvloop" if uv else "asyncio"
     if args[:1] == ["sts"]:
         return _sts(args[args.index("--config") + 1])
     from mesh.cli import main as mesh_main

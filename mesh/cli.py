@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from mesh import loop
 from mesh.config import ENV_CONFIG, MeshConfig, load_config
 from mesh.errors import ConfigError, MeshError
 from mesh.logs import setup_logging
@@ -105,7 +106,7 @@ def _service_channel_args(
 def cmd_agent(args: argparse.Namespace) -> int:
     config = _config(args)
     config.agent(args.name)  # unknown names fail here, before anything starts
-    return asyncio.run(_run_agent(config, args))
+    return loop.run(_run_agent(config, args))
 
 
 # -- mesh router --------------------------------------------------------------------------
@@ -136,7 +137,7 @@ async def _run_router(config: MeshConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
-    return asyncio.run(_run_router(_config(args), args))
+    return loop.run(_run_router(_config(args), args))
 
 
 # -- mesh up ------------------------------------------------------------------------------

@@ -242,6 +242,10 @@ class RouterConfig(_Frozen):
     """How long to wait for an agent to accept a stream."""
     default_deadline_s: float = Field(default=300.0, gt=0)
     """The deadline a turn gets when the client sets none."""
+    keep_agent_streams_s: float = Field(default=5.0, ge=0)
+    """Keep a client stream's agent Chat stream open this long after a turn, so the next
+    turn costs a message instead of a new call (0: a new call every turn). An agent
+    that runs out of streams gets the kept idle ones back at once."""
 
 
 class MeshConfig(BaseSettings):

@@ -63,6 +63,8 @@ class Lifecycle:
         self.max_streams = max_streams
         self.draining = asyncio.Event()
         self._active = 0
+        self.started = 0
+        """Work streams ever started (a counter for tests and metrics)."""
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -83,6 +85,7 @@ class Lifecycle:
         """Wrap one work RPC (a Chat or Handoff stream)."""
         self.check()
         self._active += 1
+        self.started += 1
         self._idle.clear()
         try:
             yield

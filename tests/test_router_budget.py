@@ -167,3 +167,34 @@ async def test_cancel_request_ends_the_turn_and_the_stream_goes_on() -> None:
             assert event.final.stop_reason == "cancelled"
             await asyncio.wait_for(providers["c"].closed.wait(), 10)
             await stream.close()
+
+
+async def test_turns_on_one_client_stream_reuse_one_agent_stream() -> None:
+    config = mesh_config(
+        {"memo": offline_agent(default_reply="turn {turns}: {message}")},
+        router={"default_agent": "memo"},
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        address, agent_server, _rt, _p = await stack.enter_async_context(
+            serve_agent(config, "memo")
+        )
+        router, _app = await stack.enter_async_context(serve_router(config, {"memo": [address]}))
+        async with create_channel(router) as channel:
+            stream = AgentClient(channel, router=True).open(timeout=60)
+            finals = []
+            for word in ("one", "two", "three"):
+                request = turn_request(word, conversation_id="reuse-1")
+                events = [e async for e in stream.turn(request)]
+                finals.append(events[-1].final.content)
+            await stream.close()
+            # A turn of another conversation on the same client stream gets its own.
+            other = [
+                e
+                async for e in AgentClient(channel, router=True)
+                .open(timeout=60)
+                .turn(turn_request("four", conversation_id="reuse-2"))
+            ]
+        assert finals == ["turn 1: one", "turn 2: two", "turn 3: three"]
+        assert other[-1].final.content == "turn 1: four"
+        assert agent_server.lifecycle.started == 2  # three turns, one agent stream
+        assert await agent_server.lifecycle.wait_idle(10)  # and it was closed cleanly

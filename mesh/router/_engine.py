@@ -59,6 +59,111 @@ Delegate = Callable[[str], Awaitable[str | None]]
 """agent -> the token that agent holds for this turn (None: keep the caller's token)."""
 
 
+@dataclass(eq=False)
+class OpenStream:
+    """An agent Chat stream kept open between the turns of one client stream."""
+
+    call: Any
+    endpoint: Endpoint
+    conversation_id: str
+    deadline: float
+    """Loop time at which the call's own deadline runs out."""
+    owner: StreamCache | None = None
+    timer: asyncio.TimerHandle | None = None
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+async def _close_gracefully(entry: OpenStream) -> None:
+    # Half-close so the agent ends the stream cleanly (OK), not as a cancel.
+    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+        async with asyncio.timeout(1.0):
+            await entry.call.done_writing()
+            await entry.call.read()
+    entry.call.cancel()
+
+
+def _release(entry: OpenStream) -> None:
+    task = asyncio.ensure_future(_close_gracefully(entry))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+class StreamCache:
+    """The agent Chat streams one client stream keeps open for its next turns.
+
+    A turn then costs a message on an open stream instead of a new call (and, with
+    auth on, a token validation at the agent). A stream is reused only for the same
+    agent and conversation, while its deadline still covers the new turn; it is
+    closed after ``keep_s`` idle, on any failure or cancel, and at once when its
+    agent runs out of streams (:func:`evict`).
+    """
+
+    def __init__(self, keep_s: float) -> None:
+        self.keep_s = keep_s
+        self._open: dict[str, OpenStream] = {}
+
+    def _forget(self, entry: OpenStream) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+        entry.endpoint.kept.discard(entry)
+        entry.owner = None
+
+    def take(self, agent: str, conversation_id: str, deadline: float) -> OpenStream | None:
+        entry = self._open.pop(agent, None)
+        if entry is None:
+            return None
+        self._forget(entry)
+        if (
+            entry.conversation_id != conversation_id
+            or entry.deadline + 1.0 < deadline
+            or not entry.endpoint.healthy
+            or entry.call.done()
+        ):
+            _release(entry)
+            return None
+        return entry
+
+    def keep(self, agent: str, entry: OpenStream) -> None:
+        old = self._open.pop(agent, None)
+        if old is not None:
+            self._forget(old)
+            _release(old)
+        self._open[agent] = entry
+        entry.owner = self
+        entry.endpoint.kept.add(entry)
+        entry.timer = asyncio.get_running_loop().call_later(self.keep_s, self.drop, entry)
+
+    def drop(self, entry: OpenStream) -> None:
+        """Close a kept stream now (idle too long, or its agent needs the slot)."""
+        for agent, kept in list(self._open.items()):
+            if kept is entry:
+                del self._open[agent]
+        self._forget(entry)
+        _release(entry)
+
+    async def close(self) -> None:
+        entries, self._open = list(self._open.values()), {}
+        for entry in entries:
+            self._forget(entry)
+        await asyncio.gather(*(_close_gracefully(e) for e in entries))
+
+
+async def evict(endpoint: Endpoint) -> bool:
+    """Close every idle kept stream to ``endpoint``; True when there were any."""
+    entries = list(endpoint.kept)
+    for entry in entries:
+        if entry.owner is not None:
+            owner = entry.owner
+            for agent, kept in list(owner._open.items()):
+                if kept is entry:
+                    del owner._open[agent]
+            owner._forget(entry)
+    await asyncio.gather(*(_close_gracefully(e) for e in entries))
+    return bool(entries)
+
+
 @dataclass
 class TurnState:
     """One turn as it moves through the mesh."""
@@ -77,6 +182,8 @@ class TurnState:
     """Handoffs taken so far, counting the hops of an incoming path."""
     input_tokens: int = 0
     output_tokens: int = 0
+    streams: StreamCache | None = None
+    """Agent streams kept open across this client stream's turns (None: no reuse)."""
 
     def remaining(self) -> float:
         return max(0.0, self.deadline - asyncio.get_running_loop().time())
@@ -185,6 +292,7 @@ class Router:
         nothing has reached the client yet, so nothing is replayed.
         """
         tried: set[str] = set()
+        evicted = False
         last: MeshError | None = None
         subject = current_token.get()
         if source and self.delegate is not None and subject is not None:
@@ -231,6 +339,12 @@ class Router:
             mapped = from_status(code, details, trailing)
             # Only a replica that is down or draining is worth trying another for; our own
             # failures (a token exchange, a refusal) would fail on every replica alike.
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED and not evicted:
+                # The agent is out of streams: give back the idle ones we keep there.
+                evicted = True
+                if await evict(endpoint):
+                    tried.discard(endpoint.address)
+                    continue
             if code != grpc.StatusCode.UNAVAILABLE or decode_details(trailing)[0] not in (
                 "",
                 "DRAINING",
@@ -257,9 +371,16 @@ class Router:
         source: str = "",
     ) -> Outcome:
         """Relay one agent's events until its final; runs its CONSULTs concurrently."""
-        call, event, endpoint = await self._open(state, agent, request, method, source)
+        reusable = method == "chat" and state.streams is not None
+        opened = await self._reuse(state, agent, request) if reusable else None
+        if opened is None:
+            call_deadline = state.deadline  # _open sets the call's timeout from it
+            call, event, endpoint = await self._open(state, agent, request, method, source)
+        else:
+            call, event, endpoint, call_deadline = opened
         outcome = Outcome(agent)
         flowed = False
+        kept = False
         try:
             async with asyncio.TaskGroup() as consults:
                 while event is not grpc.aio.EOF:
@@ -269,6 +390,15 @@ class Router:
                         outcome.final = event.final
                         state.input_tokens += event.final.usage.input_tokens
                         state.output_tokens += event.final.usage.output_tokens
+                        if reusable and state.streams is not None:
+                            # The agent's turn is over and its stream waits for the next:
+                            # keep it for this client stream's next turn.
+                            state.streams.keep(
+                                agent,
+                                OpenStream(call, endpoint, state.conversation_id, call_deadline),
+                            )
+                            kept = True
+                            break
                         if method == "chat":
                             with contextlib.suppress(
                                 grpc.aio.AioRpcError, asyncio.InvalidStateError
@@ -295,7 +425,7 @@ class Router:
                         state.emit(event)
                     flowed = True
                     event = await self._read(call, agent, endpoint, flowed)
-                code = await call.code()
+                code = await call.code() if not kept else grpc.StatusCode.OK
                 if code != grpc.StatusCode.OK:
                     raise from_status(
                         code, await call.details() or "", list(await call.trailing_metadata() or ())
@@ -304,10 +434,35 @@ class Router:
             raise _unwrap(group) from None
         finally:
             endpoint.active -= 1
-            call.cancel()
+            if not kept:
+                call.cancel()
         if outcome.final is None:
             raise Unavailable(f"agent {agent} ended its stream without a final event")
         return outcome
+
+    async def _reuse(
+        self, state: TurnState, agent: str, request: Any
+    ) -> tuple[Any, Any, Endpoint, float] | None:
+        """Send the turn on the agent stream the previous turn left open, if any.
+
+        None when there is none or it turns out closed before its first event (an
+        agent that drained or timed the idle stream out): then a new stream is opened.
+        """
+        assert state.streams is not None
+        entry = state.streams.take(agent, state.conversation_id, state.deadline)
+        if entry is None:
+            return None
+        entry.endpoint.active += 1
+        try:
+            await entry.call.write(request)
+            first = await entry.call.read()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            first = grpc.aio.EOF
+        if first is grpc.aio.EOF:
+            entry.endpoint.active -= 1
+            entry.call.cancel()
+            return None
+        return entry.call, first, entry.endpoint, entry.deadline
 
     async def _read(self, call: Any, agent: str, endpoint: Endpoint, flowed: bool) -> Any:
         try:

@@ -43,6 +43,8 @@ class Endpoint:
     active: int = 0
     watch: asyncio.Task[None] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    kept: set[Any] = field(default_factory=set)
+    """Idle agent streams client streams keep open here (router._engine.OpenStream)."""
 
     @property
     def health(self) -> str:

@@ -17,7 +17,7 @@ from mesh.agent._servicer import abort_with
 from mesh.config import MeshConfig
 from mesh.context import check_conversation_id, current_hop_path
 from mesh.errors import InvalidArgument, MeshError, NotFound
-from mesh.router._engine import Router, TurnState
+from mesh.router._engine import Router, StreamCache, TurnState
 from mesh.router._pool import AgentPool
 from mesh.server import Lifecycle, next_request
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
@@ -137,6 +137,8 @@ class _ChatStream:
         self.turn_task: asyncio.Task[None] | None = None
         self.cancel_requested = False
         self.seq = 0
+        keep = servicer.config.router.keep_agent_streams_s
+        self.streams = StreamCache(keep) if keep > 0 else None
 
     async def _read(self, requests: AsyncIterator[types_pb2.ChatRequest]) -> None:
         first = True
@@ -236,6 +238,7 @@ class _ChatStream:
                     deadline=loop.time() + budget,
                     path=incoming,
                     hops=len(incoming),
+                    streams=self.streams,
                 )
                 self.turn_task = asyncio.ensure_future(self._turn(state, target, out))
                 while True:
@@ -268,6 +271,8 @@ class _ChatStream:
                     await self.turn_task
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+            if self.streams is not None:
+                await self.streams.close()
 
 
 def metadata_dict_from(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
