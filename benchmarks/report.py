@@ -187,6 +187,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             "interceptors, JWT validation on the first hop) that a long-lived stream pays once.",
         ),
         (
+            "nokeep",
+            "Router opening a new agent stream every turn",
+            "`router.keep_agent_streams_s: 0`, as the router worked before it kept a client "
+            "stream's agent Chat stream open between turns; the `router` rows above keep it.",
+        ),
+        (
             "sqlite",
             "Router with the default SQLite store",
             "The other router cases use the memory store; SQLite commits every turn with "

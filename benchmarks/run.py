@@ -62,12 +62,24 @@ def _server_block() -> dict[str, Any]:
     }
 
 
-def mesh_file(directory: Path, name: str, *, store: str = "memory", auth: bool = False) -> Path:
+def mesh_file(
+    directory: Path,
+    name: str,
+    *,
+    store: str = "memory",
+    auth: bool = False,
+    keep_streams: bool = True,
+) -> Path:
     data: dict[str, Any] = {
         "name": f"bench-{name}",
         "data_dir": str(directory / f"data-{name}"),
         "server": _server_block(),
-        "router": {"default_agent": "a", "store": {"kind": store}},
+        "router": {
+            "default_agent": "a",
+            "store": {"kind": store},
+            # 0: the router opens a new agent Chat stream for every turn (the old way).
+            "keep_agent_streams_s": 5.0 if keep_streams else 0.0,
+        },
         "agents": {
             "a": {
                 "description": "answers (offline model)",
@@ -138,6 +150,8 @@ class Bench:
         if self.args.sqlite:
             sqlite = mesh_file(self.work, "sqlite", store="sqlite")
             self.router("router-sqlite", sqlite, {"a": a, "front": front})
+        fresh_agent_streams = mesh_file(self.work, "nokeep", keep_streams=False)
+        self.router("router-nokeep", fresh_agent_streams, {"a": a, "front": front})
         if self.args.uvloop:
             self.start("echo-uv", ["benchmarks.echo", "--uvloop"], "echo: ")
             a_uv = self.agent("agent-a-uv", base, "a", uv=True)
@@ -251,6 +265,19 @@ class Bench:
                         **spec,
                     )
                 )
+        for c in (1, 16):
+            out.append(
+                Case(
+                    f"nokeep/router/c{c}",
+                    "nokeep",
+                    "router (new agent stream per turn)",
+                    "asyncio",
+                    "router",
+                    s["router-nokeep"].address,
+                    c,
+                    servers=["router-nokeep", "agent-a"],
+                )
+            )
         if "router-sqlite" in s:
             for c in (1, 16):
                 out.append(
@@ -472,6 +499,14 @@ def ratios(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 )
             )
     pairs.append(("SQLite/memory store c=16", "sqlite/router/c16", "turns/router/c16"))
+    for c in (1, 16):
+        pairs.append(
+            (
+                f"kept agent stream/new stream per turn c={c}",
+                f"turns/router/c{c}",
+                f"nokeep/router/c{c}",
+            )
+        )
     out = []
     for name, num, den in pairs:
         throughput = paired_ratio(runs, num, den, "turns_per_s")

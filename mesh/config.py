@@ -246,6 +246,9 @@ class RouterConfig(_Frozen):
     """Keep a client stream's agent Chat stream open this long after a turn, so the next
     turn costs a message instead of a new call (0: a new call every turn). An agent
     that runs out of streams gets the kept idle ones back at once."""
+    keep_agent_streams_max: int = Field(default=256, ge=0)
+    """At most this many idle kept streams per agent replica: they share one HTTP/2
+    connection with the turns in flight, whose streams must never queue behind them."""
 
 
 class MeshConfig(BaseSettings):

@@ -100,8 +100,9 @@ class StreamCache:
     agent runs out of streams (:func:`evict`).
     """
 
-    def __init__(self, keep_s: float) -> None:
+    def __init__(self, keep_s: float, max_per_endpoint: int = 256) -> None:
         self.keep_s = keep_s
+        self.max_per_endpoint = max_per_endpoint
         self._open: dict[str, OpenStream] = {}
 
     def _forget(self, entry: OpenStream) -> None:
@@ -130,6 +131,9 @@ class StreamCache:
         if old is not None:
             self._forget(old)
             _release(old)
+        if len(entry.endpoint.kept) >= self.max_per_endpoint:
+            _release(entry)
+            return
         self._open[agent] = entry
         entry.owner = self
         entry.endpoint.kept.add(entry)

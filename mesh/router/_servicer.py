@@ -137,8 +137,9 @@ class _ChatStream:
         self.turn_task: asyncio.Task[None] | None = None
         self.cancel_requested = False
         self.seq = 0
-        keep = servicer.config.router.keep_agent_streams_s
-        self.streams = StreamCache(keep) if keep > 0 else None
+        router_config = servicer.config.router
+        keep, most = router_config.keep_agent_streams_s, router_config.keep_agent_streams_max
+        self.streams = StreamCache(keep, most) if keep > 0 and most > 0 else None
 
     async def _read(self, requests: AsyncIterator[types_pb2.ChatRequest]) -> None:
         first = True
