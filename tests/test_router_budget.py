@@ -198,3 +198,29 @@ async def test_turns_on_one_client_stream_reuse_one_agent_stream() -> None:
         assert other[-1].final.content == "turn 1: four"
         assert agent_server.lifecycle.started == 2  # three turns, one agent stream
         assert await agent_server.lifecycle.wait_idle(10)  # and it was closed cleanly
+
+
+async def test_dns_discovery_finds_replicas_behind_a_name() -> None:
+    # A headless Service resolves to one address per pod; here `localhost` resolves to
+    # the loopback address(es) and the agent listens on 127.0.0.1.
+    base = mesh_config({"dnsagent": offline_agent(default_reply="via dns")})
+    async with serve_agent(base, "dnsagent") as (address, _server, _rt, _p):
+        port = int(address.rsplit(":", 1)[1])
+        config = mesh_config(
+            {"dnsagent": offline_agent(default_reply="via dns")},
+            router={
+                "default_agent": "dnsagent",
+                "discovery": {
+                    "dns": [{"agent": "dnsagent", "host": "localhost", "port": port}],
+                    "dns_interval_s": 0.2,
+                },
+            },
+        )
+        async with serve_router(config, {}) as (router, app):
+            assert await app.pool.wait_healthy("dnsagent", 10)
+            found = set(app.pool.endpoints["dnsagent"])
+            assert address in found
+            assert all(e.sources == {"dns"} for e in app.pool.endpoints["dnsagent"].values())
+            async with create_channel(router) as channel:
+                result = await AgentClient(channel, router=True).chat("hi", timeout=30)
+            assert result.final is not None and result.final.final.content == "via dns"
