@@ -66,6 +66,8 @@ async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
     server.install_signal_handlers()
     address = f"{host}:{bound}"
     print(f"agent {name}: {address}", flush=True)
+    if server.health_port:
+        print(f"health: {host}:{server.health_port}", flush=True)
     registration = None
     if args.register:
         advertise = args.advertise or address
@@ -132,6 +134,8 @@ async def _run_router(config: MeshConfig, args: argparse.Namespace) -> int:
     bound = await app.start(host, args.port)
     app.server.install_signal_handlers()
     print(f"router: {host}:{bound}", flush=True)
+    if app.server.health_port:
+        print(f"health: {host}:{app.server.health_port}", flush=True)
     await app.wait()
     return 0
 

@@ -39,6 +39,7 @@ def create_channel(
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     credentials: grpc.ChannelCredentials | None = None,
     own_connection: bool = False,
+    options: Sequence[tuple[str, Any]] = (),
 ) -> grpc.aio.Channel:
     """One channel to ``target`` with the mesh's limits (and interceptors, e.g. token exchange).
 
@@ -46,14 +47,14 @@ def create_channel(
     a client holding more streams than the server allows per connection
     (``server.http2_max_streams_per_connection``) needs several channels that each own one.
     """
-    options = channel_options(settings)
+    all_options = [*channel_options(settings), *options]
     if own_connection:
-        options.append(("grpc.use_local_subchannel_pool", 1))
+        all_options.append(("grpc.use_local_subchannel_pool", 1))
     if credentials is not None:
         return grpc.aio.secure_channel(
-            target, credentials, options=options, interceptors=list(interceptors)
+            target, credentials, options=all_options, interceptors=list(interceptors)
         )
-    return grpc.aio.insecure_channel(target, options=options, interceptors=list(interceptors))
+    return grpc.aio.insecure_channel(target, options=all_options, interceptors=list(interceptors))
 
 
 @dataclass

@@ -72,6 +72,9 @@ class ServerSettings(_Frozen):
     """A Chat stream that carries no request for this long is closed (DEADLINE_EXCEEDED)."""
     reflection: bool = True
     """Serve gRPC server reflection (grpcurl needs it)."""
+    health_port: int | None = Field(default=None, ge=0, le=65535)
+    """Also serve ``grpc.health.v1`` alone, in plaintext, on this port (0: any free one):
+    for the kubelet's gRPC probes, which cannot speak TLS, when the main port does."""
 
 
 class LimitsConfig(_Frozen):

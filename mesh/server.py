@@ -158,6 +158,9 @@ class MeshServer:
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
+        """The bound plaintext health port (0 when there is none)."""
         self._stopping: asyncio.Future[None] | None = None
         self._hard_stop: asyncio.Future[None] | None = None
         self._stopped = asyncio.Event()
@@ -185,10 +188,25 @@ class MeshServer:
         if bound == 0:
             raise OSError(f"cannot bind {address}")
         self.port = bound
+        if self.settings.health_port is not None:
+            await self._start_health(host or self.settings.host, self.settings.health_port)
         await self._server.start()
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return bound
+
+    async def _start_health(self, host: str, port: int) -> None:
+        """The same health servicer, alone and in plaintext, on a second port."""
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)],
+            maximum_concurrent_rpcs=64,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot bind the health port {host}:{port}")
+        await server.start()
+        self._health_server, self.health_port = server, bound
 
     async def set_serving(self, service: str, serving: bool) -> None:
         status = (
@@ -217,6 +235,8 @@ class MeshServer:
                 self.lifecycle.active,
             )
         await self._server.stop(0.5)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         self._stopped.set()
 
     def request_stop(self) -> None:
@@ -225,7 +245,7 @@ class MeshServer:
             self._stopping = asyncio.ensure_future(self.drain())
         else:
             log.warning("%s: second signal, stopping now", self.label)
-            self._hard_stop = asyncio.ensure_future(self._server.stop(0))
+            self._hard_stop = asyncio.ensure_future(self.stop(0))
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -240,3 +260,5 @@ class MeshServer:
 
     async def stop(self, grace: float | None = 0) -> None:
         await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)

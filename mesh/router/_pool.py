@@ -28,8 +28,8 @@ log = logging.getLogger("mesh.router.pool")
 
 Source = Literal["static", "registered", "dns"]
 AGENT_SERVICE = "mesh.v1.Agent"
-ChannelFactory = Callable[[str, str], grpc.aio.Channel]
-"""(address, agent name) -> channel (with that agent's interceptors)."""
+ChannelFactory = Callable[[str, str, str], grpc.aio.Channel]
+"""(address, agent name, TLS server name or "") -> channel (with the agent's interceptors)."""
 
 
 @dataclass(eq=False)
@@ -73,13 +73,15 @@ class AgentPool:
                 asyncio.ensure_future(self._resolve_loop(target.agent, target.host, target.port))
             )
 
-    async def add(self, agent: str, address: str, source: Source) -> Endpoint:
+    async def add(
+        self, agent: str, address: str, source: Source, server_name: str = ""
+    ) -> Endpoint:
         known = self.endpoints.setdefault(agent, {})
         endpoint = known.get(address)
         if endpoint is not None:
             endpoint.sources.add(source)
             return endpoint
-        channel = self._channel_factory(address, agent)
+        channel = self._channel_factory(address, agent, server_name)
         endpoint = Endpoint(agent, address, {source}, channel, agent_pb2_grpc.AgentStub(channel))
         known[address] = endpoint
         endpoint.watch = asyncio.ensure_future(self._watch(endpoint))
@@ -194,7 +196,8 @@ class AgentPool:
                 log.warning("resolving %s for %s failed: %s", host, agent, err)
                 found = current  # keep what we had
             for address in found - current:
-                await self.add(agent, address, "dns")
+                # A pod's IP is not in its certificate; the Service name it was found by is.
+                await self.add(agent, address, "dns", server_name=host)
             for address in current - found:
                 await self.remove(agent, address, "dns")
             current = found

@@ -20,10 +20,10 @@ from mesh.v1 import router_pb2, router_pb2_grpc
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
-def agent_channel_factory(config: MeshConfig) -> Callable[[str, str], grpc.aio.Channel]:
+def agent_channel_factory(config: MeshConfig) -> Callable[[str, str, str], grpc.aio.Channel]:
     """Channels to agents, with the token-exchange interceptors when auth is on."""
 
-    def make(address: str, agent: str) -> grpc.aio.Channel:
+    def make(address: str, agent: str, server_name: str = "") -> grpc.aio.Channel:
         interceptors: list[grpc.aio.ClientInterceptor] = []
         credentials: grpc.ChannelCredentials | None = None
         if config.auth.enabled:
@@ -34,8 +34,15 @@ def agent_channel_factory(config: MeshConfig) -> Callable[[str, str], grpc.aio.C
             audience = config.auth.audience_for(agent)
             interceptors.extend(auth.service_interceptors(config, audience, service="router"))
             credentials = auth.channel_credentials(config)
+        options: list[tuple[str, str]] = []
+        if credentials is not None and server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         return create_channel(
-            address, settings=config.server, interceptors=interceptors, credentials=credentials
+            address,
+            settings=config.server,
+            interceptors=interceptors,
+            credentials=credentials,
+            options=options,
         )
 
     return make
