@@ -99,14 +99,24 @@ def test_readiness_names_the_service_and_liveness_the_process(overlay: str) -> N
         assert container["readinessProbe"]["failureThreshold"] == 1, deployment["metadata"]
 
 
+def _health_ports(objects: list[Obj]) -> dict[int, str]:
+    """The plaintext health-only port the overlay turns on (server.health_port), if any."""
+    for env in of_kind(objects, "ConfigMap"):
+        value = env.get("data", {}).get("MESH_SERVER__HEALTH_PORT")
+        if env["metadata"]["name"].startswith("mesh-env") and value:
+            return {int(value): "grpc-health"}
+    return {}
+
+
 @pytest.mark.parametrize("overlay", ALL)
 def test_the_process_listens_on_the_declared_port(overlay: str) -> None:
-    for deployment, container in all_containers(render(overlay)):
+    objects = render(overlay)
+    health = _health_ports(objects)
+    for deployment, container in all_containers(objects):
         args: list[str] = container["args"]
         port = int(args[args.index("--port") + 1])
-        assert declared_ports(container) == {port: "grpc" if args[0] != "sts" else "https"}, (
-            deployment["metadata"]["name"]
-        )
+        expected = {port: "grpc"} | health if args[0] != "sts" else {port: "https"}
+        assert declared_ports(container) == expected, deployment["metadata"]["name"]
 
 
 @pytest.mark.parametrize("overlay", ALL)
@@ -224,7 +234,7 @@ def test_every_agent_has_a_deployment_and_a_service_and_nothing_else_does(overla
         (service_port,) = service["spec"]["ports"]
         assert service_port["port"] == port and service_port["targetPort"] == "grpc"
         assert service_port["name"] == "grpc"
-        assert declared_ports(container) == {port: "grpc"}
+        assert declared_ports(container) == {port: "grpc"} | _health_ports(objects)
     assert services["router-headless"]["spec"]["clusterIP"] == "None"
     assert "clusterIP" not in services["router"]["spec"]
 
