@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import re
 import uuid
@@ -32,25 +34,35 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["Handler | None"]]
 
 
 def rejecting_handler(handler: Handler, err: MeshError) -> Handler:
-    """A handler of the same shape as ``handler`` that ends the call with ``err``."""
+    """A handler of the same shape as ``handler`` that ends the call with ``err``.
 
-    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    For request-streaming methods it reads the first request before refusing (for at
+    most a second): a client that writes first and reads after would otherwise see
+    its write fail rather than the status (grpc/grpc#36066).
+    """
+
+    async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(err.code, err.message, err.trailing_metadata())
 
-    async def streaming(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        await context.abort(err.code, err.message, err.trailing_metadata())
-        yield  # type: ignore[unreachable]  # makes this an async generator; abort() raises
+    async def unary_in(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await refuse(context)
 
+    async def stream_in(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                async for _request in requests:
+                    break
+        await refuse(context)
+
+    behavior = stream_in if handler.request_streaming else unary_in
     des, ser = handler.request_deserializer, handler.response_serializer
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary, des, ser)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming, des, ser)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
-    return grpc.stream_stream_rpc_method_handler(streaming, des, ser)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behavior, des, ser)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behavior, des, ser)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behavior, des, ser)
+    return grpc.unary_unary_rpc_method_handler(behavior, des, ser)
 
 
 class _Undecodable:

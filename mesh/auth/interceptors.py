@@ -41,6 +41,7 @@ from mesh.auth.runtime import resolve_issuer
 from mesh.auth.runtime import ssl_context as make_ssl_context
 from mesh.config import MeshConfig
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated, Unavailable
+from mesh.interceptors import rejecting_handler
 
 log = logging.getLogger("mesh.auth")
 
@@ -213,10 +214,7 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _refuse(handler: Handler, err: MeshError) -> Handler:
-        async def refuse(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            await context.abort(err.code, err.message, err.trailing_metadata())
-
-        return _rebuild(handler, refuse)
+        return rejecting_handler(handler, err)
 
     def _wrap(self, handler: Handler, state: _CallState, method: str) -> Handler:
         behavior = _original(handler)
