@@ -35,6 +35,17 @@ def tool_path(name: str) -> str:
     return found
 
 
+def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real grpcurl (plaintext, 30 s max), its output captured."""
+    return subprocess.run(
+        [tool_path("grpcurl"), "-plaintext", "-max-time", "30", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def write_config(directory: Path, data: dict[str, Any], name: str = "mesh.yaml") -> Path:
     path = directory / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from .meshtest import MESH_YAML, Proc, start_agent, tool_path
+from .meshtest import MESH_YAML, Proc, grpcurl, start_agent
 
 
 @pytest.fixture(scope="module")
@@ -19,16 +18,6 @@ def billing() -> Iterator[str]:
         yield address
     finally:
         assert proc.stop() == 0
-
-
-def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [tool_path("grpcurl"), "-plaintext", "-max-time", "30", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def _objects(text: str) -> list[dict[str, object]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from mesh.client import AgentClient, create_channel
 
-from .meshtest import MESH_YAML, Proc, mesh_token, start_mesh, tool_path
+from .meshtest import MESH_YAML, Proc, grpcurl, mesh_token, start_mesh
 from .test_grpcurl import _objects
 
 
@@ -42,16 +41,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 @pytest.fixture(scope="module")
 def router(mesh: Mesh) -> str:
     return mesh.address
-
-
-def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [tool_path("grpcurl"), "-plaintext", "-max-time", "30", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_grpcurl_list_and_describe_router(router: str) -> None:
