@@ -7,7 +7,7 @@ import contextlib
 import inspect
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -168,13 +168,9 @@ def guard_requests(handler: Handler, method: str) -> Handler:
     return grpc.stream_stream_rpc_method_handler(stream_stream_writer, des, ser)
 
 
-def metadata_dict(details: grpc.HandlerCallDetails) -> dict[str, str]:
-    """The call's text metadata (binary ``-bin`` values are left out)."""
-    out: dict[str, str] = {}
-    for key, value in details.invocation_metadata or ():
-        if isinstance(value, str):
-            out[key] = value
-    return out
+def text_metadata(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    """A call's text metadata (binary ``-bin`` values are left out)."""
+    return {key: value for key, value in pairs or () if isinstance(value, str)}
 
 
 class CallContextInterceptor(grpc.aio.ServerInterceptor):
@@ -194,7 +190,7 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         handler = guard_requests(
             handler, method.decode() if isinstance(method, bytes) else str(method)
         )
-        metadata = metadata_dict(handler_call_details)
+        metadata = text_metadata(handler_call_details.invocation_metadata)
         path = parse_hop_path(metadata.get(MD_HOP_PATH, ""))
         if len(path) > MAX_PATH or not all(_NAME.match(p) for p in path):
             return rejecting_handler(

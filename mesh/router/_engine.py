@@ -40,6 +40,7 @@ from mesh.errors import (
     MeshError,
     Unavailable,
     decode_details,
+    from_rpc_error,
     from_status,
 )
 from mesh.providers.base import ChatMessage
@@ -63,6 +64,7 @@ Delegate = Callable[[str], Awaitable[str | None]]
 class OpenStream:
     """An agent Chat stream kept open between the turns of one client stream."""
 
+    agent: str
     call: Any
     endpoint: Endpoint
     conversation_id: str
@@ -105,17 +107,20 @@ class StreamCache:
         self.max_per_endpoint = max_per_endpoint
         self._open: dict[str, OpenStream] = {}
 
-    def _forget(self, entry: OpenStream) -> None:
+    def detach(self, entry: OpenStream) -> None:
+        """Stop keeping ``entry`` (its timer, its slot here and at its endpoint)."""
+        if self._open.get(entry.agent) is entry:
+            del self._open[entry.agent]
         if entry.timer is not None:
             entry.timer.cancel()
         entry.endpoint.kept.discard(entry)
         entry.owner = None
 
     def take(self, agent: str, conversation_id: str, deadline: float) -> OpenStream | None:
-        entry = self._open.pop(agent, None)
+        entry = self._open.get(agent)
         if entry is None:
             return None
-        self._forget(entry)
+        self.detach(entry)
         if (
             entry.conversation_id != conversation_id
             or entry.deadline + 1.0 < deadline
@@ -126,31 +131,27 @@ class StreamCache:
             return None
         return entry
 
-    def keep(self, agent: str, entry: OpenStream) -> None:
-        old = self._open.pop(agent, None)
+    def keep(self, entry: OpenStream) -> None:
+        old = self._open.get(entry.agent)
         if old is not None:
-            self._forget(old)
-            _release(old)
+            self.drop(old)
         if len(entry.endpoint.kept) >= self.max_per_endpoint:
             _release(entry)
             return
-        self._open[agent] = entry
+        self._open[entry.agent] = entry
         entry.owner = self
         entry.endpoint.kept.add(entry)
         entry.timer = asyncio.get_running_loop().call_later(self.keep_s, self.drop, entry)
 
     def drop(self, entry: OpenStream) -> None:
-        """Close a kept stream now (idle too long, or its agent needs the slot)."""
-        for agent, kept in list(self._open.items()):
-            if kept is entry:
-                del self._open[agent]
-        self._forget(entry)
+        """Close a kept stream now (idle too long, or replaced)."""
+        self.detach(entry)
         _release(entry)
 
     async def close(self) -> None:
-        entries, self._open = list(self._open.values()), {}
+        entries = list(self._open.values())
         for entry in entries:
-            self._forget(entry)
+            self.detach(entry)
         await asyncio.gather(*(_close_gracefully(e) for e in entries))
 
 
@@ -159,11 +160,7 @@ async def evict(endpoint: Endpoint) -> bool:
     entries = list(endpoint.kept)
     for entry in entries:
         if entry.owner is not None:
-            owner = entry.owner
-            for agent, kept in list(owner._open.items()):
-                if kept is entry:
-                    del owner._open[agent]
-            owner._forget(entry)
+            entry.owner.detach(entry)
     await asyncio.gather(*(_close_gracefully(e) for e in entries))
     return bool(entries)
 
@@ -398,8 +395,9 @@ class Router:
                             # The agent's turn is over and its stream waits for the next:
                             # keep it for this client stream's next turn.
                             state.streams.keep(
-                                agent,
-                                OpenStream(call, endpoint, state.conversation_id, call_deadline),
+                                OpenStream(
+                                    agent, call, endpoint, state.conversation_id, call_deadline
+                                )
                             )
                             kept = True
                             break
@@ -472,9 +470,7 @@ class Router:
         try:
             return await call.read()
         except grpc.aio.AioRpcError as err:
-            mapped = from_status(
-                err.code(), err.details() or "", list(err.trailing_metadata() or ())
-            )
+            mapped = from_rpc_error(err)
             if err.code() == grpc.StatusCode.UNAVAILABLE and flowed:
                 self.pool.mark_failed(endpoint)
                 raise Unavailable(

@@ -15,8 +15,9 @@ import grpc
 
 from mesh.agent._servicer import abort_with
 from mesh.config import MeshConfig
-from mesh.context import check_conversation_id, current_hop_path
+from mesh.context import MD_AUTHORIZATION, check_conversation_id, current_hop_path
 from mesh.errors import InvalidArgument, MeshError, NotFound
+from mesh.interceptors import text_metadata
 from mesh.router._engine import Router, StreamCache, TurnState
 from mesh.router._pool import AgentPool
 from mesh.server import Lifecycle, next_request
@@ -206,7 +207,8 @@ class _ChatStream:
         self, requests: AsyncIterator[types_pb2.ChatRequest]
     ) -> AsyncIterator[types_pb2.ChatEvent]:
         router = self.s.router
-        metadata = metadata_dict_from(self.context)
+        metadata = text_metadata(self.context.invocation_metadata())
+        metadata.pop(MD_AUTHORIZATION, None)  # routes match on metadata; never on a token
         reader = asyncio.ensure_future(self._read(requests))
         loop = asyncio.get_running_loop()
         try:
@@ -222,8 +224,7 @@ class _ChatStream:
                 conversation = item.conversation_id or uuid.uuid4().hex
                 store = router.store
                 limit = self.s.config.router.store.history_limit
-                history = await store.history(conversation, limit)
-                active = await store.active_agent(conversation)
+                history, active = await store.load(conversation, limit)
                 target = router.choose(item, metadata, active)
                 remaining = self.context.time_remaining()
                 budget = self.s.config.router.default_deadline_s if remaining is None else remaining
@@ -274,11 +275,3 @@ class _ChatStream:
                 await reader
             if self.streams is not None:
                 await self.streams.close()
-
-
-def metadata_dict_from(context: grpc.aio.ServicerContext[Any, Any]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in context.invocation_metadata() or ():
-        if isinstance(value, str) and key != "authorization":
-            out[key] = value
-    return out

@@ -34,12 +34,9 @@ def _decode(raw: str | bytes) -> ChatMessage:
 
 
 class ConversationStore(Protocol):
-    async def history(self, conversation_id: str, limit: int) -> list[ChatMessage]:
-        """The newest ``limit`` messages, oldest first."""
-        ...
-
-    async def active_agent(self, conversation_id: str) -> str:
-        """The agent that answered last ("" for a new conversation)."""
+    async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
+        """The newest ``limit`` messages (oldest first) and the agent that answered last
+        ("" for a new conversation), read together: one round trip per turn."""
         ...
 
     async def append(
@@ -56,11 +53,9 @@ class MemoryStore:
         self._messages: dict[str, list[ChatMessage]] = {}
         self._active: dict[str, str] = {}
 
-    async def history(self, conversation_id: str, limit: int) -> list[ChatMessage]:
-        return self._messages.get(conversation_id, [])[-limit:]
-
-    async def active_agent(self, conversation_id: str) -> str:
-        return self._active.get(conversation_id, "")
+    async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
+        history = self._messages.get(conversation_id, [])[-limit:]
+        return history, self._active.get(conversation_id, "")
 
     async def append(
         self, conversation_id: str, messages: Sequence[ChatMessage], active_agent: str
@@ -99,13 +94,17 @@ class SqliteStore:
         )
         self._lock = asyncio.Lock()
 
-    def _history(self, conversation_id: str, limit: int) -> list[ChatMessage]:
+    def _load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
         rows = self._db.execute(
             "SELECT body FROM (SELECT seq, body FROM messages WHERE conversation_id = ? "
             "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
             (conversation_id, limit),
         ).fetchall()
-        return [_decode(row[0]) for row in rows]
+        active = self._db.execute(
+            "SELECT active_agent FROM conversations WHERE conversation_id = ?",
+            (conversation_id,),
+        ).fetchone()
+        return [_decode(row[0]) for row in rows], str(active[0]) if active else ""
 
     def _append(self, conversation_id: str, messages: Sequence[ChatMessage], active: str) -> None:
         with self._db:
@@ -120,19 +119,9 @@ class SqliteStore:
                 (conversation_id, active, time.time()),
             )
 
-    async def history(self, conversation_id: str, limit: int) -> list[ChatMessage]:
+    async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
         async with self._lock:
-            return await asyncio.to_thread(self._history, conversation_id, limit)
-
-    async def active_agent(self, conversation_id: str) -> str:
-        async with self._lock:
-            row = await asyncio.to_thread(
-                lambda: self._db.execute(
-                    "SELECT active_agent FROM conversations WHERE conversation_id = ?",
-                    (conversation_id,),
-                ).fetchone()
-            )
-        return str(row[0]) if row else ""
+            return await asyncio.to_thread(self._load, conversation_id, limit)
 
     async def append(
         self, conversation_id: str, messages: Sequence[ChatMessage], active_agent: str
@@ -159,25 +148,19 @@ class RedisStore:
     def _keys(conversation_id: str) -> tuple[str, str]:
         return f"mesh:conv:{conversation_id}:messages", f"mesh:conv:{conversation_id}:active"
 
-    async def history(self, conversation_id: str, limit: int) -> list[ChatMessage]:
+    async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
         from redis.exceptions import RedisError
 
-        messages_key, _ = self._keys(conversation_id)
+        messages_key, active_key = self._keys(conversation_id)
         try:
-            rows = await self._redis.lrange(messages_key, -limit, -1)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.lrange(messages_key, -limit, -1)
+                pipe.get(active_key)
+                rows, value = await pipe.execute()
         except RedisError as err:
             raise Unavailable(f"conversation store unavailable: {type(err).__name__}") from None
-        return [_decode(row) for row in rows]
-
-    async def active_agent(self, conversation_id: str) -> str:
-        from redis.exceptions import RedisError
-
-        _, active_key = self._keys(conversation_id)
-        try:
-            value = await self._redis.get(active_key)
-        except RedisError as err:
-            raise Unavailable(f"conversation store unavailable: {type(err).__name__}") from None
-        return value.decode() if isinstance(value, bytes) else ""
+        active = value.decode() if isinstance(value, bytes) else ""
+        return [_decode(row) for row in rows], active
 
     async def append(
         self, conversation_id: str, messages: Sequence[ChatMessage], active_agent: str
