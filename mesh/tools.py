@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from mesh.errors import ConfigError
 from mesh.providers.base import ToolSpec
@@ -70,8 +70,6 @@ class FunctionTool:
                 raise ConfigError(f"tool {self.name}: *args/**kwargs are not supported")
             if param.name not in hints:
                 raise ConfigError(f"tool {self.name}: argument {param.name!r} needs a type hint")
-            from pydantic import Field
-
             default = ... if param.default is param.empty else param.default
             fields[param.name] = (
                 hints[param.name],

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import httpx
 import requests
 
-from mesh.auth.jwks import fetch_json, make_client
+from mesh.auth.jwks import LoopClient, discover
 from mesh.auth.jwt import is_app_only, redact, sign, unverified_claims
 from mesh.auth.runtime import ClientCredential, ca_path, client_credential, resolve_issuer
 from mesh.auth.runtime import ssl_context as make_ssl_context
@@ -217,34 +217,20 @@ class Rfc8693Exchanger:
         self.token_url = token_url
         self.send_actor_token = send_actor_token
         self.actor_audience = actor_audience
-        self._verify = verify
-        self._timeout_s = timeout_s
+        self._client = LoopClient(verify, timeout_s)
         self._clock = clock
-        self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._actor: tuple[str, float] | None = None
 
     def _http(self) -> httpx.AsyncClient:
-        loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
-            verify = self._verify() if callable(self._verify) else self._verify
-            self._client, self._loop = make_client(verify, self._timeout_s), loop
-        return self._client
+        return self._client.get()
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._client.aclose()
 
     async def _endpoint(self) -> str:
         if not self.token_url:
-            doc = await fetch_json(
-                self._http(),
-                self.issuer.rstrip("/") + "/.well-known/openid-configuration",
-                "identity provider discovery",
-            )
-            url = doc.get("token_endpoint")
-            if not isinstance(url, str) or not url.startswith("https://"):
+            url = await discover(self._http(), self.issuer, "token_endpoint")
+            if not url.startswith("https://"):
                 raise Unavailable("identity provider discovery has no https token_endpoint")
             self.token_url = url
         return self.token_url

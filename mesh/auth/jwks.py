@@ -45,11 +45,46 @@ async def fetch_json(client: httpx.AsyncClient, url: str, what: str) -> dict[str
     return body
 
 
-def make_client(verify: ssl.SSLContext | bool, timeout_s: float) -> httpx.AsyncClient:
-    """An httpx client that ignores proxy/CA environment variables and has a timeout."""
-    return httpx.AsyncClient(
-        verify=verify, timeout=timeout_s, trust_env=False, follow_redirects=False
+Verify = ssl.SSLContext | bool | Callable[[], ssl.SSLContext | bool]
+
+
+class LoopClient:
+    """One httpx client per event loop (a client is bound to the loop it was made on),
+    ignoring proxy/CA environment variables, with a timeout on every call."""
+
+    def __init__(self, verify: Verify, timeout_s: float) -> None:
+        self._verify = verify
+        self._timeout_s = timeout_s
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            verify = self._verify() if callable(self._verify) else self._verify
+            self._client = httpx.AsyncClient(
+                verify=verify, timeout=self._timeout_s, trust_env=False, follow_redirects=False
+            )
+            self._loop = loop
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+async def discover(client: httpx.AsyncClient, issuer: str, field: str) -> str:
+    """An endpoint URL (``field``) from the issuer's OpenID discovery document."""
+    doc = await fetch_json(
+        client,
+        issuer.rstrip("/") + "/.well-known/openid-configuration",
+        "identity provider discovery",
     )
+    url = doc.get(field)
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise Unavailable(f"identity provider discovery has no {field}")
+    return url
 
 
 class JwksCache:
@@ -60,7 +95,7 @@ class JwksCache:
         *,
         issuer: str,
         jwks_url: str = "",
-        verify: ssl.SSLContext | bool | Callable[[], ssl.SSLContext | bool] = True,
+        verify: Verify = True,
         timeout_s: float = 5.0,
         refresh_window_s: float = 30.0,
         max_age_s: float = 3600.0,
@@ -70,15 +105,13 @@ class JwksCache:
         self.jwks_url = jwks_url
         self.refresh_window_s = refresh_window_s
         self.max_age_s = max_age_s
-        self._verify = verify
-        self._timeout_s = timeout_s
+        self._http = LoopClient(verify, timeout_s)
         self._clock = clock
         self._keys: dict[str, dict[str, Any]] = {}
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
-        self._client: httpx.AsyncClient | None = None
         #: JWKS fetches made so far (tests assert on it).
         self.fetch_count = 0
 
@@ -87,23 +120,14 @@ class JwksCache:
         return frozenset(self._keys)
 
     def _bind_loop(self) -> None:
-        """The lock and HTTP client belong to one event loop; rebuild them on another."""
+        """The lock belongs to one event loop; make a new one on another."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
             self._lock = asyncio.Lock()
-            self._client = None
-
-    def _client_for_loop(self) -> httpx.AsyncClient:
-        if self._client is None:
-            verify = self._verify() if callable(self._verify) else self._verify
-            self._client = make_client(verify, self._timeout_s)
-        return self._client
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     def _fresh(self, now: float) -> bool:
         return self._fetched_at is not None and now - self._fetched_at <= self.max_age_s
@@ -137,18 +161,10 @@ class JwksCache:
     async def _refresh(self) -> None:
         self._attempted_at = self._clock()
         self.fetch_count += 1
-        client = self._client_for_loop()
+        client = self._http.get()
         url = self.jwks_url
         if not url:
-            discovery = await fetch_json(
-                client,
-                self.issuer.rstrip("/") + "/.well-known/openid-configuration",
-                "identity provider discovery",
-            )
-            jwks_uri = discovery.get("jwks_uri")
-            if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-                raise Unavailable("identity provider discovery has no jwks_uri")
-            url = self.jwks_url = jwks_uri
+            url = self.jwks_url = await discover(client, self.issuer, "jwks_uri")
         body = await fetch_json(client, url, "identity provider JWKS")
         keys: dict[str, dict[str, Any]] = {}
         raw_keys = body.get("keys")
