@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -33,8 +35,13 @@ class TlsFiles:
     server_key: Path
 
 
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(path.parent)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -43,10 +50,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    # Certificates are public, but the data dir holds user data: 0600 like the rest.
+    _write_private(path, data)
 
 
 def _now() -> dt.datetime:
@@ -99,6 +104,15 @@ def _serves_both(cert_path: Path) -> bool:
     return ExtendedKeyUsageOID.CLIENT_AUTH in usage and ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
+def _issued_by(cert_path: Path, ca_cert: x509.Certificate) -> bool:
+    """The certificate was signed by this CA (a regenerated CA voids the old ones)."""
+    try:
+        x509.load_pem_x509_certificate(cert_path.read_bytes()).verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -107,14 +121,20 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFiles:
-    """Create (once) the dev CA and a server certificate for loopback + ``extra_hosts``.
+def ensure_dev_tls(
+    directory: Path, extra_hosts: tuple[str, ...] = (), *, name: str = "server"
+) -> TlsFiles:
+    """Create (once) the dev CA and the certificate of service ``name`` (CN ``mesh
+    <name>``, files ``<name>.pem``/``<name>-key.pem``) for loopback, ``name`` and
+    ``extra_hosts``: one certificate per service, so a leaked key names one service.
 
-    Existing files are reused while valid; the server certificate is reissued when it
-    nears expiry or does not cover a requested host.
+    Existing files are reused while valid; a certificate is reissued when it nears
+    expiry or does not cover a requested host.
     """
-    hosts = tuple(dict.fromkeys(_HOSTS + tuple(h for h in extra_hosts if h)))
-    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name) or name == "ca":
+        raise ValueError(f"not a usable certificate name: {name!r}")
+    hosts = tuple(dict.fromkeys((*_HOSTS, name, *(h for h in extra_hosts if h))))
+    files = TlsFiles(directory / "ca.pem", directory / f"{name}.pem", directory / f"{name}-key.pem")
     ca_key_path = directory / "ca-key.pem"
     if _valid(files.ca_cert, ()) and ca_key_path.exists():
         ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
@@ -124,12 +144,12 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
         ca_key = loaded
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "grpc-agent-mesh dev CA")])
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "grpc-agent-mesh dev CA")])
         ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
         ca_cert = (
             x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
             .public_key(ca_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(_now() - dt.timedelta(minutes=5))
@@ -157,6 +177,7 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
         files.server_cert.unlink(missing_ok=True)
     if (
         _valid(files.server_cert, hosts)
+        and _issued_by(files.server_cert, ca_cert)
         and _serves_both(files.server_cert)
         and files.server_key.exists()
     ):
@@ -164,7 +185,7 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh sts")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mesh {name}")]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
