@@ -20,8 +20,7 @@ from mesh.auth.exchange import (
     build_exchanger,
 )
 from mesh.auth.jwt import unverified_claims
-from mesh.auth.runtime import ClientCredential, client_credential
-from mesh.auth.runtime import dev_client_secret
+from mesh.auth.runtime import ClientCredential, client_credential, dev_client_secret
 from mesh.auth.sts import GRANT_JWT_BEARER, TokenService, mint, mint_user_token
 from mesh.config import MeshConfig
 from mesh.errors import Unauthenticated, Unavailable
