@@ -30,8 +30,10 @@ from mesh.auth.runtime import ssl_context as make_ssl_context
 from mesh.config import MeshConfig
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated
 from mesh.interceptors import rejecting_handler
+from mesh.logs import guard_library_loggers
 
 log = logging.getLogger("mesh.auth")
+guard_library_loggers()  # grpc quotes raw metadata values it cannot decode
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REGISTER_METHOD = "/mesh.v1.Router/Register"

@@ -169,14 +169,27 @@ def mint_user_token(
     audience: str | None = None,
     amr: list[str] | None = None,
 ) -> str:
-    """A user token for the router (what ``mesh token`` prints)."""
+    """A user token for the router (what ``mesh token`` prints), minted with the STS's
+    signing key on disk: an operator's tool, not a client of the STS.
+
+    For an agent's audience the token is shaped as the router would have obtained it
+    (``act``/``azp`` naming the router), since agents take users' tokens only through
+    the router: ``grpcurl`` straight at an agent keeps working for whoever holds the key.
+    """
+    router = config.auth.audience_for("router")
+    aud = audience or router
+    extra: dict[str, Any] = {"amr": amr or ["pwd"], "idtyp": "user", "name": sub}
+    agents = {config.auth.audience_for(a) for a in config.agents}
+    if aud != router and aud in agents:
+        client = config.auth.client_id_for("router")
+        extra.update(azp=client, act={"sub": client})
     return mint(
         config,
         sub=sub,
-        audience=audience or config.auth.audience_for("router"),
+        audience=aud,
         scopes=scopes if scopes is not None else list(config.auth.sts.default_scopes),
         ttl_s=ttl_s,
-        extra={"amr": amr or ["pwd"], "idtyp": "user", "name": sub},
+        extra=extra,
     )
 
 
