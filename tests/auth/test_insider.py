@@ -26,7 +26,7 @@ from mesh.auth.sts import TokenService, mint_user_token
 from mesh.config import MeshConfig, config_from_dict
 from mesh.errors import MeshError, PermissionDenied
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from tests.auth.conftest import ROUTER_SECRET, bearer, mesh_dict, serve, with_auth
+from tests.auth.conftest import ROUTER_SECRET, InfoAgent, bearer, mesh_dict, serve, with_auth
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -290,7 +290,7 @@ async def test_id_tokens_and_bad_claims_are_refused_with_the_real_reason(
 # -- agents take users' tokens only through the router (item 4) -------------------------------
 
 
-class Probe(agent_pb2_grpc.AgentServicer):
+class Probe(InfoAgent):
     """Answers Chat with what the server side saw, as JSON in one text delta."""
 
     async def Info(  # noqa: N802 - gRPC method name
