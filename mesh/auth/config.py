@@ -197,6 +197,9 @@ class AuthConfig(BaseModel):
     else needs a user's token delegated through the router."""
     delegates: list[str] = Field(default_factory=lambda: ["router"])
     """Services whose delegated user tokens agents accept on Chat/Handoff (the actor)."""
+    scopes: dict[str, list[str]] = Field(default_factory=dict)
+    """agent -> the user's scopes it needs; its hop token carries only these (those the
+    user has). Not listed: the agent's ``required_scopes``, else the user's scopes."""
     register_role: str = "mesh.register"
     """App role a service's token needs for ``Router/Register`` (agents get it by default)."""
     access_token_typ: str | None = None

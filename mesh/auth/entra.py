@@ -111,10 +111,12 @@ class EntraExchanger:
         *,
         scopes: Sequence[str] | None = None,
         hops: int | None = None,
+        previous: str | None = None,
     ) -> tuple[str, float]:
         """On-behalf-of for ``audience``: the named delegated ``scopes`` of that API, or its
         ``.default``. Entra cannot add a hop-budget claim (``hops`` is not sent; the
-        router's hop path carries the budget)."""
+        router's hop path carries the budget) nor take ``previous`` (the audit log's hop
+        path records the chain)."""
         app = await self._application()
         if scopes:
             wanted = [f"{audience.rstrip('/')}/{s}" for s in scopes]

@@ -98,6 +98,21 @@ def policies(config: MeshConfig) -> dict[str, ClientPolicy]:
     return out
 
 
+def hop_scopes(config: MeshConfig, agent: str) -> list[str] | None:
+    """The scopes ``agent``'s hop token should carry (``auth.scopes``, else its
+    ``required_scopes``); None: whatever the user's token has."""
+    declared = config.auth.scopes.get(agent)
+    if declared is None and agent in config.agents:
+        declared = config.agents[agent].required_scopes or None
+    return list(declared) if declared is not None else None
+
+
+def hops_claim_for(config: MeshConfig, agent: str, hops_used: int) -> int:
+    """The hop budget to put in ``agent``'s token after ``hops_used`` handoffs this turn:
+    what is left of the smaller of the mesh's and the agent's ``max_hops``."""
+    return max(config.max_hops_for(agent) - hops_used, 0)
+
+
 def acting_client(claims: Mapping[str, Any]) -> str:
     """The client that presented a delegated token: the outermost ``act``'s ``sub``, else
     ``azp``/``appid`` (Entra records no ``act``)."""
@@ -109,4 +124,12 @@ def acting_client(claims: Mapping[str, Any]) -> str:
     return client if isinstance(client, str) else ""
 
 
-__all__ = ["ClientPolicy", "acting_client", "client_policy", "client_services", "policies"]
+__all__ = [
+    "ClientPolicy",
+    "acting_client",
+    "client_policy",
+    "client_services",
+    "hop_scopes",
+    "hops_claim_for",
+    "policies",
+]

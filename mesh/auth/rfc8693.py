@@ -27,6 +27,7 @@ TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S10
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: Lifetime of the client assertions this side makes (RFC 7523: short).
 ASSERTION_LIFETIME_S = 120
+PREVIOUS_TOKEN = "mesh_previous_token"  # noqa: S105 - a parameter name
 
 
 class Rfc8693Exchanger:
@@ -143,10 +144,13 @@ class Rfc8693Exchanger:
         *,
         scopes: Sequence[str] | None = None,
         hops: int | None = None,
+        previous: str | None = None,
     ) -> tuple[str, float]:
         """RFC 8693 exchange for ``audience``; ``scopes`` narrow the token (``scope``) and
-        ``hops`` asks for a hop budget (``mesh_hops``, a parameter the embedded STS
-        understands; other issuers map it with a token-exchange policy or ignore it)."""
+        ``hops`` asks for a hop budget (``mesh_hops``) and ``previous`` passes the token the
+        previous agent held (``mesh_previous_token``, extending the ``act`` chain): both
+        parameters the embedded STS understands; other issuers map them with a
+        token-exchange policy or ignore them."""
         form = {
             "grant_type": GRANT_TOKEN_EXCHANGE,
             "subject_token": subject_token,
@@ -158,6 +162,8 @@ class Rfc8693Exchanger:
             form["scope"] = " ".join(scopes)
         if hops is not None:
             form[HOPS_CLAIM] = str(hops)
+        if previous is not None:
+            form[PREVIOUS_TOKEN] = previous
         if self.send_actor_token:
             form["actor_token"] = await self._actor_token()
             form["actor_token_type"] = TOKEN_TYPE_ACCESS

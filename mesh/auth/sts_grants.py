@@ -16,14 +16,8 @@ Nothing here does I/O beyond reading the key file; the HTTP layer calls it in th
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import json
 import logging
-import threading
-import time
-import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -34,10 +28,14 @@ from mesh.auth.jwt import (
     is_app_only,
     scopes_of,
     unverified_claims,
-    verify_client_assertion,
 )
 from mesh.auth.policy import ClientPolicy, policies
-from mesh.auth.runtime import RegisteredClient, registered_clients
+from mesh.auth.sts_clients import (
+    ASSERTION_TYPE,
+    CLIENT_AUTH_FAILED,
+    ClientAuthenticator,
+    OAuthError,
+)
 from mesh.auth.sts_keys import ACCESS_TOKEN_TYP, KeyStore, LocalKeys, mint
 from mesh.config import MeshConfig
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated
@@ -49,38 +47,11 @@ GRANT_JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 GRANT_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
 TOKEN_TYPE_ACCESS = "urn:ietf:params:oauth:token-type:access_token"  # noqa: S105
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105
-ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 RESERVED_SCOPES = frozenset({"openid", "profile", "offline_access", "email"})
 #: User claims carried from a subject token into the exchanged token.
+#: Extension parameter: the token the previous agent held (chain and hop ceiling).
+PREVIOUS_TOKEN = "mesh_previous_token"  # noqa: S105 - a parameter name
 CARRIED_CLAIMS = ("scp", "amr", "name", "preferred_username", "oid", "tid", "email")
-#: The one answer to every client-authentication failure (no client-id enumeration).
-CLIENT_AUTH_FAILED = "client authentication failed"
-_MAX_REPLAY_ENTRIES = 100_000
-_DUMMY_SECRET = b"\x00" * 43
-
-
-class OAuthError(Exception):
-    """An OAuth2 error response."""
-
-    def __init__(
-        self,
-        error: str,
-        description: str,
-        status: int = 400,
-        extra: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
-        self.extra = dict(extra or {})
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.error, "error_description": self.description, **self.extra}
-
-
-def _client_failed() -> OAuthError:
-    return OAuthError("invalid_client", CLIENT_AUTH_FAILED, 401)
 
 
 class Endpoints(Protocol):
@@ -100,29 +71,6 @@ def _nest_act(previous: object, actor: str) -> dict[str, Any]:
     return act
 
 
-class ReplayCache:
-    """``jti`` of client assertions already used, each kept until it expires."""
-
-    def __init__(self, clock: Any = time.time) -> None:
-        self._seen: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
-        self._clock = clock
-
-    def first_use(self, client_id: str, jti: str, expires_at: float) -> bool:
-        """True the first time ``(client_id, jti)`` is presented before it expires."""
-        now = self._clock()
-        with self._lock:
-            if len(self._seen) >= _MAX_REPLAY_ENTRIES:
-                self._seen = {k: v for k, v in self._seen.items() if v >= now}
-            if len(self._seen) >= _MAX_REPLAY_ENTRIES:
-                return False  # full of live assertions: refuse rather than forget one
-            key = (client_id, jti)
-            if key in self._seen and self._seen[key] >= now:
-                return False
-            self._seen[key] = expires_at
-            return True
-
-
 class Grants:
     """Authenticates clients and serves the token grants (raises OAuthError)."""
 
@@ -130,9 +78,8 @@ class Grants:
         self.config = config
         self.keys = keys
         self.endpoints = endpoints
-        self.clients: dict[str, RegisteredClient] = registered_clients(config)
+        self.clients = ClientAuthenticator(config, endpoints)
         self.policies: dict[str, ClientPolicy] = policies(config)
-        self.replay = ReplayCache()
         self._local_keys = LocalKeys(keys)
         self._audiences = {a for p in self.policies.values() for a in p.delegated | p.app}
         self._audiences |= {config.auth.audience_for(s) for s in ["router", *config.agents]}
@@ -140,7 +87,7 @@ class Grants:
     def handle(self, form: Mapping[str, str], authorization: str | None) -> dict[str, Any]:
         """Serve one token request (form fields already parsed)."""
         grant = form.get("grant_type", "")
-        client_id = self.authenticate(form, authorization)
+        client_id = self.clients.authenticate(form, authorization)
         policy = self.policies[client_id]
         if grant == GRANT_CLIENT_CREDENTIALS:
             return self._client_credentials(policy, form)
@@ -151,56 +98,6 @@ class Grants:
         if grant == GRANT_TOKEN_EXCHANGE:
             return self._token_exchange(policy, form)
         raise OAuthError("unsupported_grant_type", "grant_type not supported")
-
-    # -- client authentication ---------------------------------------------------------------
-
-    def authenticate(self, form: Mapping[str, str], authorization: str | None) -> str:
-        """The authenticated client id; one generic 401 for every failure."""
-        client_id = form.get("client_id", "")
-        secret = form.get("client_secret")
-        if authorization and authorization.lower().startswith("basic "):
-            try:
-                raw = base64.b64decode(authorization[6:], validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                raise _client_failed() from None
-            user, _, password = raw.partition(":")
-            client_id, secret = urllib.parse.unquote(user), urllib.parse.unquote(password)
-        assertion = form.get("client_assertion")
-        client = self.clients.get(client_id)
-        if assertion is not None:
-            if form.get("client_assertion_type") != ASSERTION_TYPE or client is None:
-                raise _client_failed()
-            self._check_assertion(client, assertion)
-            return client_id
-        known = client.secrets if client is not None else ()
-        given = (secret or "").encode()
-        matched = False
-        for candidate in known or (_DUMMY_SECRET.decode(),):
-            matched |= hmac.compare_digest(given, candidate.encode())
-        if client is None or secret is None or not known or not matched:
-            log.info("token request refused: client authentication failed")
-            raise _client_failed()
-        return client_id
-
-    def _check_assertion(self, client: RegisteredClient, assertion: str) -> None:
-        if client.public_key_pem is None:
-            raise _client_failed()
-        try:
-            claims = verify_client_assertion(
-                assertion,
-                public_pem=client.public_key_pem,
-                client_id=client.client_id,
-                token_endpoint=self.endpoints.token_endpoint,
-                thumbprints=client.thumbprints,
-                max_lifetime_s=self.config.auth.assertion_max_lifetime_s,
-                leeway_s=self.config.auth.leeway_s,
-            )
-        except Unauthenticated as err:
-            log.info("token request refused: %s", err.message)
-            raise _client_failed() from None
-        if not self.replay.first_use(client.client_id, str(claims["jti"]), float(claims["exp"])):
-            log.info("token request refused: client assertion replayed")
-            raise _client_failed()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -312,22 +209,26 @@ class Grants:
         form: Mapping[str, str],
         *,
         holder: str = "",
+        chain: Mapping[str, Any] | None = None,
     ) -> tuple[str, int, list[str], str]:
+        """A token for the user of ``subject``; the ``act`` chain and the hop ceiling come
+        from ``chain`` (the token the previous agent held) when given."""
         if is_app_only(subject):
             raise OAuthError("invalid_grant", "app-only tokens cannot be exchanged for a user")
         audience, perms = self._target(form)
         self._allowed(policy, audience, delegated=True)
         scopes = self._delegated_scopes(subject, perms)
-        hops = self._hops(subject, form)
+        basis = subject if chain is None else chain
+        hops = self._hops(basis, form)
         self._step_up(subject, audience)
         claims = {k: subject[k] for k in CARRIED_CLAIMS if k in subject}
         claims["scp"] = " ".join(scopes)
         if hops is not None:
             claims[HOPS_CLAIM] = hops
-        previous = subject.get("act")
+        previous = basis.get("act")
         if holder:
-            # The subject token was issued to another service (``holder``) that acted on it;
-            # it stays in the delegation chain between the earlier actors and this client.
+            # The previous token was issued to another service (``holder``) that acted on
+            # it; it stays in the chain between the earlier actors and this client.
             previous = _nest_act(previous, holder)
         claims["act"] = _nest_act(previous, policy.client_id)
         claims["idtyp"] = "user"
@@ -335,6 +236,17 @@ class Grants:
             sub=str(subject["sub"]), audience=audience, client_id=policy.client_id, claims=claims
         )
         return token, ttl, scopes, audience
+
+    def _previous(
+        self, policy: ClientPolicy, subject: Mapping[str, Any], token: str
+    ) -> tuple[dict[str, Any], str]:
+        """``mesh_previous_token``: the token the agent handing over held, for the same user,
+        acted on by this client. It extends the chain; the scopes still come from the
+        user's own token, so narrowing at one hop does not starve the next."""
+        chain, holder = self._held_by_another(policy, token, "mesh_previous_token")
+        if chain.get("sub") != subject.get("sub"):
+            raise OAuthError("invalid_grant", "mesh_previous_token is for another user")
+        return chain, holder
 
     def _on_behalf_of(self, policy: ClientPolicy, form: Mapping[str, str]) -> dict[str, Any]:
         own = self.config.auth.audience_for(policy.service)
@@ -361,19 +273,27 @@ class Grants:
             return self._validate(token, own, "subject_token"), ""
         except OAuthError as first:
             try:
-                audience = unverified_claims(token).get("aud")
-            except MeshError:
+                return self._held_by_another(policy, token, "subject_token")
+            except OAuthError:
                 raise first from None
-            if not isinstance(audience, str) or audience not in self._audiences:
-                raise
-            subject = self._validate(token, audience, "subject_token")
-            act = subject.get("act")
-            if not isinstance(act, dict) or act.get("sub") != policy.client_id:
-                raise OAuthError(
-                    "invalid_grant",
-                    "subject_token was neither issued to nor acted on by the client",
-                ) from None
-            return subject, audience
+
+    def _held_by_another(
+        self, policy: ClientPolicy, token: str, what: str
+    ) -> tuple[dict[str, Any], str]:
+        """A token issued to another service of the mesh whose current actor is this client."""
+        try:
+            audience = unverified_claims(token).get("aud")
+        except MeshError as err:
+            raise OAuthError("invalid_grant", f"{what}: {err.message}") from None
+        if not isinstance(audience, str) or audience not in self._audiences:
+            raise OAuthError("invalid_grant", f"{what}: not a token of this mesh")
+        claims = self._validate(token, audience, what)
+        act = claims.get("act")
+        if not isinstance(act, dict) or act.get("sub") != policy.client_id:
+            raise OAuthError(
+                "invalid_grant", f"{what} was neither issued to nor acted on by the client"
+            )
+        return claims, audience
 
     def _token_exchange(self, policy: ClientPolicy, form: Mapping[str, str]) -> dict[str, Any]:
         if form.get("subject_token_type") not in (TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT):
@@ -386,7 +306,11 @@ class Grants:
             actor = self._validate(actor_token, self.endpoints.issuer, "actor_token")
             if actor.get("sub") != policy.client_id:
                 raise OAuthError("invalid_grant", "actor_token does not name the client")
-        token, ttl, scopes, _ = self._delegate(policy, subject, form, holder=holder)
+        chain: dict[str, Any] | None = None
+        previous = form.get(PREVIOUS_TOKEN)
+        if previous is not None:
+            chain, holder = self._previous(policy, subject, previous)
+        token, ttl, scopes, _ = self._delegate(policy, subject, form, holder=holder, chain=chain)
         return {
             "token_type": "Bearer",
             "access_token": token,
@@ -432,5 +356,4 @@ __all__ = [
     "TOKEN_TYPE_JWT",
     "Grants",
     "OAuthError",
-    "ReplayCache",
 ]

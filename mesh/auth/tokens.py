@@ -52,6 +52,7 @@ class RawExchanger(Protocol):
         *,
         scopes: Sequence[str] | None = None,
         hops: int | None = None,
+        previous: str | None = None,
     ) -> tuple[str, float]: ...
 
     async def client_token(self, audience: str) -> tuple[str, float]: ...
@@ -173,10 +174,16 @@ class HopTokens:
         *,
         scopes: Sequence[str] | None = None,
         hops_remaining: int | None = None,
+        previous: str | None = None,
     ) -> str:
-        """The user's token exchanged for exactly ``audience`` (see the module docstring)."""
+        """The user's token exchanged for exactly ``audience`` (see the module docstring).
+
+        ``previous``: the token the agent handing the turn over held (TRANSFER/CONSULT
+        from it); the new token's ``act`` chain then runs through that agent, its hop
+        budget cannot exceed that token's, and its scopes still come from the user's
+        ``subject_token`` (intersected with ``scopes``)."""
         wanted = tuple(sorted(set(scopes))) if scopes is not None else None
-        key = ("hop", subject_token, audience, wanted, hops_remaining)
+        key = ("hop", subject_token, audience, wanted, hops_remaining, previous)
         cached = self.cache.get(key)
         if cached is not None:
             return cached
@@ -187,7 +194,7 @@ class HopTokens:
         return await self._single_flight(
             key,
             lambda: self.inner.exchange(
-                subject_token, audience, scopes=wanted, hops=hops_remaining
+                subject_token, audience, scopes=wanted, hops=hops_remaining, previous=previous
             ),
         )
 

@@ -517,3 +517,35 @@ async def test_hop_tokens_cache_per_audience_scopes_and_hops(
     assert app == await tokens.service_token("mesh-agent-a")
     with pytest.raises(MeshError):
         await tokens.for_hop(user, "mesh-agent-a", scopes=["mesh.admin"])
+
+
+async def test_previous_token_extends_the_chain_for_the_same_user_only(
+    config: MeshConfig, sts: TokenService
+) -> None:
+    router = _creds(config, "router")
+    alice = mint_user_token(config, "alice", ["mesh.chat", "billing.read"])
+    at_a = await _exchange(sts, router, alice, "mesh-agent-a", scope="mesh.chat", mesh_hops="2")
+    held = at_a.json()["access_token"]
+    # Scopes from alice's own token, the chain and the hop ceiling from what a held.
+    to_b = await _exchange(
+        sts, router, alice, "mesh-agent-b", scope="billing.read", mesh_previous_token=held
+    )
+    claims = unverified_claims(to_b.json()["access_token"])
+    assert claims["scp"] == "billing.read" and claims["mesh_hops"] == 2
+    assert claims["act"] == {
+        "sub": "mesh-router",
+        "act": {"sub": "mesh-agent-a", "act": {"sub": "mesh-router"}},
+    }
+    grow = await _exchange(
+        sts, router, alice, "mesh-agent-b", mesh_hops="5", mesh_previous_token=held
+    )
+    assert grow.status_code == 400
+    bob_held = await _via_router(config, sts, "a", sub="bob")
+    other_user = await _exchange(sts, router, alice, "mesh-agent-b", mesh_previous_token=bob_held)
+    assert other_user.status_code == 400 and "another user" in other_user.text
+    # b cannot use a token the router acted on as its own link in the chain.
+    held_b = await _via_router(config, sts, "b")
+    by_b = await _exchange(
+        sts, _creds(config, "b"), held_b, "mesh-agent-b", mesh_previous_token=held
+    )
+    assert by_b.status_code == 400
