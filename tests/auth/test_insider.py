@@ -549,3 +549,17 @@ async def test_previous_token_extends_the_chain_for_the_same_user_only(
         sts, _creds(config, "b"), held_b, "mesh-agent-b", mesh_previous_token=held
     )
     assert by_b.status_code == 400
+
+
+def test_mesh_up_hands_each_child_only_its_own_secret(
+    config: MeshConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mesh.auth.runtime import child_env, client_credential, secret_env_name
+
+    env_b, env_admin = child_env(config, "b"), child_env(config, "admin")
+    assert env_b == {"MESH_CLIENT_SECRET_B": dev_client_secret(config, "b")}
+    assert env_admin == {"MESH_CLIENT_SECRET_ADMIN": dev_client_secret(config, "admin")}
+    assert child_env(config, "a") == {}  # a has a certificate
+    assert child_env(config, "router") == {}  # the router's secret comes from its secret_env
+    monkeypatch.setenv(secret_env_name("b"), "handed-over-secret-value")
+    assert client_credential(config, "b").secret == "handed-over-secret-value"
