@@ -56,21 +56,34 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 class Lifecycle:
-    """Tracks in-flight work so a drain can wait for it; refuses new work while draining
-    and beyond ``max_streams``."""
+    """Counts work streams (for the stream limit) and turns in flight (for the drain);
+    refuses new streams while draining and beyond ``max_streams``.
+
+    A drain waits for turns, not streams: a router keeps idle pooled streams open at
+    an agent, and those end at once when the drain starts (see :func:`next_request`).
+    """
 
     def __init__(self, max_streams: int | None = None) -> None:
         self.max_streams = max_streams
         self.draining = asyncio.Event()
         self._active = 0
+        self._turns = 0
         self.started = 0
         """Work streams ever started (a counter for tests and metrics)."""
+        self.turns_started = 0
+        """Turns ever started."""
         self._idle = asyncio.Event()
         self._idle.set()
 
     @property
     def active(self) -> int:
+        """Work streams open now."""
         return self._active
+
+    @property
+    def turns(self) -> int:
+        """Turns in flight now."""
+        return self._turns
 
     def check(self) -> None:
         if self.draining.is_set():
@@ -86,16 +99,23 @@ class Lifecycle:
         self.check()
         self._active += 1
         self.started += 1
-        self._idle.clear()
         try:
             yield
         finally:
             self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+
+    def turn_started(self) -> None:
+        self._turns += 1
+        self.turns_started += 1
+        self._idle.clear()
+
+    def turn_ended(self) -> None:
+        self._turns -= 1
+        if self._turns == 0:
+            self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no work is in flight; False when the timeout ran out first."""
+        """Wait until no turn is in flight; False when the timeout ran out first."""
         try:
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
@@ -222,17 +242,17 @@ class MeshServer:
         await self.health.enter_graceful_shutdown()
         self.lifecycle.draining.set()
         log.info(
-            "%s draining: %d streams in flight, grace %.1fs",
+            "%s draining: %d turns in flight, grace %.1fs",
             self.label,
-            self.lifecycle.active,
+            self.lifecycle.turns,
             grace,
         )
         finished = await self.lifecycle.wait_idle(grace)
         if not finished:
             log.warning(
-                "%s grace period over with %d streams in flight; cancelling them",
+                "%s grace period over with %d turns in flight; cancelling them",
                 self.label,
-                self.lifecycle.active,
+                self.lifecycle.turns,
             )
         await self._server.stop(0.5)
         if self._health_server is not None:

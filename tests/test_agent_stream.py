@@ -157,7 +157,7 @@ async def test_handoff_rpc_accepts_a_peer_conversation() -> None:
             call = agent_pb2_grpc.AgentStub(channel).Handoff(timeout=10)
             await call.write(
                 agent_pb2.HandoffRequest(
-                    handoff=agent_pb2.HandoffTurn(
+                    handoff=types_pb2.HandoffTurn(
                         conversation_id="c9",
                         source_agent="a",
                         mode=types_pb2.HandoffMode.CONSULT,

@@ -169,7 +169,7 @@ async def test_cancel_request_ends_the_turn_and_the_stream_goes_on() -> None:
             await stream.close()
 
 
-async def test_turns_on_one_client_stream_reuse_one_agent_stream() -> None:
+async def test_turns_of_every_conversation_reuse_one_agent_stream() -> None:
     config = mesh_config(
         {"memo": offline_agent(default_reply="turn {turns}: {message}")},
         router={"default_agent": "memo"},
@@ -187,7 +187,8 @@ async def test_turns_on_one_client_stream_reuse_one_agent_stream() -> None:
                 events = [e async for e in stream.turn(request)]
                 finals.append(events[-1].final.content)
             await stream.close()
-            # A turn of another conversation on the same client stream gets its own.
+            # A turn of another conversation (another client stream) reuses it too: each
+            # turn carries its own conversation and hop context.
             other = [
                 e
                 async for e in AgentClient(channel, router=True)
@@ -196,7 +197,7 @@ async def test_turns_on_one_client_stream_reuse_one_agent_stream() -> None:
             ]
         assert finals == ["turn 1: one", "turn 2: two", "turn 3: three"]
         assert other[-1].final.content == "turn 1: four"
-        assert agent_server.lifecycle.started == 2  # three turns, one agent stream
+        assert agent_server.lifecycle.started == 1  # four turns, one agent stream
         assert await agent_server.lifecycle.wait_idle(10)  # and it was closed cleanly
 
 

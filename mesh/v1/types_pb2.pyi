@@ -214,6 +214,7 @@ class Turn(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     TURN_ID_FIELD_NUMBER: _builtins.int
+    HOP_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     """Names the conversation; the router keeps its history under this id."""
     message: _builtins.str
@@ -230,6 +231,12 @@ class Turn(_message.Message):
     def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form context (tenant, locale, ...); matched by CONDITIONAL rules."""
 
+    @_builtins.property
+    def hop(self) -> Global___HopContext:
+        """Router to agent only: the per-turn call context, so that one long-lived agent
+        stream can carry many turns and conversations. Clients leave these empty.
+        """
+
     def __init__(
         self,
         *,
@@ -239,14 +246,81 @@ class Turn(_message.Message):
         context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         agent: _builtins.str = ...,
         turn_id: _builtins.str = ...,
+        hop: Global___HopContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "context", b"context", "conversation_id", b"conversation_id", "history", b"history", "message", b"message", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop", b"hop", "message", b"message", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Turn: _TypeAlias = Turn  # noqa: Y015
+
+@_typing.final
+class HopContext(_message.Message):
+    """The call context of one turn at one hop, carried in the request so that a
+    pooled agent stream needs nothing from call metadata per turn. The router
+    fills it; an agent trusts it only on a stream whose caller authenticated as
+    the router (or with auth off).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HOP_PATH_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    HOPS_REMAINING_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request id of the turn, for logs and audit lines."""
+    timeout_ms: _builtins.int
+    """Milliseconds the turn may still take (0: no deadline beyond the agent's own)."""
+    hops_remaining: _builtins.int
+    """Handoffs this turn may still take."""
+    @_builtins.property
+    def hop_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents this turn has passed through so far, in order."""
+
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context of the turn (traceparent, tracestate, baggage)."""
+
+    def __init__(
+        self,
+        *,
+        hop_path: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout_ms: _builtins.int = ...,
+        hops_remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_path", b"hop_path", "hops_remaining", b"hops_remaining", "request_id", b"request_id", "timeout_ms", b"timeout_ms", "trace_context", b"trace_context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HopContext: _TypeAlias = HopContext  # noqa: Y015
 
 @_typing.final
 class ConsultResult(_message.Message):
@@ -303,30 +377,125 @@ class Cancel(_message.Message):
 Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
 
 @_typing.final
+class HandoffTurn(_message.Message):
+    """The conversation as it arrives at the handoff target."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_AGENT_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    HOP_PATH_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    HOPS_REMAINING_FIELD_NUMBER: _builtins.int
+    HOP_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    source_agent: _builtins.str
+    """The agent handing over."""
+    mode: Global___HandoffMode.Mode.ValueType
+    reason: _builtins.str
+    message: _builtins.str
+    """What the target should answer."""
+    turn_id: _builtins.str
+    hops_remaining: _builtins.int
+    """Handoffs this turn may still take."""
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]: ...
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only the context keys the sender chose to pass."""
+
+    @_builtins.property
+    def hop_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents this turn has passed through so far, in order."""
+
+    @_builtins.property
+    def hop(self) -> Global___HopContext:
+        """Router to agent only: the per-turn call context (request id, trace context,
+        the time the turn may still take), as on Turn.
+        """
+
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        source_agent: _builtins.str = ...,
+        mode: Global___HandoffMode.Mode.ValueType = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        history: _abc.Iterable[Global___Message] | None = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        hop_path: _abc.Iterable[_builtins.str] | None = ...,
+        turn_id: _builtins.str = ...,
+        hops_remaining: _builtins.int = ...,
+        hop: Global___HopContext | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop", b"hop", "hop_path", b"hop_path", "hops_remaining", b"hops_remaining", "message", b"message", "mode", b"mode", "reason", b"reason", "source_agent", b"source_agent", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandoffTurn: _TypeAlias = HandoffTurn  # noqa: Y015
+
+@_typing.final
 class ChatRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TURN_FIELD_NUMBER: _builtins.int
     CONSULT_RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    HANDOFF_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def turn(self) -> Global___Turn: ...
     @_builtins.property
     def consult_result(self) -> Global___ConsultResult: ...
     @_builtins.property
     def cancel(self) -> Global___Cancel: ...
+    @_builtins.property
+    def handoff(self) -> Global___HandoffTurn:
+        """Router to agent only: a peer's conversation handed over (TRANSFER or
+        CONSULT) as one more turn on a pooled Chat stream; the same as the first
+        request of Agent.Handoff.
+        """
+
     def __init__(
         self,
         *,
         turn: Global___Turn | None = ...,
         consult_result: Global___ConsultResult | None = ...,
         cancel: Global___Cancel | None = ...,
+        handoff: Global___HandoffTurn | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn", "consult_result", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn", "consult_result", "cancel", "handoff"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -444,9 +613,14 @@ class FinalMessage(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     STOP_REASON_FIELD_NUMBER: _builtins.int
     HOP_PATH_FIELD_NUMBER: _builtins.int
+    HISTORY_DROPPED_FIELD_NUMBER: _builtins.int
     content: _builtins.str
     stop_reason: _builtins.str
     """end_turn | tool_rounds_exhausted | handoff | end_conversation | cancelled"""
+    history_dropped: _builtins.int
+    """History messages left out of this turn because the conversation outgrew the
+    router's history window (router.store.history_max_bytes); 0 when none were.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage: ...
     @_builtins.property
@@ -460,10 +634,11 @@ class FinalMessage(_message.Message):
         usage: Global___Usage | None = ...,
         stop_reason: _builtins.str = ...,
         hop_path: _abc.Iterable[_builtins.str] | None = ...,
+        history_dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "hop_path", b"hop_path", "stop_reason", b"stop_reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "history_dropped", b"history_dropped", "hop_path", b"hop_path", "stop_reason", b"stop_reason", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -265,7 +265,7 @@ chat_requests = st.one_of(
     st.builds(types_pb2.ChatRequest, cancel=cancels),
 )
 handoff_turns = st.builds(
-    agent_pb2.HandoffTurn,
+    types_pb2.HandoffTurn,
     conversation_id=texts,
     source_agent=names,
     mode=st.integers(min_value=0, max_value=6),

@@ -155,7 +155,8 @@ async def test_router_killed_acknowledged_history_intact(tmp_path: Path) -> None
 
 
 class DeadlineRecorder(grpc.aio.ServerInterceptor):
-    """Records the deadline (time remaining) each incoming stream arrived with."""
+    """Records the deadline (time remaining) each turn arrived with: the call's own, or
+    the per-turn one a pooled stream's request carries, whichever is sooner."""
 
     def __init__(self) -> None:
         self.remaining: list[float | None] = []
@@ -171,9 +172,19 @@ class DeadlineRecorder(grpc.aio.ServerInterceptor):
         inner = handler.stream_stream
         seen = self.remaining
 
+        async def turns(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind in ("turn", "handoff"):
+                    hop = getattr(request, kind).hop
+                    own = context.time_remaining()
+                    per_turn = hop.timeout_ms / 1000 if hop.timeout_ms else None
+                    known = [t for t in (own, per_turn) if t is not None]
+                    seen.append(min(known) if known else None)
+                yield request
+
         async def recorded(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            seen.append(context.time_remaining())
-            async for event in inner(requests, context):
+            async for event in inner(turns(requests, context), context):
                 yield event
 
         return grpc.stream_stream_rpc_method_handler(
