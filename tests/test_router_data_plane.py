@@ -144,7 +144,7 @@ class _StatusAgent:
     def __init__(self) -> None:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
 
-        async def chat(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def chat(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             async for request in requests:
                 code_name, _, reason = request.turn.message.partition(":")
                 code = grpc.StatusCode[code_name]
@@ -153,8 +153,6 @@ class _StatusAgent:
                     err.code, err.reason = code, reason
                     await context.abort(code, "from the agent", err.trailing_metadata())
                 await context.abort(code, "from the agent")
-            return
-            yield  # an async generator: a streaming handler
 
         handler = grpc.stream_stream_rpc_method_handler(
             chat,
