@@ -146,6 +146,32 @@ async def test_registered_agent_listed_then_gone_when_it_dies(tmp_path: Path) ->
         router.stop()
 
 
+async def test_second_replica_registers_beside_the_first(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "router": {"store": {"kind": "memory"}, "discovery": {"health_interval_s": 0.5}},
+            "agents": {"helper": offline_agent("registers itself")},
+        },
+    )
+    router, raddr = _start_router(config)
+    args = ["agent", "helper", "--config", str(config), "--port", "0", "--register", raddr]
+    first, second = Proc(args), Proc(args)
+    try:
+        first.wait_line("registered: ")
+        second.wait_line("registered: ")
+        async with create_channel(raddr) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            listing = await stub.ListAgents(router_pb2.ListAgentsRequest(), timeout=5)
+            (entry,) = listing.agents
+            assert len(entry.endpoints) == 2
+            assert {e.health for e in entry.endpoints} == {"SERVING"}
+    finally:
+        for proc in (first, second, router):
+            proc.stop()
+    assert not any("did not report SERVING" in line for line in second.stderr)
+
+
 def _counting_config(tmp_path: Path, store: dict[str, object]) -> Path:
     return write_config(
         tmp_path,
