@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mesh.config import ServerSettings
 from mesh.errors import Draining, IdleTimeout, ResourceExhausted
@@ -146,6 +148,56 @@ async def next_request(inbox: asyncio.Queue[object], lifecycle: Lifecycle, idle:
     raise IdleTimeout(f"stream idle for {idle:g}s with no request; closed")
 
 
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _register_v1_descriptor() -> None:
+    """Put ``grpc/reflection/v1/reflection.proto`` in the default pool (once), made from
+    v1alpha's descriptor with the package renamed, so reflection can describe itself."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    proto.ClearField("options")
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(proto)
+
+
+def add_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:
+    """Server reflection, v1 beside v1alpha.
+
+    grpcio-reflection ships v1alpha only; v1 has the same messages on the wire, so the
+    same servicer answers both (current grpcurl, buf curl, Postman and grpcui ask v1
+    first; grpcurl 1.8 asks v1alpha).
+    """
+    _register_v1_descriptor()
+    names = [*services, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection_aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),)
+        )
+
+
 @dataclass(frozen=True)
 class Service:
     """A servicer to register: its full name and how to add it to a server."""
@@ -197,9 +249,7 @@ class MeshServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [s.name for s in self.services]
         if self.settings.reflection:
-            reflection.enable_server_reflection(
-                [*names, HEALTH_SERVICE, reflection.SERVICE_NAME], self._server
-            )
+            add_reflection(self._server, [*names, HEALTH_SERVICE])
         address = f"{host or self.settings.host}:{port}"
         if self._credentials is not None:
             bound = self._server.add_secure_port(address, self._credentials)

@@ -56,7 +56,7 @@ async def _chat_error(
 ) -> tuple[MeshError, list[types_pb2.ChatEvent]]:
     events: list[types_pb2.ChatEvent] = []
     async with create_channel(router) as channel:
-        call = router_pb2_grpc.RouterStub(channel).Chat(timeout=timeout)
+        call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=timeout)
         await call.write(turn_request(message))
         await call.done_writing()
         try:
@@ -79,7 +79,7 @@ async def test_transfer_loop_stops_at_exactly_max_hops() -> None:
     forwarded = [e.handoff.target for e in events if e.WhichOneof("kind") == "handoff"]
     assert forwarded == ["b", "a", "b"]  # the refused fourth handoff was not forwarded
     assert events[-1].WhichOneof("kind") == "error"
-    assert events[-1].error.code == "FAILED_PRECONDITION"
+    assert events[-1].error.code == types_pb2.ERROR_CODE_FAILED_PRECONDITION
 
 
 async def test_consult_cycle_refused_before_reaching_a_again() -> None:
@@ -141,7 +141,7 @@ async def test_deadline_ends_every_hop() -> None:
 async def test_client_cancel_reaches_every_hop() -> None:
     async with mesh_of(_three_hops(delay_ms=50)) as (router, providers, servers):
         async with create_channel(router) as channel:
-            call = router_pb2_grpc.RouterStub(channel).Chat(timeout=60)
+            call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=60)
             await call.write(turn_request("go"))
             async for event in call:
                 if event.agent == "c" and event.WhichOneof("kind") == "delta":
@@ -164,7 +164,7 @@ async def test_cancel_request_ends_the_turn_and_the_stream_goes_on() -> None:
             async for event in call:
                 if event.WhichOneof("kind") == "final":
                     break
-            assert event.final.stop_reason == "cancelled"
+            assert event.final.stop_reason == types_pb2.STOP_REASON_CANCELLED
             await asyncio.wait_for(providers["c"].closed.wait(), 10)
             await stream.close()
 

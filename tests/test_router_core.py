@@ -96,7 +96,7 @@ def test_consult_cycle_and_unknown_target_refused() -> None:
         (types_pb2.ChatEvent(tool_result=types_pb2.ToolResult(call_id="1")), KIND_TOOL_RESULT),
         (types_pb2.ChatEvent(handoff=types_pb2.HandoffEvent(target="b")), KIND_HANDOFF),
         (types_pb2.ChatEvent(final=types_pb2.FinalMessage(content="x")), KIND_FINAL),
-        (types_pb2.ChatEvent(error=types_pb2.ErrorEvent(code="X")), KIND_ERROR),
+        (types_pb2.ChatEvent(error=types_pb2.ErrorEvent(message="X")), KIND_ERROR),
         (types_pb2.ChatEvent(), 0),
     ],
 )

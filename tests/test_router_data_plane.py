@@ -139,7 +139,7 @@ async def test_forged_hop_path_from_a_user_is_ignored() -> None:
 
 
 class _StatusAgent:
-    """A raw ``mesh.v1.Agent`` that ends every Chat with the status the message names."""
+    """A raw ``mesh.v1.AgentService`` that ends every Chat with the status the message names."""
 
     def __init__(self) -> None:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
@@ -160,7 +160,7 @@ class _StatusAgent:
             response_serializer=types_pb2.ChatEvent.SerializeToString,
         )
         self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("mesh.v1.Agent", {"Chat": handler}),)
+            (grpc.method_handlers_generic_handler("mesh.v1.AgentService", {"Chat": handler}),)
         )
         from grpc_health.v1 import health_pb2_grpc
         from grpc_health.v1._async import HealthServicer
@@ -173,13 +173,13 @@ class _StatusAgent:
 
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
-        await self.health.set("mesh.v1.Agent", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set("mesh.v1.AgentService", health_pb2.HealthCheckResponse.SERVING)
         return port
 
 
 async def _status_through_router(router: str, message: str) -> MeshError:
     async with create_channel(router) as channel:
-        call = router_pb2_grpc.RouterStub(channel).Chat(timeout=20)
+        call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=20)
         await call.write(turn_request(message))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             async for _event in call:
@@ -369,8 +369,10 @@ async def test_list_agents_reports_endpoints() -> None:
     async with serve_agent(config, "echo") as (address, _s, _r, _p):
         async with serve_router(config, {"echo": [address]}) as (router, _app):
             async with create_channel(router) as channel:
-                listing = await router_pb2_grpc.RouterStub(channel).ListAgents(
+                listing = await router_pb2_grpc.RouterServiceStub(channel).ListAgents(
                     router_pb2.ListAgentsRequest(), timeout=10
                 )
     (entry,) = listing.agents
-    assert entry.info.name == "echo" and entry.endpoints[0].health == "SERVING"
+    assert (
+        entry.info.name == "echo" and entry.endpoints[0].health == types_pb2.ENDPOINT_HEALTH_SERVING
+    )

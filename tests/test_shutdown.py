@@ -48,7 +48,7 @@ async def test_sigterm_drains_open_stream_and_exits_zero(tmp_path: object) -> No
             assert isinstance(first, health_pb2.HealthCheckResponse)
             assert first.status == health_pb2.HealthCheckResponse.SERVING
 
-            call = agent_pb2_grpc.AgentStub(channel).Chat(timeout=60)
+            call = agent_pb2_grpc.AgentServiceStub(channel).Chat(timeout=60)
             await call.write(turn_request("go"))
             event = await call.read()
             assert isinstance(event, types_pb2.ChatEvent)
@@ -61,7 +61,7 @@ async def test_sigterm_drains_open_stream_and_exits_zero(tmp_path: object) -> No
             # New work is refused while draining, so callers go elsewhere: always
             # UNAVAILABLE, even for a client that writes at once (grpc/grpc#36066).
             for _ in range(30):
-                refused = agent_pb2_grpc.AgentStub(other).Chat(timeout=10)
+                refused = agent_pb2_grpc.AgentServiceStub(other).Chat(timeout=10)
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await _write_then_read(refused)
                 assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value

@@ -204,8 +204,8 @@ class _AgentStream(TurnStream[Req, TurnInput]):
         return out
 
 
-class AgentServicer(agent_pb2_grpc.AgentServicer):
-    """``mesh.v1.Agent`` over one :class:`AgentRuntime`."""
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """``mesh.v1.AgentService`` over one :class:`AgentRuntime`."""
 
     def __init__(
         self, runtime: AgentRuntime, lifecycle: Lifecycle, *, idle_timeout: float = 300.0
@@ -237,13 +237,13 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
     async def Info(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> types_pb2.AgentInfo:
-        return agent_info(self.runtime)
+    ) -> agent_pb2.InfoResponse:
+        return agent_pb2.InfoResponse(info=agent_info(self.runtime))
 
 
 def agent_info(runtime: AgentRuntime) -> types_pb2.AgentInfo:
     config = runtime.config
-    modes: dict[str, list[types_pb2.HandoffMode.Mode.ValueType]] = {}
+    modes: dict[str, list[types_pb2.HandoffMode.ValueType]] = {}
     for handoff in config.handoffs:
         modes[handoff.target] = [MODE_TO_PB[m] for m in handoff.modes]
     return types_pb2.AgentInfo(

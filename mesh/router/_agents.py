@@ -33,7 +33,7 @@ from mesh.v1 import types_pb2
 
 log = logging.getLogger("mesh.router")
 
-CHAT_METHOD = "/mesh.v1.Agent/Chat"
+CHAT_METHOD = "/mesh.v1.AgentService/Chat"
 OPEN_ATTEMPTS = 3
 
 # ChatEvent field numbers of the ``kind`` oneof (see types.proto).

@@ -33,9 +33,9 @@ from mesh.router._core import HopBudget, RoutingCore
 from mesh.router._store import ConversationStore
 from mesh.v1 import types_pb2
 
-TRANSFER = types_pb2.HandoffMode.TRANSFER
-CONSULT = types_pb2.HandoffMode.CONSULT
-END = types_pb2.HandoffMode.END_CONVERSATION
+TRANSFER = types_pb2.HANDOFF_MODE_TRANSFER
+CONSULT = types_pb2.HANDOFF_MODE_CONSULT
+END = types_pb2.HANDOFF_MODE_END_CONVERSATION
 
 Emit = Callable[[types_pb2.ChatEvent | bytes], None]
 TokenFor = Callable[[str, str | None, str], Awaitable[str | None]]
@@ -131,7 +131,7 @@ class Router:
         state: TurnState,
         source: str,
         target: str,
-        mode: types_pb2.HandoffMode.Mode.ValueType,
+        mode: types_pb2.HandoffMode.ValueType,
         reason: str,
         message: str,
         context: dict[str, str],
@@ -307,7 +307,7 @@ class Router:
         final.hop_path.extend(state.path)
         final.history_dropped = state.history_dropped
         if outcome.ended:
-            final.stop_reason = "end_conversation"
+            final.stop_reason = types_pb2.STOP_REASON_END_CONVERSATION
         active = target if plan.sequence else outcome.agent
         await self.store.append(
             state.conversation_id,

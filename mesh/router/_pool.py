@@ -29,7 +29,7 @@ from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 log = logging.getLogger("mesh.router.pool")
 
 Source = Literal["static", "registered", "dns"]
-AGENT_SERVICE = "mesh.v1.Agent"
+AGENT_SERVICE = "mesh.v1.AgentService"
 ChannelFactory = Callable[[str, str, str], grpc.aio.Channel]
 """(address, agent name, TLS server name or "") -> channel (with the agent's interceptors)."""
 
@@ -40,7 +40,7 @@ class Endpoint:
     address: str
     sources: set[Source]
     channel: grpc.aio.Channel
-    stub: agent_pb2_grpc.AgentAsyncStub
+    stub: agent_pb2_grpc.AgentServiceAsyncStub
     healthy: bool = False
     active: int = 0
     watch: asyncio.Task[None] | None = None
@@ -51,6 +51,12 @@ class Endpoint:
     @property
     def health(self) -> str:
         return "SERVING" if self.healthy else "NOT_SERVING"
+
+    @property
+    def health_pb(self) -> types_pb2.EndpointHealth.ValueType:
+        if self.healthy:
+            return types_pb2.ENDPOINT_HEALTH_SERVING
+        return types_pb2.ENDPOINT_HEALTH_NOT_SERVING
 
 
 class AgentPool:
@@ -91,7 +97,9 @@ class AgentPool:
             endpoint.sources.add(source)
             return endpoint
         channel = self._channel_factory(address, agent, server_name)
-        endpoint = Endpoint(agent, address, {source}, channel, agent_pb2_grpc.AgentStub(channel))
+        endpoint = Endpoint(
+            agent, address, {source}, channel, agent_pb2_grpc.AgentServiceStub(channel)
+        )
         known[address] = endpoint
         endpoint.watch = asyncio.ensure_future(self._watch(endpoint))
         log.info("endpoint %s of %s added (%s)", address, agent, source)
@@ -163,7 +171,7 @@ class AgentPool:
         except grpc.aio.AioRpcError as err:
             log.warning("Info from %s failed: %s", endpoint.address, err.code().name)
             return
-        self.infos[endpoint.agent] = info
+        self.infos[endpoint.agent] = info.info
 
     def mark_failed(self, endpoint: Endpoint) -> None:
         """A call found the endpoint down: stop picking it, and probe it until it serves.

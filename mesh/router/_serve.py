@@ -18,7 +18,7 @@ from mesh.router._store import ConversationStore, open_store
 from mesh.server import Lifecycle, MeshServer, Service
 from mesh.v1 import router_pb2
 
-ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
 def agent_channel_factory(config: MeshConfig) -> Callable[[str, str, str], grpc.aio.Channel]:

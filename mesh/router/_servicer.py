@@ -1,4 +1,4 @@
-"""``mesh.v1.Router`` over the turn engine: a thin adapter.
+"""``mesh.v1.RouterService`` over the turn engine: a thin adapter.
 
 Chat streams run on the shared turn-stream plumbing (:mod:`mesh.streams`); the
 engine's relayed events may be the agent's own bytes, so the Router service is
@@ -28,6 +28,7 @@ from mesh.context import (
     current_token,
     current_trace_context,
 )
+from mesh.convert import error_code
 from mesh.errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -50,6 +51,11 @@ log = logging.getLogger("mesh.router")
 
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_SOURCES = {
+    "static": types_pb2.ENDPOINT_SOURCE_STATIC,
+    "registered": types_pb2.ENDPOINT_SOURCE_REGISTERED,
+    "dns": types_pb2.ENDPOINT_SOURCE_DNS,
+}
 _MESSAGE_OVERHEAD = 64
 """Bytes a history message costs beyond its text (framing, role, agent tag)."""
 
@@ -147,7 +153,9 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
                 final = await s.router.run_turn(state, target)
         except TimeoutError:
             raise DeadlineExceeded(f"turn did not finish within {budget:.3g}s") from None
-        return TurnEnd(final=final, last=final.final.stop_reason == "end_conversation")
+        return TurnEnd(
+            final=final, last=final.final.stop_reason == types_pb2.STOP_REASON_END_CONVERSATION
+        )
 
     def _agent(self, pending: _Pending) -> str:
         path = pending.state.path if pending.state is not None else []
@@ -157,13 +165,17 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         path = pending.state.path if pending.state is not None else []
         return types_pb2.ChatEvent(
             agent=self._agent(pending),
-            final=types_pb2.FinalMessage(stop_reason="cancelled", hop_path=path),
+            final=types_pb2.FinalMessage(
+                stop_reason=types_pb2.STOP_REASON_CANCELLED, hop_path=path
+            ),
         )
 
     def failed(self, pending: _Pending, err: MeshError) -> types_pb2.ChatEvent:
         return types_pb2.ChatEvent(
             agent=self._agent(pending),
-            error=types_pb2.ErrorEvent(code=err.code.name, message=err.message, reason=err.reason),
+            error=types_pb2.ErrorEvent(
+                code=error_code(err.code.name), message=err.message, reason=err.reason
+            ),
         )
 
     def stamp(self, event: types_pb2.ChatEvent | bytes, pending: _Pending) -> Any:
@@ -180,7 +192,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         return event
 
 
-class RouterServicer(router_pb2_grpc.RouterServicer):
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(
         self, config: MeshConfig, router: Router, pool: AgentPool, lifecycle: Lifecycle
     ) -> None:
@@ -233,8 +245,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         endpoints = [
             router_pb2.Endpoint(
                 address=e.address,
-                health=e.health,
-                source=",".join(sorted(e.sources)),
+                health=e.health_pb,
+                sources=sorted(_SOURCES[s] for s in e.sources),
                 active_streams=max(0, e.active),
             )
             for e in self.pool.endpoints.get(name, {}).values()
@@ -249,10 +261,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def DescribeAgent(  # noqa: N802 - gRPC method name
         self, request: router_pb2.DescribeAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> types_pb2.AgentInfo:
+    ) -> router_pb2.DescribeAgentResponse:
         if request.name not in self.pool.endpoints and request.name not in self.config.agents:
             await abort_with(context, NotFound(f"no agent named {request.name!r}", field="name"))
-        return self._entry(request.name).info
+        return router_pb2.DescribeAgentResponse(info=self._entry(request.name).info)
 
     # -- Register ----------------------------------------------------------------------
 
@@ -352,7 +364,7 @@ def _serialize_event(event: types_pb2.ChatEvent | bytes) -> bytes:
 
 
 def add_router_service(servicer: RouterServicer, server: grpc.aio.Server) -> None:
-    """Register ``mesh.v1.Router``; Chat's events may be relayed bytes."""
+    """Register ``mesh.v1.RouterService``; Chat's events may be relayed bytes."""
     handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Chat": grpc.stream_stream_rpc_method_handler(
             servicer.Chat,
@@ -367,7 +379,7 @@ def add_router_service(servicer: RouterServicer, server: grpc.aio.Server) -> Non
         "DescribeAgent": grpc.unary_unary_rpc_method_handler(
             servicer.DescribeAgent,
             request_deserializer=router_pb2.DescribeAgentRequest.FromString,
-            response_serializer=types_pb2.AgentInfo.SerializeToString,
+            response_serializer=router_pb2.DescribeAgentResponse.SerializeToString,
         ),
         "Register": grpc.stream_stream_rpc_method_handler(
             servicer.Register,
@@ -376,5 +388,5 @@ def add_router_service(servicer: RouterServicer, server: grpc.aio.Server) -> Non
         ),
     }
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("mesh.v1.Router", dict(handlers)),)
+        (grpc.method_handlers_generic_handler("mesh.v1.RouterService", dict(handlers)),)
     )

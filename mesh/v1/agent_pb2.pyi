@@ -19,17 +19,25 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class HandoffRequest(_message.Message):
+    """What the router sends on a Handoff stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDOFF_FIELD_NUMBER: _builtins.int
     CONSULT_RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def handoff(self) -> _types_pb2.HandoffTurn: ...
+    def handoff(self) -> _types_pb2.HandoffTurn:
+        """The conversation handed over (the first request)."""
+
     @_builtins.property
-    def consult_result(self) -> _types_pb2.ConsultResult: ...
+    def consult_result(self) -> _types_pb2.ConsultResult:
+        """The answer to a CONSULT the agent asked for."""
+
     @_builtins.property
-    def cancel(self) -> _types_pb2.Cancel: ...
+    def cancel(self) -> _types_pb2.Cancel:
+        """Stops the turn in flight."""
+
     def __init__(
         self,
         *,
@@ -49,6 +57,8 @@ Global___HandoffRequest: _TypeAlias = HandoffRequest  # noqa: Y015
 
 @_typing.final
 class InfoRequest(_message.Message):
+    """Asks an agent what it is."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -61,3 +71,27 @@ class InfoRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InfoRequest: _TypeAlias = InfoRequest  # noqa: Y015
+
+@_typing.final
+class InfoResponse(_message.Message):
+    """What an agent is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def info(self) -> _types_pb2.AgentInfo:
+        """The agent's description."""
+
+    def __init__(
+        self,
+        *,
+        info: _types_pb2.AgentInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
