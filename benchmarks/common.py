@@ -8,8 +8,8 @@ import sys
 
 ECHO_SERVICE = "bench.Echo"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Chat"
-AGENT_METHOD = "/mesh.v1.Agent/Chat"
-ROUTER_METHOD = "/mesh.v1.Router/Chat"
+AGENT_METHOD = "/mesh.v1.AgentService/Chat"
+ROUTER_METHOD = "/mesh.v1.RouterService/Chat"
 
 #: The user's message of a short turn (the offline model answers ``a heard: <message>``).
 SHORT_MESSAGE = "hello, how are you today?"

@@ -54,7 +54,7 @@ async def chat(
                 usage=types_pb2.Usage(
                     input_tokens=len(turn.message.split()), output_tokens=len(text.split())
                 ),
-                stop_reason="end_turn",
+                stop_reason=types_pb2.STOP_REASON_END_TURN,
                 hop_path=["a"],
             ),
         )

@@ -220,7 +220,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"try: grpcurl {transport}{header} {address} list", flush=True)
         turn = '\'{"turn": {"message": "hello"}}\''
         print(
-            f"try: grpcurl {transport}{header} -d {turn} {address} mesh.v1.Router/Chat",
+            f"try: grpcurl {transport}{header} -d {turn} {address} mesh.v1.RouterService/Chat",
             flush=True,
         )
         print("mesh up: running; Ctrl-C stops everything", flush=True)
@@ -290,6 +290,7 @@ def _caller(args: argparse.Namespace) -> _Caller:
 
 async def _chat(args: argparse.Namespace, caller: _Caller) -> int:
     from mesh.client import AgentClient, create_channel, turn_request
+    from mesh.convert import error_code_name, stop_name
     from mesh.v1 import types_pb2
 
     service = "router" if args.router_api else (args.agent or "router")
@@ -317,7 +318,8 @@ async def _chat(args: argparse.Namespace, caller: _Caller) -> int:
                 elif kind == "tool_call":
                     print(f"\n  -> {event.tool_call.name}(...)", flush=True)
                 elif kind == "handoff":
-                    mode = types_pb2.HandoffMode.Mode.Name(event.handoff.mode).lower()
+                    mode = types_pb2.HandoffMode.Name(event.handoff.mode)
+                    mode = mode.removeprefix("HANDOFF_MODE_").lower()
                     print(
                         f"\n  => {event.handoff.target} ({mode}) {event.handoff.reason}", flush=True
                     )
@@ -325,13 +327,14 @@ async def _chat(args: argparse.Namespace, caller: _Caller) -> int:
                     usage = event.final.usage
                     print(flush=True)
                     print(
-                        f"-- {event.agent} {event.final.stop_reason}; tokens in "
+                        f"-- {event.agent} {stop_name(event.final.stop_reason)}; tokens in "
                         f"{usage.input_tokens} out {usage.output_tokens}; "
                         f"conversation {event.conversation_id}",
                         file=sys.stderr,
                     )
                 elif kind == "error":
-                    print(f"\nerror {event.error.code}: {event.error.message}", file=sys.stderr)
+                    code = error_code_name(event.error.code)
+                    print(f"\nerror {code}: {event.error.message}", file=sys.stderr)
                     return 1
         finally:
             await stream.close()
@@ -366,7 +369,7 @@ async def _agents(router: str, as_json: bool, caller: _Caller) -> int:
     metadata = await caller.metadata("router")
     async with create_channel(router, credentials=caller.credentials()) as channel:
         try:
-            listing = await router_pb2_grpc.RouterStub(channel).ListAgents(
+            listing = await router_pb2_grpc.RouterServiceStub(channel).ListAgents(
                 router_pb2.ListAgentsRequest(), timeout=10, metadata=metadata
             )
         except grpc.RpcError as err:
@@ -376,12 +379,25 @@ async def _agents(router: str, as_json: bool, caller: _Caller) -> int:
         return 0
     for entry in listing.agents:
         endpoints = ", ".join(
-            f"{e.address} {e.health} ({e.source}, {e.active_streams} streams)"
+            f"{e.address} {_health(e.health)} ({_sources(e.sources)}, {e.active_streams} streams)"
             for e in entry.endpoints
         )
         print(f"{entry.info.name:<14} {entry.info.description}")
         print(f"{'':<14} {endpoints}")
     return 0
+
+
+def _health(value: int) -> str:
+    from mesh.v1 import types_pb2
+
+    return types_pb2.EndpointHealth.Name(value).removeprefix("ENDPOINT_HEALTH_")  # type: ignore[arg-type]  # an enum int
+
+
+def _sources(values: Sequence[int]) -> str:
+    from mesh.v1 import types_pb2
+
+    names = (types_pb2.EndpointSource.Name(v) for v in values)  # type: ignore[arg-type]  # enum ints
+    return ",".join(n.removeprefix("ENDPOINT_SOURCE_").lower() for n in names)
 
 
 def cmd_agents(args: argparse.Namespace) -> int:
@@ -397,9 +413,10 @@ async def _info(target: str, agent: str | None, caller: _Caller) -> int:
     async with create_channel(target, credentials=caller.credentials()) as channel:
         if metadata:
             try:
-                info = await agent_pb2_grpc.AgentStub(channel).Info(
+                response = await agent_pb2_grpc.AgentServiceStub(channel).Info(
                     agent_pb2.InfoRequest(), timeout=10, metadata=metadata
                 )
+                info = response.info
             except grpc.RpcError as err:
                 from mesh.errors import from_rpc_error
 

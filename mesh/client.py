@@ -136,13 +136,13 @@ class ChatStream:
 
 
 class AgentClient:
-    """Calls ``mesh.v1.Agent`` (or ``mesh.v1.Router``, which has the same Chat)."""
+    """Calls ``mesh.v1.AgentService`` (or ``mesh.v1.RouterService``, which has the same Chat)."""
 
     def __init__(self, channel: grpc.aio.Channel, *, router: bool = False) -> None:
         self.channel = channel
         self._router = router
-        self._agent = agent_pb2_grpc.AgentStub(channel)
-        self._router_stub = router_pb2_grpc.RouterStub(channel)
+        self._agent = agent_pb2_grpc.AgentServiceStub(channel)
+        self._router_stub = router_pb2_grpc.RouterServiceStub(channel)
 
     def open(
         self,
@@ -179,6 +179,7 @@ class AgentClient:
 
     async def info(self, *, timeout: float = 10.0) -> types_pb2.AgentInfo:
         try:
-            return await self._agent.Info(agent_pb2.InfoRequest(), timeout=timeout)
+            response = await self._agent.Info(agent_pb2.InfoRequest(), timeout=timeout)
+            return response.info
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

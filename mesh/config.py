@@ -216,6 +216,19 @@ class DiscoveryConfig(_Frozen):
     """How soon an endpoint that stopped answering leaves the pool (at most)."""
     registration: bool = True
     """Accept agents that announce themselves on Router.Register."""
+    register_role: str = "mesh.register"
+    """With auth on, the app role (``roles``) a caller's token needs to register; the
+    registered name must be the caller's own agent (its client id)."""
+    register_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    """Networks a registered address must fall inside (CIDR)."""
+    register_own_address: bool = True
+    """A registered address must be the caller's own peer address."""
+    registration_joins_static: bool = False
+    """Let registrations add replicas to an agent that static or DNS discovery lists
+    (off: a registration never shadows endpoints of another source)."""
+    hosts_file: str | None = None
+    """Resolve DNS targets from this hosts-format file instead of the system resolver
+    (local setups and tests); re-read on every resolution."""
 
 
 class StoreConfig(_Frozen):
@@ -228,6 +241,9 @@ class StoreConfig(_Frozen):
     """Redis URL without credentials, used when ``url_env`` is unset."""
     history_limit: int = Field(default=200, ge=1)
     """Messages of history handed to an agent per turn (the newest)."""
+    history_max_bytes: int = Field(default=1 << 20, ge=1024)
+    """Bytes of history handed to an agent per turn (the newest messages that fit; the
+    turn's final says how many were left out). Keep it well under the message limit."""
     ttl_s: float | None = Field(default=None, gt=0)
     """Forget a conversation this long after its last turn (Redis only)."""
 
@@ -245,12 +261,13 @@ class RouterConfig(_Frozen):
     """How long to wait for an agent to accept a stream."""
     default_deadline_s: float = Field(default=300.0, gt=0)
     """The deadline a turn gets when the client sets none."""
-    keep_agent_streams_s: float = Field(default=5.0, ge=0)
-    """Keep a client stream's agent Chat stream open this long after a turn, so the next
-    turn costs a message instead of a new call (0: a new call every turn). An agent
-    that runs out of streams gets the kept idle ones back at once."""
-    keep_agent_streams_max: int = Field(default=256, ge=0)
-    """At most this many idle kept streams per agent replica: they share one HTTP/2
+    keep_agent_streams_s: float = Field(default=60.0, ge=0)
+    """Keep an idle agent Chat stream in the pool this long for the next turn (of any
+    conversation with the same delegated token), so a turn costs a message instead of a
+    new call (0: a new call every turn). An agent that runs out of streams gets the
+    idle ones back at once."""
+    keep_agent_streams_max: int = Field(default=64, ge=0)
+    """At most this many idle pooled streams per agent replica: they share one HTTP/2
     connection with the turns in flight, whose streams must never queue behind them."""
 
 

@@ -19,6 +19,8 @@ MD_HOP_PATH = "x-mesh-hop-path"
 MD_CONVERSATION_ID = "x-mesh-conversation-id"
 MD_REQUEST_ID = "x-request-id"
 MD_TRACEPARENT = "traceparent"
+#: The W3C trace context headers, carried at every hop.
+TRACE_KEYS = (MD_TRACEPARENT, "tracestate", "baggage")
 #: Forwarded as-is from the incoming call to the next hop.
 FORWARDED_KEYS = (MD_CONVERSATION_ID, MD_REQUEST_ID, MD_TRACEPARENT)
 
@@ -50,6 +52,8 @@ current_token: ContextVar[str | None] = ContextVar("mesh_token", default=None)
 current_hop_path: ContextVar[tuple[str, ...]] = ContextVar("mesh_hop_path", default=())
 current_conversation_id: ContextVar[str] = ContextVar("mesh_conversation_id", default="")
 current_request_id: ContextVar[str] = ContextVar("mesh_request_id", default="")
+#: W3C trace context of the current turn (traceparent, tracestate, baggage).
+current_trace_context: ContextVar[dict[str, str]] = ContextVar("mesh_trace_context")
 
 
 CONVERSATION_ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import grpc
 from google.protobuf import json_format, struct_pb2
 
 from mesh.agent._runtime import (
@@ -21,19 +22,49 @@ from mesh.providers.base import ChatMessage, Role, ToolCallRequest
 from mesh.v1 import types_pb2
 
 _ROLE_TO_PB: dict[Role, types_pb2.Message.Role.ValueType] = {
-    "system": types_pb2.Message.SYSTEM,
-    "user": types_pb2.Message.USER,
-    "assistant": types_pb2.Message.ASSISTANT,
-    "tool": types_pb2.Message.TOOL,
+    "system": types_pb2.Message.ROLE_SYSTEM,
+    "user": types_pb2.Message.ROLE_USER,
+    "assistant": types_pb2.Message.ROLE_ASSISTANT,
+    "tool": types_pb2.Message.ROLE_TOOL,
 }
 _ROLE_FROM_PB = {v: k for k, v in _ROLE_TO_PB.items()}
 
-MODE_TO_PB: dict[Mode, types_pb2.HandoffMode.Mode.ValueType] = {
-    "transfer": types_pb2.HandoffMode.TRANSFER,
-    "consult": types_pb2.HandoffMode.CONSULT,
-    "end_conversation": types_pb2.HandoffMode.END_CONVERSATION,
+MODE_TO_PB: dict[Mode, types_pb2.HandoffMode.ValueType] = {
+    "transfer": types_pb2.HANDOFF_MODE_TRANSFER,
+    "consult": types_pb2.HANDOFF_MODE_CONSULT,
+    "end_conversation": types_pb2.HANDOFF_MODE_END_CONVERSATION,
 }
 MODE_FROM_PB: dict[int, Mode] = {int(v): k for k, v in MODE_TO_PB.items()}
+
+STOP_TO_PB: dict[str, types_pb2.StopReason.ValueType] = {
+    "end_turn": types_pb2.STOP_REASON_END_TURN,
+    "tool_rounds_exhausted": types_pb2.STOP_REASON_TOOL_ROUNDS_EXHAUSTED,
+    "handoff": types_pb2.STOP_REASON_HANDOFF,
+    "end_conversation": types_pb2.STOP_REASON_END_CONVERSATION,
+    "cancelled": types_pb2.STOP_REASON_CANCELLED,
+}
+
+
+def error_code(name: str) -> types_pb2.ErrorCode.ValueType:
+    """The ErrorCode of a gRPC status code name (UNKNOWN for a name gRPC lacks)."""
+    code = getattr(grpc.StatusCode, name, grpc.StatusCode.UNKNOWN)
+    return types_pb2.ErrorCode.ValueType(code.value[0])
+
+
+def stop_name(value: int) -> str:
+    """A StopReason as the runtime names it (end_turn, cancelled, ...)."""
+    for name, pb in STOP_TO_PB.items():
+        if pb == value:
+            return name
+    return "unspecified"
+
+
+def error_code_name(code: int) -> str:
+    """The gRPC status code name of an ErrorCode ("UNKNOWN" when it is none)."""
+    for status in grpc.StatusCode:
+        if status.value[0] == code and code:
+            return status.name
+    return "UNKNOWN"
 
 
 def to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
@@ -118,11 +149,13 @@ def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:
                 usage=types_pb2.Usage(
                     input_tokens=event.input_tokens, output_tokens=event.output_tokens
                 ),
-                stop_reason=event.stop_reason,
+                stop_reason=STOP_TO_PB.get(event.stop_reason, types_pb2.STOP_REASON_UNSPECIFIED),
             )
         )
     elif isinstance(event, ErrorInfo):
         out.error.CopyFrom(
-            types_pb2.ErrorEvent(code=event.code, message=event.message, reason=event.reason)
+            types_pb2.ErrorEvent(
+                code=error_code(event.code), message=event.message, reason=event.reason
+            )
         )
     return out

@@ -9,7 +9,7 @@ adapters turn them into a status with a ``google.rpc.ErrorInfo`` detail (and a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar, cast
+from typing import cast
 
 import grpc
 from google.protobuf import any_pb2
@@ -22,8 +22,10 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 class MeshError(Exception):
     """Base of every error the mesh reports over gRPC."""
 
-    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
-    reason: ClassVar[str] = "INTERNAL"
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    """The status code (a class default; a relayed :class:`RemoteError` sets its own)."""
+    reason: str = "INTERNAL"
+    """The ``google.rpc.ErrorInfo`` reason ("" for a bare status relayed from a peer)."""
 
     def __init__(
         self,
@@ -40,11 +42,12 @@ class MeshError(Exception):
     def to_status(self) -> status_pb2.Status:
         """The ``google.rpc.Status`` for this error, with its details."""
         details: list[any_pb2.Any] = []
-        info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
-        info.metadata.update(self.metadata)
-        packed = any_pb2.Any()
-        packed.Pack(info)
-        details.append(packed)
+        if self.reason:
+            info = error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN)
+            info.metadata.update(self.metadata)
+            packed = any_pb2.Any()
+            packed.Pack(info)
+            details.append(packed)
         if self.field:
             bad = error_details_pb2.BadRequest(
                 field_violations=[
@@ -140,7 +143,7 @@ class ProviderError(MeshError):
     """A model provider failed; subclasses say how."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "PROVIDER_UNAVAILABLE"
+    reason = "PROVIDER_ERROR"
 
 
 class ProviderAuthError(ProviderError):
@@ -190,18 +193,27 @@ _ALL: Sequence[type[MeshError]] = (
 )
 #: reason -> exception type (the client direction of the table).
 BY_REASON: dict[str, type[MeshError]] = {cls.reason: cls for cls in reversed(_ALL)}
-#: status code -> the plain exception type for that code.
-BY_CODE: dict[grpc.StatusCode, type[MeshError]] = {}
-for _cls in reversed(_ALL):
-    BY_CODE[_cls.code] = _cls
-BY_CODE.setdefault(grpc.StatusCode.INTERNAL, MeshError)
 
 
 class RemoteError(MeshError):
-    """A status from a peer that the table does not know."""
+    """A status from a peer that is not one of the mesh's own errors.
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
-        super().__init__(message)
+    It keeps the peer's code and reason, so a relay passes them on unchanged: a bare
+    FAILED_PRECONDITION stays a bare FAILED_PRECONDITION, never a mesh reason.
+    """
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        *,
+        field: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, field=field, metadata=metadata)
+        self.code = code
+        self.reason = reason
         self.remote_code = code
         self.remote_reason = reason
 
@@ -212,8 +224,6 @@ class RemoteError(MeshError):
 
 def status_of(err: BaseException) -> grpc.StatusCode:
     """The gRPC status code an exception maps to."""
-    if isinstance(err, RemoteError):
-        return err.remote_code
     if isinstance(err, MeshError):
         return err.code
     return grpc.StatusCode.INTERNAL
@@ -256,10 +266,7 @@ def from_status(
     cls = BY_REASON.get(reason)
     if cls is not None and cls.code == code:
         return cls(message, field=field, metadata=meta)
-    plain = BY_CODE.get(code)
-    if plain is not None and not reason:
-        return plain(message, field=field, metadata=meta)
-    return RemoteError(code, message, reason)
+    return RemoteError(code, message, reason, field=field, metadata=meta)
 
 
 def from_rpc_error(err: grpc.RpcError) -> MeshError:

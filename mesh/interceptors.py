@@ -16,9 +16,11 @@ from mesh.context import (
     MD_CONVERSATION_ID,
     MD_HOP_PATH,
     MD_REQUEST_ID,
+    TRACE_KEYS,
     current_conversation_id,
     current_hop_path,
     current_request_id,
+    current_trace_context,
     parse_hop_path,
 )
 from mesh.errors import InvalidArgument, MeshError
@@ -201,5 +203,57 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
             )
         current_hop_path.set(path)
         current_conversation_id.set(metadata.get(MD_CONVERSATION_ID, ""))
-        current_request_id.set(metadata.get(MD_REQUEST_ID) or uuid.uuid4().hex[:16])
+        current_request_id.set(_bounded(metadata.get(MD_REQUEST_ID)) or uuid.uuid4().hex[:16])
+        trace = {k: v for k in TRACE_KEYS if (v := _bounded(metadata.get(k), 512))}
+        current_trace_context.set(trace)
         return handler
+
+
+_SAFE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def _bounded(value: str | None, limit: int = 128) -> str:
+    """A caller-controlled header value, kept only when short and printable ASCII."""
+    if not value or len(value) > limit or not _SAFE.match(value):
+        return ""
+    return value
+
+
+class CallContextClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor
+):
+    """Writes the current call context into an outgoing call's metadata, auth on or off.
+
+    The request id, conversation id, hop path and W3C trace context of the call being
+    served travel to the next hop (a tool calling the router through the mesh client).
+    """
+
+    @staticmethod
+    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()))
+        present = {key for key, _value in metadata}
+        values = {
+            MD_REQUEST_ID: current_request_id.get(),
+            MD_CONVERSATION_ID: current_conversation_id.get(),
+            MD_HOP_PATH: ",".join(current_hop_path.get()),
+            **current_trace_context.get({}),
+        }
+        for key, value in values.items():
+            if value and key not in present:
+                metadata.add(key, value)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_stream(
+        self,
+        continuation: Any,
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)

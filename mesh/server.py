@@ -21,9 +21,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mesh.config import ServerSettings
 from mesh.errors import Draining, IdleTimeout, ResourceExhausted
@@ -56,21 +58,34 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 class Lifecycle:
-    """Tracks in-flight work so a drain can wait for it; refuses new work while draining
-    and beyond ``max_streams``."""
+    """Counts work streams (for the stream limit) and turns in flight (for the drain);
+    refuses new streams while draining and beyond ``max_streams``.
+
+    A drain waits for turns, not streams: a router keeps idle pooled streams open at
+    an agent, and those end at once when the drain starts (see :func:`next_request`).
+    """
 
     def __init__(self, max_streams: int | None = None) -> None:
         self.max_streams = max_streams
         self.draining = asyncio.Event()
         self._active = 0
+        self._turns = 0
         self.started = 0
         """Work streams ever started (a counter for tests and metrics)."""
+        self.turns_started = 0
+        """Turns ever started."""
         self._idle = asyncio.Event()
         self._idle.set()
 
     @property
     def active(self) -> int:
+        """Work streams open now."""
         return self._active
+
+    @property
+    def turns(self) -> int:
+        """Turns in flight now."""
+        return self._turns
 
     def check(self) -> None:
         if self.draining.is_set():
@@ -86,16 +101,23 @@ class Lifecycle:
         self.check()
         self._active += 1
         self.started += 1
-        self._idle.clear()
         try:
             yield
         finally:
             self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+
+    def turn_started(self) -> None:
+        self._turns += 1
+        self.turns_started += 1
+        self._idle.clear()
+
+    def turn_ended(self) -> None:
+        self._turns -= 1
+        if self._turns == 0:
+            self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no work is in flight; False when the timeout ran out first."""
+        """Wait until no turn is in flight; False when the timeout ran out first."""
         try:
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
@@ -124,6 +146,56 @@ async def next_request(inbox: asyncio.Queue[object], lifecycle: Lifecycle, idle:
     if drained in done:
         raise Draining("server is shutting down; open a new stream to continue")
     raise IdleTimeout(f"stream idle for {idle:g}s with no request; closed")
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _register_v1_descriptor() -> None:
+    """Put ``grpc/reflection/v1/reflection.proto`` in the default pool (once), made from
+    v1alpha's descriptor with the package renamed, so reflection can describe itself."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    proto.ClearField("options")
+    for message in proto.message_type:
+        for field in message.field:
+            if field.type_name:
+                field.type_name = field.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(proto)
+
+
+def add_reflection(server: grpc.aio.Server, services: Sequence[str]) -> None:
+    """Server reflection, v1 beside v1alpha.
+
+    grpcio-reflection ships v1alpha only; v1 has the same messages on the wire, so the
+    same servicer answers both (current grpcurl, buf curl, Postman and grpcui ask v1
+    first; grpcurl 1.8 asks v1alpha).
+    """
+    _register_v1_descriptor()
+    names = [*services, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection_aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),)
+        )
 
 
 @dataclass(frozen=True)
@@ -177,9 +249,7 @@ class MeshServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         names = [s.name for s in self.services]
         if self.settings.reflection:
-            reflection.enable_server_reflection(
-                [*names, HEALTH_SERVICE, reflection.SERVICE_NAME], self._server
-            )
+            add_reflection(self._server, [*names, HEALTH_SERVICE])
         address = f"{host or self.settings.host}:{port}"
         if self._credentials is not None:
             bound = self._server.add_secure_port(address, self._credentials)
@@ -222,17 +292,17 @@ class MeshServer:
         await self.health.enter_graceful_shutdown()
         self.lifecycle.draining.set()
         log.info(
-            "%s draining: %d streams in flight, grace %.1fs",
+            "%s draining: %d turns in flight, grace %.1fs",
             self.label,
-            self.lifecycle.active,
+            self.lifecycle.turns,
             grace,
         )
         finished = await self.lifecycle.wait_idle(grace)
         if not finished:
             log.warning(
-                "%s grace period over with %d streams in flight; cancelling them",
+                "%s grace period over with %d turns in flight; cancelling them",
                 self.label,
-                self.lifecycle.active,
+                self.lifecycle.turns,
             )
         await self._server.stop(0.5)
         if self._health_server is not None:

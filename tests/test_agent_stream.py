@@ -54,7 +54,7 @@ async def test_two_turns_on_one_stream() -> None:
 async def test_client_cancel_stops_handler_and_model_stream() -> None:
     async with serve_agent(_config(delay_ms=20), "echo") as (address, server, _rt, provider):
         async with create_channel(address) as channel:
-            call = agent_pb2_grpc.AgentStub(channel).Chat(timeout=60)
+            call = agent_pb2_grpc.AgentServiceStub(channel).Chat(timeout=60)
             await call.write(turn_request("long please"))
             event = await call.read()
             assert isinstance(event, types_pb2.ChatEvent)
@@ -69,7 +69,7 @@ async def test_client_cancel_stops_handler_and_model_stream() -> None:
 async def test_cancel_request_ends_turn_and_stream_goes_on() -> None:
     async with serve_agent(_config(delay_ms=20), "echo") as (address, _server, _rt, provider):
         async with create_channel(address) as channel:
-            call = agent_pb2_grpc.AgentStub(channel).Chat(timeout=60)
+            call = agent_pb2_grpc.AgentServiceStub(channel).Chat(timeout=60)
             await call.write(turn_request("long please"))
             first = await call.read()
             assert isinstance(first, types_pb2.ChatEvent)
@@ -79,7 +79,7 @@ async def test_cancel_request_ends_turn_and_stream_goes_on() -> None:
                 assert isinstance(event, types_pb2.ChatEvent)
                 if event.WhichOneof("kind") == "final":
                     break
-            assert event.final.stop_reason == "cancelled"
+            assert event.final.stop_reason == types_pb2.STOP_REASON_CANCELLED
             assert provider.closed.is_set()
             await call.write(turn_request("hello"))
             while True:
@@ -96,7 +96,7 @@ async def test_cancel_request_ends_turn_and_stream_goes_on() -> None:
 async def test_expired_deadline_stops_model_stream() -> None:
     async with serve_agent(_config(delay_ms=50), "echo") as (address, server, _rt, provider):
         async with create_channel(address) as channel:
-            call = agent_pb2_grpc.AgentStub(channel).Chat(timeout=0.5)
+            call = agent_pb2_grpc.AgentServiceStub(channel).Chat(timeout=0.5)
             await call.write(turn_request("long please"))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 async for _event in call:
@@ -109,7 +109,7 @@ async def test_expired_deadline_stops_model_stream() -> None:
 async def test_first_request_without_message_is_invalid_argument() -> None:
     async with serve_agent(_config(), "echo") as (address, _server, _rt, _provider):
         async with create_channel(address) as channel:
-            stub = agent_pb2_grpc.AgentStub(channel)
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
             call = stub.Chat(timeout=10)
             await call.write(types_pb2.ChatRequest(turn=types_pb2.Turn(conversation_id="c1")))
             # Read the status before writing again (grpc/grpc#36066).
@@ -136,7 +136,7 @@ async def test_oversized_message_is_resource_exhausted_and_server_stays_up() -> 
     config = _config(max_message_bytes=2048)
     async with serve_agent(config, "echo") as (address, _server, _rt, _provider):
         async with create_channel(address) as channel:
-            call = agent_pb2_grpc.AgentStub(channel).Chat(timeout=10)
+            call = agent_pb2_grpc.AgentServiceStub(channel).Chat(timeout=10)
             await call.write(turn_request("x" * 10_000))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call.read()
@@ -154,16 +154,16 @@ async def test_handoff_rpc_accepts_a_peer_conversation() -> None:
     )
     async with serve_agent(config, "b") as (address, _server, _rt, provider):
         async with create_channel(address) as channel:
-            call = agent_pb2_grpc.AgentStub(channel).Handoff(timeout=10)
+            call = agent_pb2_grpc.AgentServiceStub(channel).Handoff(timeout=10)
             await call.write(
                 agent_pb2.HandoffRequest(
-                    handoff=agent_pb2.HandoffTurn(
+                    handoff=types_pb2.HandoffTurn(
                         conversation_id="c9",
                         source_agent="a",
-                        mode=types_pb2.HandoffMode.CONSULT,
+                        mode=types_pb2.HANDOFF_MODE_CONSULT,
                         reason="needs b",
                         message="what is 2+2?",
-                        history=[types_pb2.Message(role=types_pb2.Message.USER, content="hi")],
+                        history=[types_pb2.Message(role=types_pb2.Message.ROLE_USER, content="hi")],
                         context={"customer_id": "42"},
                         hop_path=["a"],
                         hops_remaining=3,
@@ -199,8 +199,8 @@ async def test_info_reports_the_agent() -> None:
     assert info.model.provider == "offline"
     assert info.handoff_targets[0].agent == "b"
     assert list(info.handoff_targets[0].modes) == [
-        types_pb2.HandoffMode.TRANSFER,
-        types_pb2.HandoffMode.CONSULT,
+        types_pb2.HANDOFF_MODE_TRANSFER,
+        types_pb2.HANDOFF_MODE_CONSULT,
     ]
     assert info.limits.max_hops == 7
     assert info.version

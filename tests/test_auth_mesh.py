@@ -84,7 +84,7 @@ async def test_user_token_reaches_b_after_transfer_with_actor_chain(
                         "who am I?", metadata=[("authorization", f"Bearer {token}")]
                     )
                     # Without a token the router refuses, and keeps serving.
-                    call = router_pb2_grpc.RouterStub(channel).Chat(timeout=10)
+                    call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=10)
                     await call.write(turn_request("who am I?"))
                     with pytest.raises(grpc.aio.AioRpcError) as caught:
                         await call.read()

@@ -37,12 +37,12 @@ def test_list_shows_agent_and_health(billing: str) -> None:
     result = grpcurl(billing, "list")
     assert result.returncode == 0, result.stderr
     services = result.stdout.split()
-    assert "mesh.v1.Agent" in services
+    assert "mesh.v1.AgentService" in services
     assert "grpc.health.v1.Health" in services
 
 
 def test_describe_agent(billing: str) -> None:
-    result = grpcurl(billing, "describe", "mesh.v1.Agent")
+    result = grpcurl(billing, "describe", "mesh.v1.AgentService")
     assert result.returncode == 0, result.stderr
     assert "rpc Chat ( stream .mesh.v1.ChatRequest ) returns ( stream .mesh.v1.ChatEvent )" in (
         result.stdout
@@ -54,7 +54,9 @@ def test_health_check_serving(billing: str) -> None:
     overall = grpcurl(billing, "grpc.health.v1.Health/Check")
     assert overall.returncode == 0, overall.stderr
     assert json.loads(overall.stdout) == {"status": "SERVING"}
-    named = grpcurl("-d", '{"service": "mesh.v1.Agent"}', billing, "grpc.health.v1.Health/Check")
+    named = grpcurl(
+        "-d", '{"service": "mesh.v1.AgentService"}', billing, "grpc.health.v1.Health/Check"
+    )
     assert json.loads(named.stdout) == {"status": "SERVING"}
 
 
@@ -63,7 +65,7 @@ def test_chat_turn_streams_deltas_and_final(billing: str) -> None:
         "-d",
         '{"turn": {"conversation_id": "c-grpcurl", "message": "is a refund possible?"}}',
         billing,
-        "mesh.v1.Agent/Chat",
+        "mesh.v1.AgentService/Chat",
     )
     assert result.returncode == 0, result.stderr
     events = _objects(result.stdout)
@@ -80,8 +82,8 @@ def test_chat_turn_streams_deltas_and_final(billing: str) -> None:
 
 
 def test_info_over_grpcurl(billing: str) -> None:
-    result = grpcurl(billing, "mesh.v1.Agent/Info")
-    info = json.loads(result.stdout)
+    result = grpcurl(billing, "mesh.v1.AgentService/Info")
+    info = json.loads(result.stdout)["info"]
     assert info["name"] == "billing"
     assert {t["name"] for t in info["tools"]} == {"lookup_invoice", "refund_status"}
 

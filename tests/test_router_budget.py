@@ -56,7 +56,7 @@ async def _chat_error(
 ) -> tuple[MeshError, list[types_pb2.ChatEvent]]:
     events: list[types_pb2.ChatEvent] = []
     async with create_channel(router) as channel:
-        call = router_pb2_grpc.RouterStub(channel).Chat(timeout=timeout)
+        call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=timeout)
         await call.write(turn_request(message))
         await call.done_writing()
         try:
@@ -79,7 +79,7 @@ async def test_transfer_loop_stops_at_exactly_max_hops() -> None:
     forwarded = [e.handoff.target for e in events if e.WhichOneof("kind") == "handoff"]
     assert forwarded == ["b", "a", "b"]  # the refused fourth handoff was not forwarded
     assert events[-1].WhichOneof("kind") == "error"
-    assert events[-1].error.code == "FAILED_PRECONDITION"
+    assert events[-1].error.code == types_pb2.ERROR_CODE_FAILED_PRECONDITION
 
 
 async def test_consult_cycle_refused_before_reaching_a_again() -> None:
@@ -141,7 +141,7 @@ async def test_deadline_ends_every_hop() -> None:
 async def test_client_cancel_reaches_every_hop() -> None:
     async with mesh_of(_three_hops(delay_ms=50)) as (router, providers, servers):
         async with create_channel(router) as channel:
-            call = router_pb2_grpc.RouterStub(channel).Chat(timeout=60)
+            call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=60)
             await call.write(turn_request("go"))
             async for event in call:
                 if event.agent == "c" and event.WhichOneof("kind") == "delta":
@@ -164,12 +164,12 @@ async def test_cancel_request_ends_the_turn_and_the_stream_goes_on() -> None:
             async for event in call:
                 if event.WhichOneof("kind") == "final":
                     break
-            assert event.final.stop_reason == "cancelled"
+            assert event.final.stop_reason == types_pb2.STOP_REASON_CANCELLED
             await asyncio.wait_for(providers["c"].closed.wait(), 10)
             await stream.close()
 
 
-async def test_turns_on_one_client_stream_reuse_one_agent_stream() -> None:
+async def test_turns_of_every_conversation_reuse_one_agent_stream() -> None:
     config = mesh_config(
         {"memo": offline_agent(default_reply="turn {turns}: {message}")},
         router={"default_agent": "memo"},
@@ -187,7 +187,8 @@ async def test_turns_on_one_client_stream_reuse_one_agent_stream() -> None:
                 events = [e async for e in stream.turn(request)]
                 finals.append(events[-1].final.content)
             await stream.close()
-            # A turn of another conversation on the same client stream gets its own.
+            # A turn of another conversation (another client stream) reuses it too: each
+            # turn carries its own conversation and hop context.
             other = [
                 e
                 async for e in AgentClient(channel, router=True)
@@ -196,7 +197,7 @@ async def test_turns_on_one_client_stream_reuse_one_agent_stream() -> None:
             ]
         assert finals == ["turn 1: one", "turn 2: two", "turn 3: three"]
         assert other[-1].final.content == "turn 1: four"
-        assert agent_server.lifecycle.started == 2  # three turns, one agent stream
+        assert agent_server.lifecycle.started == 1  # four turns, one agent stream
         assert await agent_server.lifecycle.wait_idle(10)  # and it was closed cleanly
 
 

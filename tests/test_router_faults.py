@@ -36,7 +36,7 @@ def _start_router(
 async def _wait_healthy(router: str, agent: str, count: int) -> None:
     """Ask the router until ``agent`` has ``count`` SERVING endpoints (bounded)."""
     async with create_channel(router) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
+        stub = router_pb2_grpc.RouterServiceStub(channel)
         for _ in range(200):
             listing = await stub.ListAgents(router_pb2.ListAgentsRequest(), timeout=5)
             serving = [
@@ -44,7 +44,7 @@ async def _wait_healthy(router: str, agent: str, count: int) -> None:
                 for a in listing.agents
                 if a.info.name == agent
                 for e in a.endpoints
-                if e.health == "SERVING"
+                if e.health == types_pb2.ENDPOINT_HEALTH_SERVING
             ]
             if len(serving) == count:
                 return
@@ -71,7 +71,7 @@ async def test_replica_killed_mid_stream(tmp_path: Path) -> None:
     try:
         await _wait_healthy(raddr, "slow", 2)
         async with create_channel(raddr) as channel:
-            stub = router_pb2_grpc.RouterStub(channel)
+            stub = router_pb2_grpc.RouterServiceStub(channel)
             calls = []
             for i in range(4):
                 call = stub.Chat(timeout=60)
@@ -134,7 +134,7 @@ async def test_registered_agent_listed_then_gone_when_it_dies(tmp_path: Path) ->
             assert reply.final is not None and reply.final.agent == "helper"
             agent.popen.kill()
             agent.popen.wait()
-            stub = router_pb2_grpc.RouterStub(channel)
+            stub = router_pb2_grpc.RouterServiceStub(channel)
             for _ in range(100):  # bounded: the health interval is 0.5 s
                 listing = await stub.ListAgents(router_pb2.ListAgentsRequest(), timeout=5)
                 if not listing.agents:
@@ -144,6 +144,32 @@ async def test_registered_agent_listed_then_gone_when_it_dies(tmp_path: Path) ->
     finally:
         agent.stop()
         router.stop()
+
+
+async def test_second_replica_registers_beside_the_first(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "router": {"store": {"kind": "memory"}, "discovery": {"health_interval_s": 0.5}},
+            "agents": {"helper": offline_agent("registers itself")},
+        },
+    )
+    router, raddr = _start_router(config)
+    args = ["agent", "helper", "--config", str(config), "--port", "0", "--register", raddr]
+    first, second = Proc(args), Proc(args)
+    try:
+        first.wait_line("registered: ")
+        second.wait_line("registered: ")
+        async with create_channel(raddr) as channel:
+            stub = router_pb2_grpc.RouterServiceStub(channel)
+            listing = await stub.ListAgents(router_pb2.ListAgentsRequest(), timeout=5)
+            (entry,) = listing.agents
+            assert len(entry.endpoints) == 2
+            assert {e.health for e in entry.endpoints} == {types_pb2.ENDPOINT_HEALTH_SERVING}
+    finally:
+        for proc in (first, second, router):
+            proc.stop()
+    assert not any("did not report SERVING" in line for line in second.stderr)
 
 
 def _counting_config(tmp_path: Path, store: dict[str, object]) -> Path:

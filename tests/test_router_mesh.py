@@ -45,8 +45,8 @@ def router(mesh: Mesh) -> str:
 
 def test_grpcurl_list_and_describe_router(router: str) -> None:
     listing = grpcurl(router, "list")
-    assert "mesh.v1.Router" in listing.stdout.split(), listing.stderr
-    described = grpcurl(router, "describe", "mesh.v1.Router")
+    assert "mesh.v1.RouterService" in listing.stdout.split(), listing.stderr
+    described = grpcurl(router, "describe", "mesh.v1.RouterService")
     assert "rpc Chat ( stream .mesh.v1.ChatRequest ) returns ( stream .mesh.v1.ChatEvent )" in (
         described.stdout
     )
@@ -61,14 +61,14 @@ def test_grpcurl_chat_transfer_final_from_target(mesh: Mesh) -> None:
         "-d",
         '{"turn": {"conversation_id": "g1", "message": "I need a refund for INV-1001"}}',
         router,
-        "mesh.v1.Router/Chat",
+        "mesh.v1.RouterService/Chat",
     )
     assert result.returncode == 0, result.stderr
     events = _objects(result.stdout)
     handoffs = [e for e in events if "handoff" in e]
     assert handoffs[0]["agent"] == "triage"
     assert handoffs[0]["handoff"]["target"] == "billing"  # type: ignore[index]
-    assert handoffs[0]["handoff"]["mode"] == "TRANSFER"  # type: ignore[index]
+    assert handoffs[0]["handoff"]["mode"] == "HANDOFF_MODE_TRANSFER"  # type: ignore[index]
     final = events[-1]
     assert "final" in final and final["agent"] == "billing"
     assert final["final"]["hop_path"] == ["triage", "billing"]  # type: ignore[index]
@@ -133,21 +133,21 @@ async def test_end_conversation_closes_the_stream(mesh: Mesh) -> None:
     from mesh.v1 import router_pb2_grpc, types_pb2
 
     async with create_channel(mesh.address) as channel:
-        call = router_pb2_grpc.RouterStub(channel).Chat(timeout=30, metadata=mesh.auth)
+        call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=30, metadata=mesh.auth)
         await call.write(turn_request("ok bye now", conversation_id="end-1"))
         events = [e async for e in call]  # ends without our half-close
         assert await call.code() == grpc.StatusCode.OK
     handoff = next(e for e in events if e.WhichOneof("kind") == "handoff")
-    assert handoff.handoff.mode == types_pb2.HandoffMode.END_CONVERSATION
-    assert events[-1].final.stop_reason == "end_conversation"
+    assert handoff.handoff.mode == types_pb2.HANDOFF_MODE_END_CONVERSATION
+    assert events[-1].final.stop_reason == types_pb2.STOP_REASON_END_CONVERSATION
 
 
 def test_grpcurl_without_token_is_refused_but_list_and_health_work(router: str) -> None:
-    refused = grpcurl("-d", '{"turn": {"message": "hi"}}', router, "mesh.v1.Router/Chat")
+    refused = grpcurl("-d", '{"turn": {"message": "hi"}}', router, "mesh.v1.RouterService/Chat")
     assert refused.returncode != 0
     assert "Unauthenticated" in refused.stderr
     assert "missing bearer token" in refused.stderr
     # Reflection is exempt in the default mesh (a setting); health always is.
-    assert "mesh.v1.Router" in grpcurl(router, "list").stdout
+    assert "mesh.v1.RouterService" in grpcurl(router, "list").stdout
     health = grpcurl(router, "grpc.health.v1.Health/Check")
     assert json.loads(health.stdout) == {"status": "SERVING"}

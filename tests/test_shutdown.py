@@ -48,7 +48,7 @@ async def test_sigterm_drains_open_stream_and_exits_zero(tmp_path: object) -> No
             assert isinstance(first, health_pb2.HealthCheckResponse)
             assert first.status == health_pb2.HealthCheckResponse.SERVING
 
-            call = agent_pb2_grpc.AgentStub(channel).Chat(timeout=60)
+            call = agent_pb2_grpc.AgentServiceStub(channel).Chat(timeout=60)
             await call.write(turn_request("go"))
             event = await call.read()
             assert isinstance(event, types_pb2.ChatEvent)
@@ -58,12 +58,14 @@ async def test_sigterm_drains_open_stream_and_exits_zero(tmp_path: object) -> No
             assert isinstance(changed, health_pb2.HealthCheckResponse)
             assert changed.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
-            # New work is refused while draining, so callers go elsewhere.
-            refused = agent_pb2_grpc.AgentStub(other).Chat(timeout=10)
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await _write_then_read(refused)
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "shutting down" in (caught.value.details() or "")
+            # New work is refused while draining, so callers go elsewhere: always
+            # UNAVAILABLE, even for a client that writes at once (grpc/grpc#36066).
+            for _ in range(30):
+                refused = agent_pb2_grpc.AgentServiceStub(other).Chat(timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await _write_then_read(refused)
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value
+                assert "shutting down" in (caught.value.details() or "")
 
             # The open stream completes.
             text = event.delta.text
@@ -74,7 +76,76 @@ async def test_sigterm_drains_open_stream_and_exits_zero(tmp_path: object) -> No
                     break
                 text += event.delta.text
             assert text == reply
+            # The turn in flight at SIGTERM completed, and its stream ends OK.
             await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
         assert proc.popen.wait(timeout=GRACE) == 0
     finally:
         proc.stop()
+
+
+async def test_agent_drain_behind_the_router_loses_no_turn(tmp_path: object) -> None:
+    """15 turns in flight through the router when one of two replicas gets SIGTERM: every
+    turn completes and is stored, and later turns go to the other replica."""
+    import asyncio
+    from pathlib import Path
+
+    from mesh.client import AgentClient
+    from mesh.config import load_config
+
+    from .meshtest import serve_router
+
+    assert isinstance(tmp_path, Path)
+    reply = " ".join(f"w{i}" for i in range(30))
+    path = write_config(
+        tmp_path,
+        {
+            "server": {"grace_period_s": GRACE},
+            "router": {"default_agent": "slow", "store": {"kind": "memory"}},
+            "agents": {
+                "slow": offline_agent(
+                    rules=[{"contains": "go", "reply": reply}], delay_ms=30, chunk_chars=8
+                )
+            },
+        },
+    )
+    config = load_config(path)
+    first, address_a = start_agent(path, "slow")
+    second, address_b = start_agent(path, "slow")
+    try:
+        async with serve_router(config, {"slow": [address_a, address_b]}) as (router, app):
+            async with create_channel(router) as channel:
+                client = AgentClient(channel, router=True)
+                started = asyncio.Semaphore(0)
+
+                async def turn(n: int) -> types_pb2.ChatEvent:
+                    stream = client.open(timeout=60)
+                    final = None
+                    async for event in stream.turn(
+                        turn_request(f"go {n}", conversation_id=f"drain-{n}")
+                    ):
+                        if event.WhichOneof("kind") == "delta" and event.seq == 1:
+                            started.release()
+                        final = event
+                    await stream.close()
+                    assert await stream.call.code() == grpc.StatusCode.OK
+                    assert final is not None
+                    return final
+
+                tasks = [asyncio.ensure_future(turn(n)) for n in range(15)]
+                for _ in range(15):
+                    await started.acquire()
+                first.signal(signal.SIGTERM)
+                finals = await asyncio.gather(*tasks)
+                assert all(f.WhichOneof("kind") == "final" for f in finals), finals
+                assert all(f.final.content == reply for f in finals)
+                for n in range(15):
+                    history, _active = await app.store.load(f"drain-{n}", 10)
+                    assert [m.content for m in history] == [f"go {n}", reply]
+                assert first.popen.wait(timeout=GRACE) == 0
+                later = [await client.chat("go later") for _ in range(5)]
+                assert all(r.final is not None for r in later)
+    finally:
+        first.stop()
+        second.stop()

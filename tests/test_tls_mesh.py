@@ -48,16 +48,18 @@ async def test_tls_hops_with_plaintext_health_port(data_dir: Path) -> None:
         plain = f"127.0.0.1:{server.health_port}"
         async with create_channel(plain) as channel:
             health: Any = health_pb2_grpc.HealthStub(channel)
-            answer = await health.Check(health_pb2.HealthCheckRequest(service="mesh.v1.Agent"))
+            answer = await health.Check(
+                health_pb2.HealthCheckRequest(service="mesh.v1.AgentService")
+            )
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
             # The health port serves health only.
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await agent_pb2_grpc.AgentStub(channel).Info(_info(), timeout=5)
+                await agent_pb2_grpc.AgentServiceStub(channel).Info(_info(), timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         # The main port speaks TLS only.
         async with create_channel(address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await agent_pb2_grpc.AgentStub(channel).Info(_info(), timeout=5)
+                await agent_pb2_grpc.AgentServiceStub(channel).Info(_info(), timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
 
         # The router finds the agent by DNS and verifies it against that name.

@@ -30,7 +30,7 @@ async def register_forever(
     async with create_channel(
         router, interceptors=interceptors, credentials=credentials
     ) as channel:
-        stub = router_pb2_grpc.RouterStub(channel)
+        stub = router_pb2_grpc.RouterServiceStub(channel)
         while True:
             call = stub.Register()
             try:

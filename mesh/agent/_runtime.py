@@ -57,6 +57,12 @@ class TurnInput:
     reason: str = ""
     hops_remaining: int | None = None
     """Handoffs the router still allows this turn (informational)."""
+    request_id: str = ""
+    """The turn's request id (from the router's per-turn hop context)."""
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+    """W3C trace context of the turn (traceparent, tracestate, baggage)."""
+    timeout_s: float | None = None
+    """Time the turn may still take, as the router said (None: the agent's own limit)."""
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from mesh.version import __version__
 
 log = logging.getLogger("mesh.agent")
 
-AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 
 def build_runtime(
@@ -62,7 +62,7 @@ def build_agent_server(
     lifecycle = Lifecycle(config.server.max_concurrent_streams)
     servicer = AgentServicer(runtime, lifecycle, idle_timeout=config.server.idle_stream_timeout_s)
     add: Callable[[grpc.aio.Server], None] = lambda server: (  # noqa: E731
-        agent_pb2_grpc.add_AgentServicer_to_server(servicer, server)
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
     )
     server = MeshServer(
         config.server,

@@ -10,11 +10,9 @@ cancel or an expired deadline cancels the turn (and so the model call and tools)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
@@ -28,32 +26,38 @@ from mesh.agent._runtime import (
     RuntimeEvent,
     TurnInput,
 )
-from mesh.context import check_conversation_id, current_hop_path
+from mesh.context import (
+    check_conversation_id,
+    current_conversation_id,
+    current_hop_path,
+    current_request_id,
+    current_trace_context,
+)
 from mesh.convert import MODE_FROM_PB, MODE_TO_PB, event_to_pb, history_from_pb, to_struct
 from mesh.errors import (
     DeadlineExceeded,
     InvalidArgument,
     MeshError,
 )
-from mesh.server import Lifecycle, next_request
+from mesh.server import Lifecycle
+from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.agent")
 
 Req = TypeVar("Req", agent_pb2.HandoffRequest, types_pb2.ChatRequest)
 
-
-@dataclass(frozen=True)
-class _TurnEnd:
-    error: MeshError | None = None
+__all__ = ["AgentServicer", "abort_with", "agent_info", "parse_chat_turn", "parse_handoff"]
 
 
-_EOF = object()
-
-
-async def abort_with(context: grpc.aio.ServicerContext[Any, Any], err: MeshError) -> None:
-    """End the call with the error's status and rich details."""
-    await context.abort(err.code, err.message, err.trailing_metadata())
+def _hop(hop: types_pb2.HopContext, fallback: tuple[str, ...]) -> dict[str, Any]:
+    """TurnInput fields from a request's per-turn hop context (metadata as fallback)."""
+    return {
+        "hop_path": tuple(hop.hop_path) or fallback,
+        "request_id": hop.request_id,
+        "trace_context": dict(hop.trace_context),
+        "timeout_s": hop.timeout_ms / 1000 if hop.timeout_ms else None,
+    }
 
 
 def parse_chat_turn(request: types_pb2.ChatRequest) -> TurnInput:
@@ -61,18 +65,20 @@ def parse_chat_turn(request: types_pb2.ChatRequest) -> TurnInput:
     if not turn.message.strip():
         raise InvalidArgument("turn.message is required: the user's message", field="turn.message")
     check_conversation_id(turn.conversation_id, "turn.conversation_id")
+    hop = _hop(turn.hop, current_hop_path.get())
+    hops = turn.hop.hops_remaining if turn.HasField("hop") else None
     return TurnInput(
         conversation_id=turn.conversation_id or uuid.uuid4().hex,
         message=turn.message,
         history=history_from_pb(turn.history),
         context=dict(turn.context),
         turn_id=turn.turn_id or uuid.uuid4().hex[:12],
-        hop_path=current_hop_path.get(),
+        hops_remaining=hops,
+        **hop,
     )
 
 
-def parse_handoff(request: agent_pb2.HandoffRequest) -> TurnInput:
-    handoff = request.handoff
+def parse_handoff_turn(handoff: types_pb2.HandoffTurn) -> TurnInput:
     if not handoff.message.strip():
         raise InvalidArgument(
             "handoff.message is required: what the target should answer", field="handoff.message"
@@ -90,6 +96,9 @@ def parse_handoff(request: agent_pb2.HandoffRequest) -> TurnInput:
         context=dict(handoff.context),
         turn_id=handoff.turn_id or uuid.uuid4().hex[:12],
         hop_path=tuple(handoff.hop_path) or current_hop_path.get(),
+        request_id=handoff.hop.request_id,
+        trace_context=dict(handoff.hop.trace_context),
+        timeout_s=handoff.hop.timeout_ms / 1000 if handoff.hop.timeout_ms else None,
         source_agent=handoff.source_agent,
         mode=mode,
         reason=handoff.reason,
@@ -97,8 +106,12 @@ def parse_handoff(request: agent_pb2.HandoffRequest) -> TurnInput:
     )
 
 
-class _Stream:
-    """One Chat or Handoff call."""
+def parse_handoff(request: agent_pb2.HandoffRequest) -> TurnInput:
+    return parse_handoff_turn(request.handoff)
+
+
+class _AgentStream(TurnStream[Req, TurnInput]):
+    """One Chat or Handoff call at an agent."""
 
     def __init__(
         self,
@@ -106,58 +119,80 @@ class _Stream:
         context: grpc.aio.ServicerContext[Any, Any],
         lifecycle: Lifecycle,
         idle_timeout: float,
-        opening_field: str,
+        opening: str,
     ) -> None:
+        super().__init__(lifecycle, idle_timeout)
         self.runtime = runtime
         self.context = context
-        self.lifecycle = lifecycle
-        self.idle_timeout = idle_timeout
-        self.opening_field = opening_field
+        self.opening = opening
+        self.one_turn = opening == "handoff"
         self.broker = ConsultBroker()
-        self.inbox: asyncio.Queue[object] = asyncio.Queue()
-        self.turn_task: asyncio.Task[None] | None = None
-        self.cancel_requested = False
-        self.seq = 0
 
-    def cancel_turn(self) -> None:
-        if self.turn_task is not None and not self.turn_task.done():
-            self.cancel_requested = True
-            self.turn_task.cancel()
+    def accept(self, request: Req, first: bool) -> TurnInput | None:
+        kind = request.WhichOneof("kind")
+        if kind == "consult_result":
+            if first:
+                raise InvalidArgument(
+                    f"the first request must carry `{self.opening}`", field=self.opening
+                )
+            answer = request.consult_result
+            if not self.broker.resolve(
+                answer.call_id, ConsultAnswer(answer.content, answer.is_error, answer.agent)
+            ):
+                log.info("consult answer for unknown call %r ignored", answer.call_id[:64])
+            return None
+        if kind == "cancel":
+            if first:
+                raise InvalidArgument(
+                    f"the first request must carry `{self.opening}`", field=self.opening
+                )
+            self.cancel_turn()
+            return None
+        if self.opening == "handoff":
+            if not first or kind != "handoff":
+                raise InvalidArgument(
+                    "a Handoff stream opens with `handoff`, then carries `consult_result` or "
+                    "`cancel`",
+                    field="kind",
+                )
+            assert isinstance(request, agent_pb2.HandoffRequest)
+            return parse_handoff(request)
+        assert isinstance(request, types_pb2.ChatRequest)
+        if kind == "turn":
+            return parse_chat_turn(request)
+        if kind == "handoff":
+            return parse_handoff_turn(request.handoff)
+        raise InvalidArgument("the request carries no `turn`", field="turn")
 
-    async def read(self, requests: AsyncIterator[Req], parse: Callable[[Req], TurnInput]) -> None:
-        first = True
+    async def produce(self, turn: TurnInput, emitter: Emitter) -> TurnEnd:
+        timeout = self.runtime.config.limits.turn_timeout_s
+        remaining = self.context.time_remaining()
+        if remaining is not None:
+            timeout = min(timeout, remaining)
+        if turn.timeout_s is not None:
+            timeout = min(timeout, turn.timeout_s)
+        current_hop_path.set(turn.hop_path)
+        if turn.request_id:
+            current_request_id.set(turn.request_id)
+        if turn.trace_context:
+            current_trace_context.set(dict(turn.trace_context))
+        if turn.conversation_id:
+            current_conversation_id.set(turn.conversation_id)
         try:
-            async for request in requests:
-                kind = request.WhichOneof("kind")
-                if first and kind != self.opening_field:
-                    raise InvalidArgument(
-                        f"the first request must carry `{self.opening_field}`",
-                        field=self.opening_field,
-                    )
-                first = False
-                if kind == "consult_result":
-                    answer = request.consult_result
-                    if not self.broker.resolve(
-                        answer.call_id,
-                        ConsultAnswer(answer.content, answer.is_error, answer.agent),
-                    ):
-                        log.warning("consult answer for unknown call %r ignored", answer.call_id)
-                elif kind == "cancel":
-                    self.cancel_turn()
-                elif kind == self.opening_field:
-                    self.inbox.put_nowait(parse(request))
-                else:
-                    raise InvalidArgument(
-                        f"a request must carry `{self.opening_field}`, `consult_result` or "
-                        "`cancel`",
-                        field="kind",
-                    )
-        except MeshError as err:
-            self.inbox.put_nowait(err)
-        finally:
-            self.inbox.put_nowait(_EOF)
+            async with asyncio.timeout(timeout):
+                async for event in self.runtime.run_turn(turn, self.broker):
+                    emitter.emit(event)
+        except TimeoutError:
+            raise DeadlineExceeded(f"turn did not finish within {timeout:.3g}s") from None
+        return TurnEnd()
 
-    def _stamp(self, event: RuntimeEvent, turn: TurnInput) -> types_pb2.ChatEvent:
+    def cancelled(self, turn: TurnInput) -> RuntimeEvent:
+        return Final("", 0, 0, "cancelled")
+
+    def failed(self, turn: TurnInput, err: MeshError) -> RuntimeEvent:
+        return ErrorInfo(err.code.name, err.message, err.reason)
+
+    def stamp(self, event: RuntimeEvent, turn: TurnInput) -> types_pb2.ChatEvent:
         self.seq += 1
         out = event_to_pb(event)
         out.agent = self.runtime.name
@@ -168,74 +203,9 @@ class _Stream:
             out.final.hop_path.extend([*turn.hop_path, self.runtime.name])
         return out
 
-    async def _produce(self, turn: TurnInput, out: asyncio.Queue[object]) -> None:
-        timeout = self.runtime.config.limits.turn_timeout_s
-        remaining = self.context.time_remaining()
-        if remaining is not None:
-            timeout = min(timeout, remaining)
-        try:
-            async with asyncio.timeout(timeout):
-                async for event in self.runtime.run_turn(turn, self.broker):
-                    out.put_nowait(event)
-            out.put_nowait(_TurnEnd())
-        except asyncio.CancelledError:
-            if self.cancel_requested:
-                self.cancel_requested = False
-                out.put_nowait(Final("", 0, 0, "cancelled"))
-                out.put_nowait(_TurnEnd())
-                return
-            raise
-        except TimeoutError:
-            self._fail(out, DeadlineExceeded(f"turn did not finish within {timeout:.3g}s"))
-        except MeshError as err:
-            self._fail(out, err)
-        except Exception:
-            log.exception("turn failed in agent %s", self.runtime.name)
-            self._fail(out, MeshError("internal error in the agent"))
 
-    @staticmethod
-    def _fail(out: asyncio.Queue[object], err: MeshError) -> None:
-        out.put_nowait(ErrorInfo(err.code.name, err.message, err.reason))
-        out.put_nowait(_TurnEnd(err))
-
-    async def run(
-        self, requests: AsyncIterator[Req], parse: Callable[[Req], TurnInput]
-    ) -> AsyncIterator[types_pb2.ChatEvent]:
-        reader = asyncio.ensure_future(self.read(requests, parse))
-        try:
-            while True:
-                item = await next_request(self.inbox, self.lifecycle, self.idle_timeout)
-                if item is _EOF:
-                    return
-                if isinstance(item, MeshError):
-                    raise item
-                assert isinstance(item, TurnInput)
-                out: asyncio.Queue[object] = asyncio.Queue()
-                self.turn_task = asyncio.ensure_future(self._produce(item, out))
-                while True:
-                    event = await out.get()
-                    if isinstance(event, _TurnEnd):
-                        if event.error is not None:
-                            raise event.error
-                        break
-                    assert isinstance(event, RuntimeEvent)
-                    yield self._stamp(event, item)
-                await self.turn_task
-                self.turn_task = None
-                if self.opening_field == "handoff":
-                    return  # a handoff carries one turn
-        finally:
-            reader.cancel()
-            if self.turn_task is not None:
-                self.turn_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self.turn_task
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-
-
-class AgentServicer(agent_pb2_grpc.AgentServicer):
-    """``mesh.v1.Agent`` over one :class:`AgentRuntime`."""
+class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
+    """``mesh.v1.AgentService`` over one :class:`AgentRuntime`."""
 
     def __init__(
         self, runtime: AgentRuntime, lifecycle: Lifecycle, *, idle_timeout: float = 300.0
@@ -244,20 +214,8 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self.lifecycle = lifecycle
         self.idle_timeout = idle_timeout
 
-    async def _serve(
-        self,
-        requests: AsyncIterator[Req],
-        context: grpc.aio.ServicerContext[Any, Any],
-        opening: str,
-        parse: Callable[[Req], TurnInput],
-    ) -> AsyncIterator[types_pb2.ChatEvent]:
-        try:
-            async with self.lifecycle.work():
-                stream = _Stream(self.runtime, context, self.lifecycle, self.idle_timeout, opening)
-                async for event in stream.run(requests, parse):
-                    yield event
-        except MeshError as err:
-            await abort_with(context, err)
+    def _stream(self, context: grpc.aio.ServicerContext[Any, Any], opening: str) -> Any:
+        return _AgentStream(self.runtime, context, self.lifecycle, self.idle_timeout, opening)
 
     # grpc.aio recognises streaming handlers by being async generator functions.
     async def Chat(  # noqa: N802 - gRPC method name
@@ -265,7 +223,7 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         request_iterator: AsyncIterator[types_pb2.ChatRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[types_pb2.ChatEvent]:
-        async for event in self._serve(request_iterator, context, "turn", parse_chat_turn):
+        async for event in serve_stream(self._stream(context, "turn"), request_iterator, context):
             yield event
 
     async def Handoff(  # noqa: N802 - gRPC method name
@@ -273,18 +231,19 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         request_iterator: AsyncIterator[agent_pb2.HandoffRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[types_pb2.ChatEvent]:
-        async for event in self._serve(request_iterator, context, "handoff", parse_handoff):
+        stream = self._stream(context, "handoff")
+        async for event in serve_stream(stream, request_iterator, context):
             yield event
 
     async def Info(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.InfoRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> types_pb2.AgentInfo:
-        return agent_info(self.runtime)
+    ) -> agent_pb2.InfoResponse:
+        return agent_pb2.InfoResponse(info=agent_info(self.runtime))
 
 
 def agent_info(runtime: AgentRuntime) -> types_pb2.AgentInfo:
     config = runtime.config
-    modes: dict[str, list[types_pb2.HandoffMode.Mode.ValueType]] = {}
+    modes: dict[str, list[types_pb2.HandoffMode.ValueType]] = {}
     for handoff in config.handoffs:
         modes[handoff.target] = [MODE_TO_PB[m] for m in handoff.modes]
     return types_pb2.AgentInfo(

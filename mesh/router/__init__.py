@@ -1,5 +1,6 @@
 """The router: the mesh's one entry point and the only component that dials agents."""
 
+from mesh.router._core import HopBudget, RoutingCore
 from mesh.router._engine import Router, TurnState
 from mesh.router._pool import AgentPool, Endpoint
 from mesh.router._serve import RouterApp, with_static
@@ -9,10 +10,12 @@ __all__ = [
     "AgentPool",
     "ConversationStore",
     "Endpoint",
+    "HopBudget",
     "MemoryStore",
     "RedisStore",
     "Router",
     "RouterApp",
+    "RoutingCore",
     "SqliteStore",
     "TurnState",
     "open_store",

@@ -14,20 +14,22 @@ import contextlib
 import itertools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.config import MeshConfig
+from mesh.errors import MeshError
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.router.pool")
 
 Source = Literal["static", "registered", "dns"]
-AGENT_SERVICE = "mesh.v1.Agent"
+AGENT_SERVICE = "mesh.v1.AgentService"
 ChannelFactory = Callable[[str, str, str], grpc.aio.Channel]
 """(address, agent name, TLS server name or "") -> channel (with the agent's interceptors)."""
 
@@ -38,23 +40,36 @@ class Endpoint:
     address: str
     sources: set[Source]
     channel: grpc.aio.Channel
-    stub: agent_pb2_grpc.AgentAsyncStub
+    stub: agent_pb2_grpc.AgentServiceAsyncStub
     healthy: bool = False
     active: int = 0
     watch: asyncio.Task[None] | None = None
+    probe: asyncio.Task[None] | None = None
+    """Re-probing after a call found the endpoint down (None when not failed)."""
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    kept: set[Any] = field(default_factory=set)
-    """Idle agent streams client streams keep open here (router._engine.OpenStream)."""
 
     @property
     def health(self) -> str:
         return "SERVING" if self.healthy else "NOT_SERVING"
 
+    @property
+    def health_pb(self) -> types_pb2.EndpointHealth.ValueType:
+        if self.healthy:
+            return types_pb2.ENDPOINT_HEALTH_SERVING
+        return types_pb2.ENDPOINT_HEALTH_NOT_SERVING
+
 
 class AgentPool:
-    def __init__(self, config: MeshConfig, channel_factory: ChannelFactory) -> None:
+    def __init__(
+        self,
+        config: MeshConfig,
+        channel_factory: ChannelFactory,
+        *,
+        info_metadata: Callable[[str], Awaitable[tuple[tuple[str, str], ...]]] | None = None,
+    ) -> None:
         self.config = config
         self._channel_factory = channel_factory
+        self._info_metadata = info_metadata
         self.endpoints: dict[str, dict[str, Endpoint]] = {}
         self.infos: dict[str, types_pb2.AgentInfo] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -82,7 +97,9 @@ class AgentPool:
             endpoint.sources.add(source)
             return endpoint
         channel = self._channel_factory(address, agent, server_name)
-        endpoint = Endpoint(agent, address, {source}, channel, agent_pb2_grpc.AgentStub(channel))
+        endpoint = Endpoint(
+            agent, address, {source}, channel, agent_pb2_grpc.AgentServiceStub(channel)
+        )
         known[address] = endpoint
         endpoint.watch = asyncio.ensure_future(self._watch(endpoint))
         log.info("endpoint %s of %s added (%s)", address, agent, source)
@@ -142,16 +159,48 @@ class AgentPool:
 
     async def _fetch_info(self, endpoint: Endpoint) -> None:
         try:
-            info = await endpoint.stub.Info(agent_pb2.InfoRequest(), timeout=self._interval * 5)
+            metadata: tuple[tuple[str, str], ...] = ()
+            if self._info_metadata is not None:
+                metadata = await self._info_metadata(endpoint.agent)
+            info = await endpoint.stub.Info(
+                agent_pb2.InfoRequest(), timeout=self._interval * 5, metadata=metadata
+            )
+        except MeshError as err:
+            log.warning("Info from %s: no token (%s)", endpoint.address, err.message)
+            return
         except grpc.aio.AioRpcError as err:
             log.warning("Info from %s failed: %s", endpoint.address, err.code().name)
             return
-        self.infos[endpoint.agent] = info
+        self.infos[endpoint.agent] = info.info
 
     def mark_failed(self, endpoint: Endpoint) -> None:
-        """A call found the endpoint down: stop picking it until its health says otherwise."""
+        """A call found the endpoint down: stop picking it, and probe it until it serves.
+
+        The health Watch sends a message only when the status changes, so an agent
+        that stayed SERVING in its own eyes would never come back without the probe.
+        """
         endpoint.healthy = False
         endpoint.ready.clear()
+        if endpoint.probe is None or endpoint.probe.done():
+            endpoint.probe = asyncio.ensure_future(self._probe(endpoint))
+
+    async def _probe(self, endpoint: Endpoint) -> None:
+        stub: Any = health_pb2_grpc.HealthStub(endpoint.channel)
+        request = health_pb2.HealthCheckRequest(service=AGENT_SERVICE)
+        delay = 0.05
+        while self.endpoints.get(endpoint.agent, {}).get(endpoint.address) is endpoint:
+            if endpoint.healthy:
+                return  # the Watch said so first
+            try:
+                response = await stub.Check(request, timeout=max(self._interval, 1.0))
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    log.info("endpoint %s of %s serves again", endpoint.address, endpoint.agent)
+                    await self._set_health(endpoint, True)
+                    return
+            except grpc.aio.AioRpcError as err:
+                log.debug("probe of %s: %s", endpoint.address, err.code().name)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._interval)
 
     # -- picking ---------------------------------------------------------------------
 
@@ -167,6 +216,15 @@ class AgentPool:
         least = min(e.active for e in candidates)
         best = [e for e in candidates if e.active == least]
         return best[next(self._rr) % len(best)]
+
+    async def wait_endpoint(self, endpoint: Endpoint, timeout: float) -> bool:
+        """Wait until this one endpoint reports SERVING."""
+        try:
+            async with asyncio.timeout(timeout):
+                await endpoint.ready.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def wait_healthy(self, agent: str, timeout: float) -> bool:
         """Wait until ``agent`` has a healthy endpoint (used at start-up and in tests)."""
@@ -184,14 +242,21 @@ class AgentPool:
     async def _resolve_loop(self, agent: str, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         current: set[str] = set()
+        hosts_file = self.config.router.discovery.hosts_file
         while True:
             try:
-                async with asyncio.timeout(10):
-                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                found = set()
-                for family, _type, _proto, _name, sockaddr in infos:
-                    ip = str(sockaddr[0])
-                    found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+                if hosts_file:
+                    ips = _lookup_hosts_file(Path(hosts_file), host)
+                    if not ips:
+                        raise OSError(f"{host} is not in {hosts_file}")
+                    found = {f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips}
+                else:
+                    async with asyncio.timeout(10):
+                        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                    found = set()
+                    for family, _type, _proto, _name, sockaddr in infos:
+                        ip = str(sockaddr[0])
+                        found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
             except (OSError, TimeoutError) as err:
                 log.warning("resolving %s for %s failed: %s", host, agent, err)
                 found = current  # keep what we had
@@ -204,6 +269,9 @@ class AgentPool:
             await asyncio.sleep(self.config.router.discovery.dns_interval_s)
 
     async def close(self) -> None:
+        for endpoint in [e for known in self.endpoints.values() for e in known.values()]:
+            if endpoint.probe is not None:
+                endpoint.probe.cancel()
         for task in self._tasks:
             task.cancel()
         for agent in list(self.endpoints):
@@ -213,3 +281,13 @@ class AgentPool:
                 with contextlib.suppress(Exception):
                     await endpoint.channel.close(grace=None)
         self.endpoints.clear()
+
+
+def _lookup_hosts_file(path: Path, host: str) -> list[str]:
+    """The addresses ``path`` (hosts(5) format) lists for ``host``, in file order."""
+    ips: list[str] = []
+    for line in path.read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and host in fields[1:] and fields[0] not in ips:
+            ips.append(fields[0])
+    return ips

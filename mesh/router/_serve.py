@@ -9,40 +9,33 @@ import grpc
 from mesh.agent._serve import server_credentials, server_interceptors
 from mesh.client import create_channel
 from mesh.config import DiscoveryConfig, MeshConfig, RouterConfig
-from mesh.context import current_token
-from mesh.router._engine import Delegate, Router
+from mesh.router._agents import StreamPool
+from mesh.router._core import RoutingCore
+from mesh.router._engine import Router
 from mesh.router._pool import AgentPool
-from mesh.router._servicer import RouterServicer
+from mesh.router._servicer import RouterServicer, add_router_service
 from mesh.router._store import ConversationStore, open_store
 from mesh.server import Lifecycle, MeshServer, Service
-from mesh.v1 import router_pb2, router_pb2_grpc
+from mesh.v1 import router_pb2
 
-ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 
 
 def agent_channel_factory(config: MeshConfig) -> Callable[[str, str, str], grpc.aio.Channel]:
-    """Channels to agents, with the token-exchange interceptors when auth is on."""
+    """Channels to agents: TLS when configured, and no client interceptors (the engine
+    writes each call's metadata itself)."""
 
     def make(address: str, agent: str, server_name: str = "") -> grpc.aio.Channel:
-        interceptors: list[grpc.aio.ClientInterceptor] = []
         credentials: grpc.ChannelCredentials | None = None
         if config.auth.enabled:
             from mesh.auth import interceptors as auth
 
-            # The user's token, exchanged for this agent, on calls made for a turn; the
-            # router's own client-credentials token on its own calls (Info).
-            audience = config.auth.audience_for(agent)
-            interceptors.extend(auth.service_interceptors(config, audience, service="router"))
             credentials = auth.channel_credentials(config)
         options: list[tuple[str, str]] = []
         if credentials is not None and server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         return create_channel(
-            address,
-            settings=config.server,
-            interceptors=interceptors,
-            credentials=credentials,
-            options=options,
+            address, settings=config.server, credentials=credentials, options=options
         )
 
     return make
@@ -60,26 +53,41 @@ def with_static(config: MeshConfig, static: Mapping[str, Sequence[str]]) -> Mesh
     return config.model_copy(update={"router": router})
 
 
-def delegation(config: MeshConfig) -> Delegate | None:
-    """How the router gets the token an agent held, for handoffs from that agent.
+class _HopTokens:
+    """The bearer for each hop: the caller's token exchanged for the next agent.
 
-    With the embedded STS or RFC 8693 the router re-exchanges that token, so the next
-    agent's token nests ``act`` through the agent that handed over. Entra's OBO cannot
-    take a token issued to another app; there the hop path in the audit log records it.
+    With the embedded STS or RFC 8693, a handoff from agent A re-exchanges the token
+    A held, so the next agent's token nests ``act`` through A (router > A > router).
+    Entra's OBO cannot take a token issued to another app; there the hop path in the
+    audit log records the chain. The router's own calls (Info) carry its
+    client-credentials token.
     """
-    if not config.auth.enabled or config.auth.exchanger == "entra":
-        return None
-    from mesh.auth.exchange import exchanger_for
 
-    exchanger = exchanger_for(config, "router")
+    def __init__(self, config: MeshConfig) -> None:
+        from mesh.auth.exchange import ClientCredentialsSource, exchanger_for
 
-    async def held_by(agent: str) -> str | None:
-        token = current_token.get()
-        if token is None:
+        self.config = config
+        self.exchanger = exchanger_for(config, "router")
+        self.through_source = config.auth.exchanger != "entra"
+        self._own: dict[str, ClientCredentialsSource] = {}
+        self._source_type = ClientCredentialsSource
+
+    async def for_hop(self, agent: str, subject: str | None, source: str) -> str | None:
+        if subject is None:
             return None
-        return await exchanger.token_for(token, config.auth.audience_for(agent))
+        audience_for = self.config.auth.audience_for
+        if source and self.through_source:
+            subject = await self.exchanger.token_for(subject, audience_for(source))
+        return await self.exchanger.token_for(subject, audience_for(agent))
 
-    return held_by
+    async def own(self, agent: str) -> tuple[tuple[str, str], ...]:
+        audience = self.config.auth.audience_for(agent)
+        source = self._own.get(audience)
+        if source is None:
+            source = self._own[audience] = self._source_type(
+                self.exchanger.inner, audience, self.config.auth.exchange_skew_s
+            )
+        return (("authorization", f"Bearer {await source.token()}"),)
 
 
 class RouterApp:
@@ -87,19 +95,29 @@ class RouterApp:
 
     def __init__(self, config: MeshConfig, *, store: ConversationStore | None = None) -> None:
         self.config = config
-        self.pool = AgentPool(config, agent_channel_factory(config))
+        tokens = _HopTokens(config) if config.auth.enabled else None
+        self.pool = AgentPool(
+            config,
+            agent_channel_factory(config),
+            info_metadata=tokens.own if tokens is not None else None,
+        )
         self.store = store or open_store(config)
-        self.router = Router(config, self.pool, self.store, delegate=delegation(config))
+        router_config = config.router
+        self.streams = StreamPool(
+            self.pool,
+            keep_s=router_config.keep_agent_streams_s,
+            max_idle=router_config.keep_agent_streams_max,
+            connect_timeout=router_config.connect_timeout_s,
+        )
+        core = RoutingCore(config, lambda: self.pool.endpoints)
+        self.router = Router(
+            core, self.streams, self.store, token_for=tokens.for_hop if tokens else None
+        )
         self.lifecycle = Lifecycle(config.server.max_concurrent_streams)
         servicer = RouterServicer(config, self.router, self.pool, self.lifecycle)
         self.server = MeshServer(
             config.server,
-            [
-                Service(
-                    ROUTER_SERVICE,
-                    lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
-                )
-            ],
+            [Service(ROUTER_SERVICE, lambda s: add_router_service(servicer, s))],
             interceptors=server_interceptors(config, "router"),
             lifecycle=self.lifecycle,
             label="router",
@@ -119,6 +137,7 @@ class RouterApp:
             await self.close()
 
     async def close(self) -> None:
+        await self.streams.close()
         await self.pool.close()
         await self.store.close()
 

@@ -1,42 +1,198 @@
-"""``mesh.v1.Router`` over the turn engine: a thin adapter plus stream mechanics."""
+"""``mesh.v1.RouterService`` over the turn engine: a thin adapter.
+
+Chat streams run on the shared turn-stream plumbing (:mod:`mesh.streams`); the
+engine's relayed events may be the agent's own bytes, so the Router service is
+registered with a serializer that passes bytes through (:func:`add_router_service`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ipaddress
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from mesh.agent._servicer import abort_with
 from mesh.config import MeshConfig
-from mesh.context import MD_AUTHORIZATION, check_conversation_id, current_hop_path
-from mesh.errors import InvalidArgument, MeshError, NotFound
+from mesh.context import (
+    MD_AUTHORIZATION,
+    check_conversation_id,
+    current_hop_path,
+    current_principal,
+    current_request_id,
+    current_token,
+    current_trace_context,
+)
+from mesh.convert import error_code
+from mesh.errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    MeshError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+)
 from mesh.interceptors import text_metadata
-from mesh.router._engine import Router, StreamCache, TurnState
+from mesh.providers.base import ChatMessage
+from mesh.router._agents import encode_seq
+from mesh.router._core import HopBudget
+from mesh.router._engine import Router, TurnState
 from mesh.router._pool import AgentPool
-from mesh.server import Lifecycle, next_request
+from mesh.server import Lifecycle
+from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.router")
 
-_EOF = object()
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+_SOURCES = {
+    "static": types_pb2.ENDPOINT_SOURCE_STATIC,
+    "registered": types_pb2.ENDPOINT_SOURCE_REGISTERED,
+    "dns": types_pb2.ENDPOINT_SOURCE_DNS,
+}
+_MESSAGE_OVERHEAD = 64
+"""Bytes a history message costs beyond its text (framing, role, agent tag)."""
 
 
-@dataclass(frozen=True)
-class _Done:
-    final: types_pb2.ChatEvent | None = None
-    error: MeshError | None = None
+def window_history(history: list[ChatMessage], max_bytes: int) -> tuple[list[ChatMessage], int]:
+    """The newest messages that fit in ``max_bytes``, and how many were left out."""
+    total = 0
+    keep = 0
+    for message in reversed(history):
+        size = len(message.content.encode()) + len(message.agent) + _MESSAGE_OVERHEAD
+        if total + size > max_bytes:
+            break
+        total += size
+        keep += 1
+    return history[len(history) - keep :], len(history) - keep
 
 
-class RouterServicer(router_pb2_grpc.RouterServicer):
+@dataclass
+class _Pending:
+    """A turn as accepted from the wire, and its state once it runs."""
+
+    turn: types_pb2.Turn
+    state: TurnState | None = None
+
+
+class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
+    def __init__(
+        self, servicer: RouterServicer, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        super().__init__(servicer.lifecycle, servicer.config.server.idle_stream_timeout_s)
+        self.s = servicer
+        self.context = context
+        metadata = text_metadata(context.invocation_metadata())
+        metadata.pop(MD_AUTHORIZATION, None)  # routes match on metadata; never on a token
+        self.metadata = metadata
+        self.trace = current_trace_context.get({})
+        self.request_id = current_request_id.get() or uuid.uuid4().hex[:16]
+        self.token = current_token.get()
+        self.incoming = servicer.trusted_hop_path()
+
+    def accept(self, request: types_pb2.ChatRequest, first: bool) -> _Pending | None:
+        kind = request.WhichOneof("kind")
+        if first and kind != "turn":
+            raise InvalidArgument("the first request must carry `turn`", field="turn")
+        if kind == "turn":
+            if not request.turn.message.strip():
+                raise InvalidArgument(
+                    "turn.message is required: the user's message", field="turn.message"
+                )
+            check_conversation_id(request.turn.conversation_id, "turn.conversation_id")
+            return _Pending(request.turn)
+        if kind == "cancel":
+            self.cancel_turn()
+            return None
+        raise InvalidArgument(
+            "clients send `turn` or `cancel`; the other requests are the router's own",
+            field="kind",
+        )
+
+    async def produce(self, pending: _Pending, emitter: Emitter) -> TurnEnd:
+        s = self.s
+        item = pending.turn
+        conversation = item.conversation_id or uuid.uuid4().hex
+        store = s.config.router.store
+        history, active = await s.router.store.load(conversation, store.history_limit)
+        budget_bytes = min(store.history_max_bytes, s.config.server.max_message_bytes // 2)
+        size = len(item.message.encode())
+        if size > budget_bytes:
+            raise ResourceExhausted(
+                f"turn.message is {size} bytes; the limit is {budget_bytes} "
+                "(router.store.history_max_bytes, at most half of server.max_message_bytes)",
+                field="turn.message",
+            )
+        history, dropped = window_history(history, budget_bytes - size)
+        target = s.router.core.choose(item.agent, item.message, item.context, self.metadata, active)
+        remaining = self.context.time_remaining()
+        budget = s.config.router.default_deadline_s if remaining is None else remaining
+        state = TurnState(
+            conversation_id=conversation,
+            turn_id=item.turn_id or uuid.uuid4().hex[:12],
+            message=item.message,
+            context=dict(item.context),
+            history=history,
+            emit=emitter.emit,
+            deadline=asyncio.get_running_loop().time() + budget,
+            budget=HopBudget.incoming(self.incoming),
+            request_id=self.request_id,
+            trace_context=self.trace,
+            subject_token=self.token,
+            history_dropped=dropped,
+        )
+        pending.state = state
+        try:
+            async with asyncio.timeout(budget):
+                final = await s.router.run_turn(state, target)
+        except TimeoutError:
+            raise DeadlineExceeded(f"turn did not finish within {budget:.3g}s") from None
+        return TurnEnd(
+            final=final, last=final.final.stop_reason == types_pb2.STOP_REASON_END_CONVERSATION
+        )
+
+    def _agent(self, pending: _Pending) -> str:
+        path = pending.state.path if pending.state is not None else []
+        return path[-1] if path else "router"
+
+    def cancelled(self, pending: _Pending) -> types_pb2.ChatEvent:
+        path = pending.state.path if pending.state is not None else []
+        return types_pb2.ChatEvent(
+            agent=self._agent(pending),
+            final=types_pb2.FinalMessage(
+                stop_reason=types_pb2.STOP_REASON_CANCELLED, hop_path=path
+            ),
+        )
+
+    def failed(self, pending: _Pending, err: MeshError) -> types_pb2.ChatEvent:
+        return types_pb2.ChatEvent(
+            agent=self._agent(pending),
+            error=types_pb2.ErrorEvent(
+                code=error_code(err.code.name), message=err.message, reason=err.reason
+            ),
+        )
+
+    def stamp(self, event: types_pb2.ChatEvent | bytes, pending: _Pending) -> Any:
+        self.seq += 1
+        if isinstance(event, bytes):
+            return event + encode_seq(self.seq)  # the agent set conversation and turn ids
+        event.seq = self.seq
+        if pending.state is not None:
+            event.conversation_id = pending.state.conversation_id
+            event.turn_id = pending.state.turn_id
+        else:
+            event.conversation_id = pending.turn.conversation_id
+            event.turn_id = pending.turn.turn_id
+        return event
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(
         self, config: MeshConfig, router: Router, pool: AgentPool, lifecycle: Lifecycle
     ) -> None:
@@ -44,22 +200,40 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.router = router
         self.pool = pool
         self.lifecycle = lifecycle
+        auth = config.auth
+        self._mesh_clients = (
+            {auth.client_id_for(a) for a in config.agents} | {auth.client_id_for("router")}
+            if auth.enabled
+            else set()
+        )
 
-    # -- Chat ------------------------------------------------------------------------
+    def trusted_hop_path(self) -> tuple[str, ...]:
+        """The incoming hop path, when the caller authenticated as a mesh service.
+
+        An end user's path starts empty: a forged ``x-mesh-hop-path`` neither spends
+        budget nor reaches agents' audit lines.
+        """
+        path = current_hop_path.get()
+        if not path:
+            return ()
+        principal = current_principal.get()
+        if principal is None:
+            return ()
+        client = str(principal.claims.get("azp") or principal.claims.get("client_id") or "")
+        return path if client and client in self._mesh_clients else ()
+
+    # -- Chat --------------------------------------------------------------------------
 
     async def Chat(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[types_pb2.ChatRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[types_pb2.ChatEvent]:
-        try:
-            async with self.lifecycle.work():
-                async for event in _ChatStream(self, context).run(request_iterator):
-                    yield event
-        except MeshError as err:
-            await abort_with(context, err)
+        stream = _ChatStream(self, context)
+        async for event in serve_stream(stream, request_iterator, context):
+            yield event
 
-    # -- listing ---------------------------------------------------------------------
+    # -- listing -----------------------------------------------------------------------
 
     def _entry(self, name: str) -> router_pb2.AgentEntry:
         info = self.pool.infos.get(name)
@@ -71,8 +245,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         endpoints = [
             router_pb2.Endpoint(
                 address=e.address,
-                health=e.health,
-                source=",".join(sorted(e.sources)),
+                health=e.health_pb,
+                sources=sorted(_SOURCES[s] for s in e.sources),
                 active_streams=max(0, e.active),
             )
             for e in self.pool.endpoints.get(name, {}).values()
@@ -87,37 +261,80 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     async def DescribeAgent(  # noqa: N802 - gRPC method name
         self, request: router_pb2.DescribeAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> types_pb2.AgentInfo:
+    ) -> router_pb2.DescribeAgentResponse:
         if request.name not in self.pool.endpoints and request.name not in self.config.agents:
             await abort_with(context, NotFound(f"no agent named {request.name!r}", field="name"))
-        return self._entry(request.name).info
+        return router_pb2.DescribeAgentResponse(info=self._entry(request.name).info)
 
-    # -- Register --------------------------------------------------------------------
+    # -- Register ----------------------------------------------------------------------
+
+    def _authorize_registration(self, request: router_pb2.RegisterRequest, peer: str) -> None:
+        """Who may register what, where (raises PermissionDenied / InvalidArgument)."""
+        if not _NAME.match(request.name):
+            raise InvalidArgument("name must be a valid agent name", field="name")
+        if not _ADDRESS.match(request.address):
+            raise InvalidArgument("address must be host:port", field="address")
+        discovery = self.config.router.discovery
+        if self.config.auth.enabled:
+            principal = current_principal.get()
+            if principal is None or discovery.register_role not in principal.scopes:
+                raise PermissionDenied(
+                    f"registering needs a service token with the {discovery.register_role!r} role"
+                )
+            client = str(principal.claims.get("azp") or principal.claims.get("client_id") or "")
+            if client != self.config.auth.client_id_for(request.name):
+                raise PermissionDenied(
+                    f"a caller may register only its own agent; this token is not "
+                    f"{request.name!r}'s",
+                    field="name",
+                )
+        host = request.address.rsplit(":", 1)[0].strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            raise PermissionDenied(
+                "the address must be an IP address inside router.discovery.register_networks",
+                field="address",
+            ) from None
+        networks = [ipaddress.ip_network(n, strict=False) for n in discovery.register_networks]
+        if not any(ip in net for net in networks):
+            raise PermissionDenied(
+                f"{ip} is outside router.discovery.register_networks", field="address"
+            )
+        if discovery.register_own_address and ip != _peer_ip(peer):
+            raise PermissionDenied(
+                "the address must be the caller's own (router.discovery.register_own_address)",
+                field="address",
+            )
+        others = {
+            source
+            for endpoint in self.pool.endpoints.get(request.name, {}).values()
+            for source in endpoint.sources
+        } - {"registered"}
+        if others and not discovery.registration_joins_static:
+            raise PermissionDenied(
+                f"{request.name} is discovered by {', '.join(sorted(others))}; a registration "
+                "never shadows it (router.discovery.registration_joins_static)",
+                field="name",
+            )
 
     async def Register(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[router_pb2.RegisterRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[router_pb2.RegisterResponse]:
-        if not self.config.router.discovery.registration:
-            await abort_with(context, MeshError("registration is turned off on this router"))
         registered: tuple[str, str] | None = None
         try:
             async for request in request_iterator:
                 if registered is not None:
                     continue  # later messages are keep-alives
-                if not _NAME.match(request.name):
-                    await abort_with(
-                        context, InvalidArgument("name must be a valid agent name", field="name")
-                    )
-                if not _ADDRESS.match(request.address):
-                    await abort_with(
-                        context, InvalidArgument("address must be host:port", field="address")
-                    )
+                if not self.config.router.discovery.registration:
+                    raise PermissionDenied("registration is turned off on this router")
+                self._authorize_registration(request, context.peer())
                 endpoint = await self.pool.add(request.name, request.address, "registered")
                 registered = (request.name, request.address)
                 timeout = self.config.router.connect_timeout_s
-                if not await self.pool.wait_healthy(request.name, timeout) or not endpoint.healthy:
+                if not await self.pool.wait_endpoint(endpoint, timeout):
                     yield router_pb2.RegisterResponse(
                         accepted=False,
                         message=f"{request.address} did not report SERVING within {timeout:g}s",
@@ -125,153 +342,51 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     return
                 log.info("agent %s registered at %s", request.name, request.address)
                 yield router_pb2.RegisterResponse(accepted=True, message="listed")
+        except MeshError as err:
+            await abort_with(context, err)
         finally:
             if registered is not None:
                 await self.pool.remove(*registered, "registered")
 
 
-class _ChatStream:
-    def __init__(self, servicer: RouterServicer, context: grpc.aio.ServicerContext[Any, Any]):
-        self.s = servicer
-        self.context = context
-        self.inbox: asyncio.Queue[object] = asyncio.Queue()
-        self.turn_task: asyncio.Task[None] | None = None
-        self.cancel_requested = False
-        self.seq = 0
-        router_config = servicer.config.router
-        keep, most = router_config.keep_agent_streams_s, router_config.keep_agent_streams_max
-        self.streams = StreamCache(keep, most) if keep > 0 and most > 0 else None
+def _peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a grpc peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``)."""
+    kind, _, rest = peer.partition(":")
+    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
-    async def _read(self, requests: AsyncIterator[types_pb2.ChatRequest]) -> None:
-        first = True
-        try:
-            async for request in requests:
-                kind = request.WhichOneof("kind")
-                if first and kind != "turn":
-                    raise InvalidArgument("the first request must carry `turn`", field="turn")
-                first = False
-                if kind == "turn":
-                    if not request.turn.message.strip():
-                        raise InvalidArgument(
-                            "turn.message is required: the user's message", field="turn.message"
-                        )
-                    check_conversation_id(request.turn.conversation_id, "turn.conversation_id")
-                    self.inbox.put_nowait(request.turn)
-                elif kind == "cancel":
-                    if self.turn_task is not None and not self.turn_task.done():
-                        self.cancel_requested = True
-                        self.turn_task.cancel()
-                else:
-                    raise InvalidArgument(
-                        "clients send `turn` or `cancel`; `consult_result` is the router's own",
-                        field="kind",
-                    )
-        except MeshError as err:
-            self.inbox.put_nowait(err)
-        finally:
-            self.inbox.put_nowait(_EOF)
 
-    def _stamp(self, event: types_pb2.ChatEvent, state: TurnState) -> types_pb2.ChatEvent:
-        self.seq += 1
-        event.seq = self.seq
-        event.conversation_id = state.conversation_id
-        event.turn_id = state.turn_id
-        return event
+def _serialize_event(event: types_pb2.ChatEvent | bytes) -> bytes:
+    return event if isinstance(event, bytes) else event.SerializeToString()
 
-    async def _turn(self, state: TurnState, target: str, out: asyncio.Queue[object]) -> None:
-        try:
-            final = await self.s.router.run_turn(state, target)
-            out.put_nowait(_Done(final=final))
-        except asyncio.CancelledError:
-            if self.cancel_requested:
-                self.cancel_requested = False
-                out.put_nowait(
-                    _Done(
-                        final=types_pb2.ChatEvent(
-                            agent=state.path[-1] if state.path else "",
-                            final=types_pb2.FinalMessage(
-                                stop_reason="cancelled", hop_path=state.path
-                            ),
-                        )
-                    )
-                )
-                return
-            raise
-        except MeshError as err:
-            out.put_nowait(_Done(error=err))
-        except Exception:
-            log.exception("turn failed in the router")
-            out.put_nowait(_Done(error=MeshError("internal error in the router")))
 
-    async def run(
-        self, requests: AsyncIterator[types_pb2.ChatRequest]
-    ) -> AsyncIterator[types_pb2.ChatEvent]:
-        router = self.s.router
-        metadata = text_metadata(self.context.invocation_metadata())
-        metadata.pop(MD_AUTHORIZATION, None)  # routes match on metadata; never on a token
-        reader = asyncio.ensure_future(self._read(requests))
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                item = await next_request(
-                    self.inbox, self.s.lifecycle, self.s.config.server.idle_stream_timeout_s
-                )
-                if item is _EOF:
-                    return
-                if isinstance(item, MeshError):
-                    raise item
-                assert isinstance(item, types_pb2.Turn)
-                conversation = item.conversation_id or uuid.uuid4().hex
-                store = router.store
-                limit = self.s.config.router.store.history_limit
-                history, active = await store.load(conversation, limit)
-                target = router.choose(item, metadata, active)
-                remaining = self.context.time_remaining()
-                budget = self.s.config.router.default_deadline_s if remaining is None else remaining
-                out: asyncio.Queue[object] = asyncio.Queue()
-                incoming = list(current_hop_path.get())
-                state = TurnState(
-                    conversation_id=conversation,
-                    turn_id=item.turn_id or uuid.uuid4().hex[:12],
-                    message=item.message,
-                    context=dict(item.context),
-                    history=history,
-                    emit=out.put_nowait,
-                    deadline=loop.time() + budget,
-                    path=incoming,
-                    hops=len(incoming),
-                    streams=self.streams,
-                )
-                self.turn_task = asyncio.ensure_future(self._turn(state, target, out))
-                while True:
-                    event = await out.get()
-                    if isinstance(event, _Done):
-                        break
-                    assert isinstance(event, types_pb2.ChatEvent)
-                    yield self._stamp(event, state)
-                if event.error is not None:
-                    err = event.error
-                    yield self._stamp(
-                        types_pb2.ChatEvent(
-                            agent=state.path[-1] if state.path else "router",
-                            error=types_pb2.ErrorEvent(
-                                code=err.code.name, message=err.message, reason=err.reason
-                            ),
-                        ),
-                        state,
-                    )
-                    raise err
-                assert event.final is not None
-                yield self._stamp(event.final, state)
-                if event.final.final.stop_reason == "end_conversation":
-                    return
-        finally:
-            reader.cancel()
-            if self.turn_task is not None and not self.turn_task.done():
-                self.turn_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self.turn_task
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            if self.streams is not None:
-                await self.streams.close()
+def add_router_service(servicer: RouterServicer, server: grpc.aio.Server) -> None:
+    """Register ``mesh.v1.RouterService``; Chat's events may be relayed bytes."""
+    handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Chat": grpc.stream_stream_rpc_method_handler(
+            servicer.Chat,
+            request_deserializer=types_pb2.ChatRequest.FromString,
+            response_serializer=_serialize_event,
+        ),
+        "ListAgents": grpc.unary_unary_rpc_method_handler(
+            servicer.ListAgents,
+            request_deserializer=router_pb2.ListAgentsRequest.FromString,
+            response_serializer=router_pb2.ListAgentsResponse.SerializeToString,
+        ),
+        "DescribeAgent": grpc.unary_unary_rpc_method_handler(
+            servicer.DescribeAgent,
+            request_deserializer=router_pb2.DescribeAgentRequest.FromString,
+            response_serializer=router_pb2.DescribeAgentResponse.SerializeToString,
+        ),
+        "Register": grpc.stream_stream_rpc_method_handler(
+            servicer.Register,
+            request_deserializer=router_pb2.RegisterRequest.FromString,
+            response_serializer=router_pb2.RegisterResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("mesh.v1.RouterService", dict(handlers)),)
+    )

@@ -25,23 +25,19 @@ _sym_db = _symbol_database.Default()
 from mesh.v1 import types_pb2 as mesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/v1/agent.proto\x12\x07mesh.v1\x1a\x13mesh/v1/types.proto\"\xc8\x02\n\x0bHandoffTurn\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x14\n\x0csource_agent\x18\x02 \x01(\t\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.mesh.v1.HandoffMode.Mode\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12!\n\x07history\x18\x06 \x03(\x0b\x32\x10.mesh.v1.Message\x12\x32\n\x07\x63ontext\x18\x07 \x03(\x0b\x32!.mesh.v1.HandoffTurn.ContextEntry\x12\x10\n\x08hop_path\x18\x08 \x03(\t\x12\x0f\n\x07turn_id\x18\t \x01(\t\x12\x16\n\x0ehops_remaining\x18\n \x01(\r\x1a.\n\x0c\x43ontextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x96\x01\n\x0eHandoffRequest\x12\'\n\x07handoff\x18\x01 \x01(\x0b\x32\x14.mesh.v1.HandoffTurnH\x00\x12\x30\n\x0e\x63onsult_result\x18\x02 \x01(\x0b\x32\x16.mesh.v1.ConsultResultH\x00\x12!\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x0f.mesh.v1.CancelH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest2\xab\x01\n\x05\x41gent\x12\x34\n\x04\x43hat\x12\x14.mesh.v1.ChatRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12:\n\x07Handoff\x12\x17.mesh.v1.HandoffRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12\x30\n\x04Info\x12\x14.mesh.v1.InfoRequest\x1a\x12.mesh.v1.AgentInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/v1/agent.proto\x12\x07mesh.v1\x1a\x13mesh/v1/types.proto\"\x96\x01\n\x0eHandoffRequest\x12\'\n\x07handoff\x18\x01 \x01(\x0b\x32\x14.mesh.v1.HandoffTurnH\x00\x12\x30\n\x0e\x63onsult_result\x18\x02 \x01(\x0b\x32\x16.mesh.v1.ConsultResultH\x00\x12!\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x0f.mesh.v1.CancelH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"0\n\x0cInfoResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.mesh.v1.AgentInfo2\xb5\x01\n\x0c\x41gentService\x12\x34\n\x04\x43hat\x12\x14.mesh.v1.ChatRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12:\n\x07Handoff\x12\x17.mesh.v1.HandoffRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12\x33\n\x04Info\x12\x14.mesh.v1.InfoRequest\x1a\x15.mesh.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HANDOFFTURN_CONTEXTENTRY']._loaded_options = None
-  _globals['_HANDOFFTURN_CONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_HANDOFFTURN']._serialized_start=54
-  _globals['_HANDOFFTURN']._serialized_end=382
-  _globals['_HANDOFFTURN_CONTEXTENTRY']._serialized_start=336
-  _globals['_HANDOFFTURN_CONTEXTENTRY']._serialized_end=382
-  _globals['_HANDOFFREQUEST']._serialized_start=385
-  _globals['_HANDOFFREQUEST']._serialized_end=535
-  _globals['_INFOREQUEST']._serialized_start=537
-  _globals['_INFOREQUEST']._serialized_end=550
-  _globals['_AGENT']._serialized_start=553
-  _globals['_AGENT']._serialized_end=724
+  _globals['_HANDOFFREQUEST']._serialized_start=54
+  _globals['_HANDOFFREQUEST']._serialized_end=204
+  _globals['_INFOREQUEST']._serialized_start=206
+  _globals['_INFOREQUEST']._serialized_end=219
+  _globals['_INFORESPONSE']._serialized_start=221
+  _globals['_INFORESPONSE']._serialized_end=269
+  _globals['_AGENTSERVICE']._serialized_start=272
+  _globals['_AGENTSERVICE']._serialized_end=453
 # @@protoc_insertion_point(module_scope)

@@ -3,10 +3,8 @@
 isort:skip_file
 The contract every agent implements."""
 
-from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
 from mesh.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -20,100 +18,30 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class HandoffTurn(_message.Message):
-    """The conversation as it arrives at the handoff target."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class ContextEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
-    SOURCE_AGENT_FIELD_NUMBER: _builtins.int
-    MODE_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
-    MESSAGE_FIELD_NUMBER: _builtins.int
-    HISTORY_FIELD_NUMBER: _builtins.int
-    CONTEXT_FIELD_NUMBER: _builtins.int
-    HOP_PATH_FIELD_NUMBER: _builtins.int
-    TURN_ID_FIELD_NUMBER: _builtins.int
-    HOPS_REMAINING_FIELD_NUMBER: _builtins.int
-    conversation_id: _builtins.str
-    source_agent: _builtins.str
-    """The agent handing over."""
-    mode: _types_pb2.HandoffMode.Mode.ValueType
-    reason: _builtins.str
-    message: _builtins.str
-    """What the target should answer."""
-    turn_id: _builtins.str
-    hops_remaining: _builtins.int
-    """Handoffs this turn may still take."""
-    @_builtins.property
-    def history(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Message]: ...
-    @_builtins.property
-    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Only the context keys the sender chose to pass."""
-
-    @_builtins.property
-    def hop_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The agents this turn has passed through so far, in order."""
-
-    def __init__(
-        self,
-        *,
-        conversation_id: _builtins.str = ...,
-        source_agent: _builtins.str = ...,
-        mode: _types_pb2.HandoffMode.Mode.ValueType = ...,
-        reason: _builtins.str = ...,
-        message: _builtins.str = ...,
-        history: _abc.Iterable[_types_pb2.Message] | None = ...,
-        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        hop_path: _abc.Iterable[_builtins.str] | None = ...,
-        turn_id: _builtins.str = ...,
-        hops_remaining: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop_path", b"hop_path", "hops_remaining", b"hops_remaining", "message", b"message", "mode", b"mode", "reason", b"reason", "source_agent", b"source_agent", "turn_id", b"turn_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___HandoffTurn: _TypeAlias = HandoffTurn  # noqa: Y015
-
-@_typing.final
 class HandoffRequest(_message.Message):
+    """What the router sends on a Handoff stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     HANDOFF_FIELD_NUMBER: _builtins.int
     CONSULT_RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def handoff(self) -> Global___HandoffTurn: ...
+    def handoff(self) -> _types_pb2.HandoffTurn:
+        """The conversation handed over (the first request)."""
+
     @_builtins.property
-    def consult_result(self) -> _types_pb2.ConsultResult: ...
+    def consult_result(self) -> _types_pb2.ConsultResult:
+        """The answer to a CONSULT the agent asked for."""
+
     @_builtins.property
-    def cancel(self) -> _types_pb2.Cancel: ...
+    def cancel(self) -> _types_pb2.Cancel:
+        """Stops the turn in flight."""
+
     def __init__(
         self,
         *,
-        handoff: Global___HandoffTurn | None = ...,
+        handoff: _types_pb2.HandoffTurn | None = ...,
         consult_result: _types_pb2.ConsultResult | None = ...,
         cancel: _types_pb2.Cancel | None = ...,
     ) -> None: ...
@@ -129,6 +57,8 @@ Global___HandoffRequest: _TypeAlias = HandoffRequest  # noqa: Y015
 
 @_typing.final
 class InfoRequest(_message.Message):
+    """Asks an agent what it is."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -141,3 +71,27 @@ class InfoRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InfoRequest: _TypeAlias = InfoRequest  # noqa: Y015
+
+@_typing.final
+class InfoResponse(_message.Message):
+    """What an agent is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def info(self) -> _types_pb2.AgentInfo:
+        """The agent's description."""
+
+    def __init__(
+        self,
+        *,
+        info: _types_pb2.AgentInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015

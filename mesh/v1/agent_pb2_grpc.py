@@ -26,8 +26,9 @@ if _version_not_supported:
     )
 
 
-class AgentStub:
-    """Missing associated documentation comment in .proto file."""
+class AgentServiceStub:
+    """An agent of the mesh. Only the router dials agents.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -36,29 +37,35 @@ class AgentStub:
             channel: A grpc.Channel.
         """
         self.Chat = channel.stream_stream(
-                '/mesh.v1.Agent/Chat',
+                '/mesh.v1.AgentService/Chat',
                 request_serializer=mesh_dot_v1_dot_types__pb2.ChatRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_types__pb2.ChatEvent.FromString,
                 _registered_method=True)
         self.Handoff = channel.stream_stream(
-                '/mesh.v1.Agent/Handoff',
+                '/mesh.v1.AgentService/Handoff',
                 request_serializer=mesh_dot_v1_dot_agent__pb2.HandoffRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_types__pb2.ChatEvent.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
-                '/mesh.v1.Agent/Info',
+                '/mesh.v1.AgentService/Info',
                 request_serializer=mesh_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
-                response_deserializer=mesh_dot_v1_dot_types__pb2.AgentInfo.FromString,
+                response_deserializer=mesh_dot_v1_dot_agent__pb2.InfoResponse.FromString,
                 _registered_method=True)
 
 
-class AgentServicer:
-    """Missing associated documentation comment in .proto file."""
+class AgentServiceServicer:
+    """An agent of the mesh. Only the router dials agents.
+    """
 
     def Chat(self, request_iterator, context):
         """A conversation with this agent. The first request opens a turn; later
         requests carry follow-up turns, CONSULT results, or a cancel. Events stream
         back as they happen and every turn ends with a `final` (or an `error`).
+        ChatRequest and ChatEvent are shared with RouterService.Chat on purpose: a
+        client talks to one agent or to the whole mesh with the same messages.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -66,7 +73,9 @@ class AgentServicer:
 
     def Handoff(self, request_iterator, context):
         """A peer's conversation handed over by the router (TRANSFER or CONSULT);
-        after the first request it behaves like Chat.
+        after the first request it behaves like Chat, with the same events.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,7 +89,7 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_AgentServicer_to_server(servicer, server):
+def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Chat': grpc.stream_stream_rpc_method_handler(
                     servicer.Chat,
@@ -95,18 +104,19 @@ def add_AgentServicer_to_server(servicer, server):
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
                     request_deserializer=mesh_dot_v1_dot_agent__pb2.InfoRequest.FromString,
-                    response_serializer=mesh_dot_v1_dot_types__pb2.AgentInfo.SerializeToString,
+                    response_serializer=mesh_dot_v1_dot_agent__pb2.InfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'mesh.v1.Agent', rpc_method_handlers)
+            'mesh.v1.AgentService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('mesh.v1.Agent', rpc_method_handlers)
+    server.add_registered_method_handlers('mesh.v1.AgentService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Agent:
-    """Missing associated documentation comment in .proto file."""
+class AgentService:
+    """An agent of the mesh. Only the router dials agents.
+    """
 
     @staticmethod
     def Chat(request_iterator,
@@ -122,7 +132,7 @@ class Agent:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/mesh.v1.Agent/Chat',
+            '/mesh.v1.AgentService/Chat',
             mesh_dot_v1_dot_types__pb2.ChatRequest.SerializeToString,
             mesh_dot_v1_dot_types__pb2.ChatEvent.FromString,
             options,
@@ -149,7 +159,7 @@ class Agent:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/mesh.v1.Agent/Handoff',
+            '/mesh.v1.AgentService/Handoff',
             mesh_dot_v1_dot_agent__pb2.HandoffRequest.SerializeToString,
             mesh_dot_v1_dot_types__pb2.ChatEvent.FromString,
             options,
@@ -176,9 +186,9 @@ class Agent:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/mesh.v1.Agent/Info',
+            '/mesh.v1.AgentService/Info',
             mesh_dot_v1_dot_agent__pb2.InfoRequest.SerializeToString,
-            mesh_dot_v1_dot_types__pb2.AgentInfo.FromString,
+            mesh_dot_v1_dot_agent__pb2.InfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,39 +27,59 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
-class AgentStub:
+class AgentServiceStub:
+    """An agent of the mesh. Only the router dials agents."""
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> AgentAsyncStub: ...
+    def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Chat: _grpc.StreamStreamMultiCallable[_types_pb2.ChatRequest, _types_pb2.ChatEvent]
     """A conversation with this agent. The first request opens a turn; later
     requests carry follow-up turns, CONSULT results, or a cancel. Events stream
     back as they happen and every turn ends with a `final` (or an `error`).
+    ChatRequest and ChatEvent are shared with RouterService.Chat on purpose: a
+    client talks to one agent or to the whole mesh with the same messages.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     Handoff: _grpc.StreamStreamMultiCallable[_agent_pb2.HandoffRequest, _types_pb2.ChatEvent]
     """A peer's conversation handed over by the router (TRANSFER or CONSULT);
-    after the first request it behaves like Chat.
+    after the first request it behaves like Chat, with the same events.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
-    Info: _grpc.UnaryUnaryMultiCallable[_agent_pb2.InfoRequest, _types_pb2.AgentInfo]
+    Info: _grpc.UnaryUnaryMultiCallable[_agent_pb2.InfoRequest, _agent_pb2.InfoResponse]
     """What this agent is and can do."""
 
 @_typing.type_check_only
-class AgentAsyncStub(AgentStub):
+class AgentServiceAsyncStub(AgentServiceStub):
+    """An agent of the mesh. Only the router dials agents."""
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Chat: _aio.StreamStreamMultiCallable[_types_pb2.ChatRequest, _types_pb2.ChatEvent]  # type: ignore[assignment]
     """A conversation with this agent. The first request opens a turn; later
     requests carry follow-up turns, CONSULT results, or a cancel. Events stream
     back as they happen and every turn ends with a `final` (or an `error`).
+    ChatRequest and ChatEvent are shared with RouterService.Chat on purpose: a
+    client talks to one agent or to the whole mesh with the same messages.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     Handoff: _aio.StreamStreamMultiCallable[_agent_pb2.HandoffRequest, _types_pb2.ChatEvent]  # type: ignore[assignment]
     """A peer's conversation handed over by the router (TRANSFER or CONSULT);
-    after the first request it behaves like Chat.
+    after the first request it behaves like Chat, with the same events.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
-    Info: _aio.UnaryUnaryMultiCallable[_agent_pb2.InfoRequest, _types_pb2.AgentInfo]  # type: ignore[assignment]
+    Info: _aio.UnaryUnaryMultiCallable[_agent_pb2.InfoRequest, _agent_pb2.InfoResponse]  # type: ignore[assignment]
     """What this agent is and can do."""
 
-class AgentServicer(metaclass=_abc_1.ABCMeta):
+class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
+    """An agent of the mesh. Only the router dials agents."""
+
     @_abc_1.abstractmethod
     def Chat(
         self,
@@ -69,6 +89,11 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         """A conversation with this agent. The first request opens a turn; later
         requests carry follow-up turns, CONSULT results, or a cancel. Events stream
         back as they happen and every turn ends with a `final` (or an `error`).
+        ChatRequest and ChatEvent are shared with RouterService.Chat on purpose: a
+        client talks to one agent or to the whole mesh with the same messages.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
     @_abc_1.abstractmethod
@@ -78,7 +103,9 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_types_pb2.ChatEvent], _abc.AsyncIterator[_types_pb2.ChatEvent]]:
         """A peer's conversation handed over by the router (TRANSFER or CONSULT);
-        after the first request it behaves like Chat.
+        after the first request it behaves like Chat, with the same events.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
     @_abc_1.abstractmethod
@@ -86,7 +113,7 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _agent_pb2.InfoRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_types_pb2.AgentInfo, _abc.Awaitable[_types_pb2.AgentInfo]]:
+    ) -> _typing.Union[_agent_pb2.InfoResponse, _abc.Awaitable[_agent_pb2.InfoResponse]]:
         """What this agent is and can do."""
 
-def add_AgentServicer_to_server(servicer: AgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mesh.v1 import types_pb2 as mesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mesh/v1/router.proto\x12\x07mesh.v1\x1a\x13mesh/v1/types.proto\"\x13\n\x11ListAgentsRequest\"S\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x16\n\x0e\x61\x63tive_streams\x18\x04 \x01(\r\"T\n\nAgentEntry\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.mesh.v1.AgentInfo\x12$\n\tendpoints\x18\x02 \x03(\x0b\x32\x11.mesh.v1.Endpoint\"9\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.mesh.v1.AgentEntry\"$\n\x14\x44\x65scribeAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"0\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"5\n\x10RegisterResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\x8e\x02\n\x06Router\x12\x34\n\x04\x43hat\x12\x14.mesh.v1.ChatRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12\x45\n\nListAgents\x12\x1a.mesh.v1.ListAgentsRequest\x1a\x1b.mesh.v1.ListAgentsResponse\x12\x42\n\rDescribeAgent\x12\x1d.mesh.v1.DescribeAgentRequest\x1a\x12.mesh.v1.AgentInfo\x12\x43\n\x08Register\x12\x18.mesh.v1.RegisterRequest\x1a\x19.mesh.v1.RegisterResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14mesh/v1/router.proto\x12\x07mesh.v1\x1a\x13mesh/v1/types.proto\"\x13\n\x11ListAgentsRequest\"\xac\x01\n\x08\x45ndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tive_streams\x18\x04 \x01(\r\x12\'\n\x06health\x18\x05 \x01(\x0e\x32\x17.mesh.v1.EndpointHealth\x12(\n\x07sources\x18\x06 \x03(\x0e\x32\x17.mesh.v1.EndpointSourceJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04R\x0bhealth_textR\x0bsource_text\"T\n\nAgentEntry\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.mesh.v1.AgentInfo\x12$\n\tendpoints\x18\x02 \x03(\x0b\x32\x11.mesh.v1.Endpoint\"9\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.mesh.v1.AgentEntry\"$\n\x14\x44\x65scribeAgentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"9\n\x15\x44\x65scribeAgentResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.mesh.v1.AgentInfo\"0\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"5\n\x10RegisterResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t2\xa1\x02\n\rRouterService\x12\x34\n\x04\x43hat\x12\x14.mesh.v1.ChatRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12\x45\n\nListAgents\x12\x1a.mesh.v1.ListAgentsRequest\x1a\x1b.mesh.v1.ListAgentsResponse\x12N\n\rDescribeAgent\x12\x1d.mesh.v1.DescribeAgentRequest\x1a\x1e.mesh.v1.DescribeAgentResponse\x12\x43\n\x08Register\x12\x18.mesh.v1.RegisterRequest\x1a\x19.mesh.v1.RegisterResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LISTAGENTSREQUEST']._serialized_start=54
   _globals['_LISTAGENTSREQUEST']._serialized_end=73
-  _globals['_ENDPOINT']._serialized_start=75
-  _globals['_ENDPOINT']._serialized_end=158
-  _globals['_AGENTENTRY']._serialized_start=160
-  _globals['_AGENTENTRY']._serialized_end=244
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=246
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=303
-  _globals['_DESCRIBEAGENTREQUEST']._serialized_start=305
-  _globals['_DESCRIBEAGENTREQUEST']._serialized_end=341
-  _globals['_REGISTERREQUEST']._serialized_start=343
-  _globals['_REGISTERREQUEST']._serialized_end=391
-  _globals['_REGISTERRESPONSE']._serialized_start=393
-  _globals['_REGISTERRESPONSE']._serialized_end=446
-  _globals['_ROUTER']._serialized_start=449
-  _globals['_ROUTER']._serialized_end=719
+  _globals['_ENDPOINT']._serialized_start=76
+  _globals['_ENDPOINT']._serialized_end=248
+  _globals['_AGENTENTRY']._serialized_start=250
+  _globals['_AGENTENTRY']._serialized_end=334
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=336
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=393
+  _globals['_DESCRIBEAGENTREQUEST']._serialized_start=395
+  _globals['_DESCRIBEAGENTREQUEST']._serialized_end=431
+  _globals['_DESCRIBEAGENTRESPONSE']._serialized_start=433
+  _globals['_DESCRIBEAGENTRESPONSE']._serialized_end=490
+  _globals['_REGISTERREQUEST']._serialized_start=492
+  _globals['_REGISTERREQUEST']._serialized_end=540
+  _globals['_REGISTERRESPONSE']._serialized_start=542
+  _globals['_REGISTERRESPONSE']._serialized_end=595
+  _globals['_ROUTERSERVICE']._serialized_start=598
+  _globals['_ROUTERSERVICE']._serialized_end=887
 # @@protoc_insertion_point(module_scope)

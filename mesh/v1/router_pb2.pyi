@@ -21,6 +21,8 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class ListAgentsRequest(_message.Message):
+    """Lists the agents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -36,29 +38,35 @@ Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
 
 @_typing.final
 class Endpoint(_message.Message):
+    """One replica of an agent, as the router sees it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ADDRESS_FIELD_NUMBER: _builtins.int
-    HEALTH_FIELD_NUMBER: _builtins.int
-    SOURCE_FIELD_NUMBER: _builtins.int
     ACTIVE_STREAMS_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    SOURCES_FIELD_NUMBER: _builtins.int
     address: _builtins.str
-    health: _builtins.str
-    """SERVING | NOT_SERVING | UNKNOWN"""
-    source: _builtins.str
-    """static | registered | dns"""
+    """host:port the router dials."""
     active_streams: _builtins.int
+    """Streams in flight to this replica."""
+    health: _types_pb2.EndpointHealth.ValueType
+    """Whether the router picks it."""
+    @_builtins.property
+    def sources(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.EndpointSource.ValueType]:
+        """How the router found it (a replica can be found more than one way)."""
+
     def __init__(
         self,
         *,
         address: _builtins.str = ...,
-        health: _builtins.str = ...,
-        source: _builtins.str = ...,
         active_streams: _builtins.int = ...,
+        health: _types_pb2.EndpointHealth.ValueType = ...,
+        sources: _abc.Iterable[_types_pb2.EndpointSource.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_streams", b"active_streams", "address", b"address", "health", b"health", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_streams", b"active_streams", "address", b"address", "health", b"health", "sources", b"sources"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -66,14 +74,20 @@ Global___Endpoint: _TypeAlias = Endpoint  # noqa: Y015
 
 @_typing.final
 class AgentEntry(_message.Message):
+    """An agent and its replicas."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INFO_FIELD_NUMBER: _builtins.int
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def info(self) -> _types_pb2.AgentInfo: ...
+    def info(self) -> _types_pb2.AgentInfo:
+        """What the agent says it is."""
+
     @_builtins.property
-    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]: ...
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___Endpoint]:
+        """Its replicas."""
+
     def __init__(
         self,
         *,
@@ -90,11 +104,15 @@ Global___AgentEntry: _TypeAlias = AgentEntry  # noqa: Y015
 
 @_typing.final
 class ListAgentsResponse(_message.Message):
+    """The agents the router can route to."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentEntry]: ...
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentEntry]:
+        """One entry per agent, by name."""
+
     def __init__(
         self,
         *,
@@ -110,10 +128,13 @@ Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
 
 @_typing.final
 class DescribeAgentRequest(_message.Message):
+    """Names the agent to describe."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The agent's name."""
     def __init__(
         self,
         *,
@@ -128,13 +149,39 @@ class DescribeAgentRequest(_message.Message):
 Global___DescribeAgentRequest: _TypeAlias = DescribeAgentRequest  # noqa: Y015
 
 @_typing.final
+class DescribeAgentResponse(_message.Message):
+    """One agent's description."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def info(self) -> _types_pb2.AgentInfo:
+        """What the agent says it is."""
+
+    def __init__(
+        self,
+        *,
+        info: _types_pb2.AgentInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeAgentResponse: _TypeAlias = DescribeAgentResponse  # noqa: Y015
+
+@_typing.final
 class RegisterRequest(_message.Message):
+    """An agent announcing itself."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """The agent's name (must match its Info)."""
+    """The agent's name (must match its Info and the caller's identity)."""
     address: _builtins.str
     """host:port the router can dial."""
     def __init__(
@@ -153,6 +200,8 @@ Global___RegisterRequest: _TypeAlias = RegisterRequest  # noqa: Y015
 
 @_typing.final
 class RegisterResponse(_message.Message):
+    """The router's answer to a registration."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCEPTED_FIELD_NUMBER: _builtins.int
@@ -160,6 +209,7 @@ class RegisterResponse(_message.Message):
     accepted: _builtins.bool
     """Set once the router has checked the agent and listed it."""
     message: _builtins.str
+    """Why it was or was not listed."""
     def __init__(
         self,
         *,

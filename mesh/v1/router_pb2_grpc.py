@@ -26,8 +26,9 @@ if _version_not_supported:
     )
 
 
-class RouterStub:
-    """Missing associated documentation comment in .proto file."""
+class RouterServiceStub:
+    """The router: routes conversations to agents, carries handoffs, keeps history.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -36,33 +37,37 @@ class RouterStub:
             channel: A grpc.Channel.
         """
         self.Chat = channel.stream_stream(
-                '/mesh.v1.Router/Chat',
+                '/mesh.v1.RouterService/Chat',
                 request_serializer=mesh_dot_v1_dot_types__pb2.ChatRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_types__pb2.ChatEvent.FromString,
                 _registered_method=True)
         self.ListAgents = channel.unary_unary(
-                '/mesh.v1.Router/ListAgents',
+                '/mesh.v1.RouterService/ListAgents',
                 request_serializer=mesh_dot_v1_dot_router__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_router__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
         self.DescribeAgent = channel.unary_unary(
-                '/mesh.v1.Router/DescribeAgent',
+                '/mesh.v1.RouterService/DescribeAgent',
                 request_serializer=mesh_dot_v1_dot_router__pb2.DescribeAgentRequest.SerializeToString,
-                response_deserializer=mesh_dot_v1_dot_types__pb2.AgentInfo.FromString,
+                response_deserializer=mesh_dot_v1_dot_router__pb2.DescribeAgentResponse.FromString,
                 _registered_method=True)
         self.Register = channel.stream_stream(
-                '/mesh.v1.Router/Register',
+                '/mesh.v1.RouterService/Register',
                 request_serializer=mesh_dot_v1_dot_router__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_router__pb2.RegisterResponse.FromString,
                 _registered_method=True)
 
 
-class RouterServicer:
-    """Missing associated documentation comment in .proto file."""
+class RouterServiceServicer:
+    """The router: routes conversations to agents, carries handoffs, keeps history.
+    """
 
     def Chat(self, request_iterator, context):
-        """The same conversation contract as Agent.Chat; every event names the agent
-        that produced it. Handoffs between agents happen behind this stream.
+        """The same conversation contract as AgentService.Chat; every event names the
+        agent that produced it. Handoffs between agents happen behind this stream.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -76,7 +81,8 @@ class RouterServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DescribeAgent(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One agent's description.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -89,7 +95,7 @@ class RouterServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_RouterServicer_to_server(servicer, server):
+def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Chat': grpc.stream_stream_rpc_method_handler(
                     servicer.Chat,
@@ -104,7 +110,7 @@ def add_RouterServicer_to_server(servicer, server):
             'DescribeAgent': grpc.unary_unary_rpc_method_handler(
                     servicer.DescribeAgent,
                     request_deserializer=mesh_dot_v1_dot_router__pb2.DescribeAgentRequest.FromString,
-                    response_serializer=mesh_dot_v1_dot_types__pb2.AgentInfo.SerializeToString,
+                    response_serializer=mesh_dot_v1_dot_router__pb2.DescribeAgentResponse.SerializeToString,
             ),
             'Register': grpc.stream_stream_rpc_method_handler(
                     servicer.Register,
@@ -113,14 +119,15 @@ def add_RouterServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'mesh.v1.Router', rpc_method_handlers)
+            'mesh.v1.RouterService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('mesh.v1.Router', rpc_method_handlers)
+    server.add_registered_method_handlers('mesh.v1.RouterService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Router:
-    """Missing associated documentation comment in .proto file."""
+class RouterService:
+    """The router: routes conversations to agents, carries handoffs, keeps history.
+    """
 
     @staticmethod
     def Chat(request_iterator,
@@ -136,7 +143,7 @@ class Router:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/mesh.v1.Router/Chat',
+            '/mesh.v1.RouterService/Chat',
             mesh_dot_v1_dot_types__pb2.ChatRequest.SerializeToString,
             mesh_dot_v1_dot_types__pb2.ChatEvent.FromString,
             options,
@@ -163,7 +170,7 @@ class Router:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/mesh.v1.Router/ListAgents',
+            '/mesh.v1.RouterService/ListAgents',
             mesh_dot_v1_dot_router__pb2.ListAgentsRequest.SerializeToString,
             mesh_dot_v1_dot_router__pb2.ListAgentsResponse.FromString,
             options,
@@ -190,9 +197,9 @@ class Router:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/mesh.v1.Router/DescribeAgent',
+            '/mesh.v1.RouterService/DescribeAgent',
             mesh_dot_v1_dot_router__pb2.DescribeAgentRequest.SerializeToString,
-            mesh_dot_v1_dot_types__pb2.AgentInfo.FromString,
+            mesh_dot_v1_dot_router__pb2.DescribeAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -217,7 +224,7 @@ class Router:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/mesh.v1.Router/Register',
+            '/mesh.v1.RouterService/Register',
             mesh_dot_v1_dot_router__pb2.RegisterRequest.SerializeToString,
             mesh_dot_v1_dot_router__pb2.RegisterResponse.FromString,
             options,

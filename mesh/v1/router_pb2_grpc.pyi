@@ -27,43 +27,60 @@ class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ig
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
-class RouterStub:
+class RouterServiceStub:
+    """The router: routes conversations to agents, carries handoffs, keeps history."""
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> RouterAsyncStub: ...
+    def __new__(cls, channel: _aio.Channel) -> RouterServiceAsyncStub: ...
     Chat: _grpc.StreamStreamMultiCallable[_types_pb2.ChatRequest, _types_pb2.ChatEvent]
-    """The same conversation contract as Agent.Chat; every event names the agent
-    that produced it. Handoffs between agents happen behind this stream.
+    """The same conversation contract as AgentService.Chat; every event names the
+    agent that produced it. Handoffs between agents happen behind this stream.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     ListAgents: _grpc.UnaryUnaryMultiCallable[_router_pb2.ListAgentsRequest, _router_pb2.ListAgentsResponse]
     """The agents the router can route to now."""
-    DescribeAgent: _grpc.UnaryUnaryMultiCallable[_router_pb2.DescribeAgentRequest, _types_pb2.AgentInfo]
+    DescribeAgent: _grpc.UnaryUnaryMultiCallable[_router_pb2.DescribeAgentRequest, _router_pb2.DescribeAgentResponse]
+    """One agent's description."""
     Register: _grpc.StreamStreamMultiCallable[_router_pb2.RegisterRequest, _router_pb2.RegisterResponse]
     """An agent announces itself and stays listed while this stream lives."""
 
 @_typing.type_check_only
-class RouterAsyncStub(RouterStub):
+class RouterServiceAsyncStub(RouterServiceStub):
+    """The router: routes conversations to agents, carries handoffs, keeps history."""
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Chat: _aio.StreamStreamMultiCallable[_types_pb2.ChatRequest, _types_pb2.ChatEvent]  # type: ignore[assignment]
-    """The same conversation contract as Agent.Chat; every event names the agent
-    that produced it. Handoffs between agents happen behind this stream.
+    """The same conversation contract as AgentService.Chat; every event names the
+    agent that produced it. Handoffs between agents happen behind this stream.
+    buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     ListAgents: _aio.UnaryUnaryMultiCallable[_router_pb2.ListAgentsRequest, _router_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """The agents the router can route to now."""
-    DescribeAgent: _aio.UnaryUnaryMultiCallable[_router_pb2.DescribeAgentRequest, _types_pb2.AgentInfo]  # type: ignore[assignment]
+    DescribeAgent: _aio.UnaryUnaryMultiCallable[_router_pb2.DescribeAgentRequest, _router_pb2.DescribeAgentResponse]  # type: ignore[assignment]
+    """One agent's description."""
     Register: _aio.StreamStreamMultiCallable[_router_pb2.RegisterRequest, _router_pb2.RegisterResponse]  # type: ignore[assignment]
     """An agent announces itself and stays listed while this stream lives."""
 
-class RouterServicer(metaclass=_abc_1.ABCMeta):
+class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
+    """The router: routes conversations to agents, carries handoffs, keeps history."""
+
     @_abc_1.abstractmethod
     def Chat(
         self,
         request_iterator: _MaybeAsyncIterator[_types_pb2.ChatRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_types_pb2.ChatEvent], _abc.AsyncIterator[_types_pb2.ChatEvent]]:
-        """The same conversation contract as Agent.Chat; every event names the agent
-        that produced it. Handoffs between agents happen behind this stream.
+        """The same conversation contract as AgentService.Chat; every event names the
+        agent that produced it. Handoffs between agents happen behind this stream.
+        buf:lint:ignore RPC_REQUEST_RESPONSE_UNIQUE
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
     @_abc_1.abstractmethod
@@ -79,7 +96,8 @@ class RouterServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _router_pb2.DescribeAgentRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_types_pb2.AgentInfo, _abc.Awaitable[_types_pb2.AgentInfo]]: ...
+    ) -> _typing.Union[_router_pb2.DescribeAgentResponse, _abc.Awaitable[_router_pb2.DescribeAgentResponse]]:
+        """One agent's description."""
 
     @_abc_1.abstractmethod
     def Register(
@@ -89,4 +107,4 @@ class RouterServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_router_pb2.RegisterResponse], _abc.AsyncIterator[_router_pb2.RegisterResponse]]:
         """An agent announces itself and stays listed while this stream lives."""
 
-def add_RouterServicer_to_server(servicer: RouterServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,6 +24,202 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _HandoffMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HandoffModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HandoffMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HANDOFF_MODE_UNSPECIFIED: _HandoffMode.ValueType  # 0
+    """Not set; refused where a mode is required."""
+    HANDOFF_MODE_TRANSFER: _HandoffMode.ValueType  # 1
+    """Swarm: the target takes over the conversation; its events stream to the user."""
+    HANDOFF_MODE_CONSULT: _HandoffMode.ValueType  # 2
+    """Coordinator: the target answers the caller, who finishes its own turn with it."""
+    HANDOFF_MODE_END_CONVERSATION: _HandoffMode.ValueType  # 3
+    """The conversation ends here."""
+
+class HandoffMode(_HandoffMode, metaclass=_HandoffModeEnumTypeWrapper):
+    """How control moves between agents."""
+
+HANDOFF_MODE_UNSPECIFIED: HandoffMode.ValueType  # 0
+"""Not set; refused where a mode is required."""
+HANDOFF_MODE_TRANSFER: HandoffMode.ValueType  # 1
+"""Swarm: the target takes over the conversation; its events stream to the user."""
+HANDOFF_MODE_CONSULT: HandoffMode.ValueType  # 2
+"""Coordinator: the target answers the caller, who finishes its own turn with it."""
+HANDOFF_MODE_END_CONVERSATION: HandoffMode.ValueType  # 3
+"""The conversation ends here."""
+Global___HandoffMode: _TypeAlias = HandoffMode  # noqa: Y015
+
+class _StopReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STOP_REASON_UNSPECIFIED: _StopReason.ValueType  # 0
+    """Not set."""
+    STOP_REASON_END_TURN: _StopReason.ValueType  # 1
+    """The model finished its answer."""
+    STOP_REASON_TOOL_ROUNDS_EXHAUSTED: _StopReason.ValueType  # 2
+    """The agent's limit of tool rounds ran out before the model finished."""
+    STOP_REASON_HANDOFF: _StopReason.ValueType  # 3
+    """The agent handed the turn over (its part of the turn ends here)."""
+    STOP_REASON_END_CONVERSATION: _StopReason.ValueType  # 4
+    """The conversation is over; the stream ends after this final."""
+    STOP_REASON_CANCELLED: _StopReason.ValueType  # 5
+    """The client cancelled the turn."""
+
+class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
+    """Why a turn ended."""
+
+STOP_REASON_UNSPECIFIED: StopReason.ValueType  # 0
+"""Not set."""
+STOP_REASON_END_TURN: StopReason.ValueType  # 1
+"""The model finished its answer."""
+STOP_REASON_TOOL_ROUNDS_EXHAUSTED: StopReason.ValueType  # 2
+"""The agent's limit of tool rounds ran out before the model finished."""
+STOP_REASON_HANDOFF: StopReason.ValueType  # 3
+"""The agent handed the turn over (its part of the turn ends here)."""
+STOP_REASON_END_CONVERSATION: StopReason.ValueType  # 4
+"""The conversation is over; the stream ends after this final."""
+STOP_REASON_CANCELLED: StopReason.ValueType  # 5
+"""The client cancelled the turn."""
+Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
+
+class _ErrorCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_CODE_UNSPECIFIED: _ErrorCode.ValueType  # 0
+    """Not set."""
+    ERROR_CODE_CANCELLED: _ErrorCode.ValueType  # 1
+    """CANCELLED."""
+    ERROR_CODE_UNKNOWN: _ErrorCode.ValueType  # 2
+    """UNKNOWN."""
+    ERROR_CODE_INVALID_ARGUMENT: _ErrorCode.ValueType  # 3
+    """INVALID_ARGUMENT."""
+    ERROR_CODE_DEADLINE_EXCEEDED: _ErrorCode.ValueType  # 4
+    """DEADLINE_EXCEEDED."""
+    ERROR_CODE_NOT_FOUND: _ErrorCode.ValueType  # 5
+    """NOT_FOUND."""
+    ERROR_CODE_ALREADY_EXISTS: _ErrorCode.ValueType  # 6
+    """ALREADY_EXISTS."""
+    ERROR_CODE_PERMISSION_DENIED: _ErrorCode.ValueType  # 7
+    """PERMISSION_DENIED."""
+    ERROR_CODE_RESOURCE_EXHAUSTED: _ErrorCode.ValueType  # 8
+    """RESOURCE_EXHAUSTED."""
+    ERROR_CODE_FAILED_PRECONDITION: _ErrorCode.ValueType  # 9
+    """FAILED_PRECONDITION."""
+    ERROR_CODE_ABORTED: _ErrorCode.ValueType  # 10
+    """ABORTED."""
+    ERROR_CODE_OUT_OF_RANGE: _ErrorCode.ValueType  # 11
+    """OUT_OF_RANGE."""
+    ERROR_CODE_UNIMPLEMENTED: _ErrorCode.ValueType  # 12
+    """UNIMPLEMENTED."""
+    ERROR_CODE_INTERNAL: _ErrorCode.ValueType  # 13
+    """INTERNAL."""
+    ERROR_CODE_UNAVAILABLE: _ErrorCode.ValueType  # 14
+    """UNAVAILABLE."""
+    ERROR_CODE_DATA_LOSS: _ErrorCode.ValueType  # 15
+    """DATA_LOSS."""
+    ERROR_CODE_UNAUTHENTICATED: _ErrorCode.ValueType  # 16
+    """UNAUTHENTICATED."""
+
+class ErrorCode(_ErrorCode, metaclass=_ErrorCodeEnumTypeWrapper):
+    """The gRPC status code of an in-band error (the numbers are gRPC's own)."""
+
+ERROR_CODE_UNSPECIFIED: ErrorCode.ValueType  # 0
+"""Not set."""
+ERROR_CODE_CANCELLED: ErrorCode.ValueType  # 1
+"""CANCELLED."""
+ERROR_CODE_UNKNOWN: ErrorCode.ValueType  # 2
+"""UNKNOWN."""
+ERROR_CODE_INVALID_ARGUMENT: ErrorCode.ValueType  # 3
+"""INVALID_ARGUMENT."""
+ERROR_CODE_DEADLINE_EXCEEDED: ErrorCode.ValueType  # 4
+"""DEADLINE_EXCEEDED."""
+ERROR_CODE_NOT_FOUND: ErrorCode.ValueType  # 5
+"""NOT_FOUND."""
+ERROR_CODE_ALREADY_EXISTS: ErrorCode.ValueType  # 6
+"""ALREADY_EXISTS."""
+ERROR_CODE_PERMISSION_DENIED: ErrorCode.ValueType  # 7
+"""PERMISSION_DENIED."""
+ERROR_CODE_RESOURCE_EXHAUSTED: ErrorCode.ValueType  # 8
+"""RESOURCE_EXHAUSTED."""
+ERROR_CODE_FAILED_PRECONDITION: ErrorCode.ValueType  # 9
+"""FAILED_PRECONDITION."""
+ERROR_CODE_ABORTED: ErrorCode.ValueType  # 10
+"""ABORTED."""
+ERROR_CODE_OUT_OF_RANGE: ErrorCode.ValueType  # 11
+"""OUT_OF_RANGE."""
+ERROR_CODE_UNIMPLEMENTED: ErrorCode.ValueType  # 12
+"""UNIMPLEMENTED."""
+ERROR_CODE_INTERNAL: ErrorCode.ValueType  # 13
+"""INTERNAL."""
+ERROR_CODE_UNAVAILABLE: ErrorCode.ValueType  # 14
+"""UNAVAILABLE."""
+ERROR_CODE_DATA_LOSS: ErrorCode.ValueType  # 15
+"""DATA_LOSS."""
+ERROR_CODE_UNAUTHENTICATED: ErrorCode.ValueType  # 16
+"""UNAUTHENTICATED."""
+Global___ErrorCode: _TypeAlias = ErrorCode  # noqa: Y015
+
+class _EndpointHealth:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EndpointHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EndpointHealth.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENDPOINT_HEALTH_UNSPECIFIED: _EndpointHealth.ValueType  # 0
+    """Not known yet."""
+    ENDPOINT_HEALTH_SERVING: _EndpointHealth.ValueType  # 1
+    """Takes turns."""
+    ENDPOINT_HEALTH_NOT_SERVING: _EndpointHealth.ValueType  # 2
+    """Skipped until it serves again."""
+
+class EndpointHealth(_EndpointHealth, metaclass=_EndpointHealthEnumTypeWrapper):
+    """Whether the router picks an endpoint."""
+
+ENDPOINT_HEALTH_UNSPECIFIED: EndpointHealth.ValueType  # 0
+"""Not known yet."""
+ENDPOINT_HEALTH_SERVING: EndpointHealth.ValueType  # 1
+"""Takes turns."""
+ENDPOINT_HEALTH_NOT_SERVING: EndpointHealth.ValueType  # 2
+"""Skipped until it serves again."""
+Global___EndpointHealth: _TypeAlias = EndpointHealth  # noqa: Y015
+
+class _EndpointSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EndpointSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EndpointSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENDPOINT_SOURCE_UNSPECIFIED: _EndpointSource.ValueType  # 0
+    """Not known."""
+    ENDPOINT_SOURCE_STATIC: _EndpointSource.ValueType  # 1
+    """Listed in the mesh file (router.discovery.static)."""
+    ENDPOINT_SOURCE_REGISTERED: _EndpointSource.ValueType  # 2
+    """The agent registered itself (RouterService.Register)."""
+    ENDPOINT_SOURCE_DNS: _EndpointSource.ValueType  # 3
+    """A DNS name resolved to it (router.discovery.dns)."""
+
+class EndpointSource(_EndpointSource, metaclass=_EndpointSourceEnumTypeWrapper):
+    """How the router found an endpoint."""
+
+ENDPOINT_SOURCE_UNSPECIFIED: EndpointSource.ValueType  # 0
+"""Not known."""
+ENDPOINT_SOURCE_STATIC: EndpointSource.ValueType  # 1
+"""Listed in the mesh file (router.discovery.static)."""
+ENDPOINT_SOURCE_REGISTERED: EndpointSource.ValueType  # 2
+"""The agent registered itself (RouterService.Register)."""
+ENDPOINT_SOURCE_DNS: EndpointSource.ValueType  # 3
+"""A DNS name resolved to it (router.discovery.dns)."""
+Global___EndpointSource: _TypeAlias = EndpointSource  # noqa: Y015
+
 @_typing.final
 class Message(_message.Message):
     """One entry of a conversation's history."""
@@ -37,17 +233,29 @@ class Message(_message.Message):
     class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Message._Role.ValueType], _builtins.type):
         DESCRIPTOR: _descriptor.EnumDescriptor
         ROLE_UNSPECIFIED: Message._Role.ValueType  # 0
-        USER: Message._Role.ValueType  # 1
-        ASSISTANT: Message._Role.ValueType  # 2
-        TOOL: Message._Role.ValueType  # 3
-        SYSTEM: Message._Role.ValueType  # 4
+        """Not set; read as ROLE_USER."""
+        ROLE_USER: Message._Role.ValueType  # 1
+        """The person talking to the mesh."""
+        ROLE_ASSISTANT: Message._Role.ValueType  # 2
+        """An agent (named in `agent`)."""
+        ROLE_TOOL: Message._Role.ValueType  # 3
+        """A tool's result (answering `tool_call_id`)."""
+        ROLE_SYSTEM: Message._Role.ValueType  # 4
+        """Instructions to the model."""
 
-    class Role(_Role, metaclass=_RoleEnumTypeWrapper): ...
+    class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+        """Who wrote a message."""
+
     ROLE_UNSPECIFIED: Message.Role.ValueType  # 0
-    USER: Message.Role.ValueType  # 1
-    ASSISTANT: Message.Role.ValueType  # 2
-    TOOL: Message.Role.ValueType  # 3
-    SYSTEM: Message.Role.ValueType  # 4
+    """Not set; read as ROLE_USER."""
+    ROLE_USER: Message.Role.ValueType  # 1
+    """The person talking to the mesh."""
+    ROLE_ASSISTANT: Message.Role.ValueType  # 2
+    """An agent (named in `agent`)."""
+    ROLE_TOOL: Message.Role.ValueType  # 3
+    """A tool's result (answering `tool_call_id`)."""
+    ROLE_SYSTEM: Message.Role.ValueType  # 4
+    """Instructions to the model."""
 
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
@@ -56,15 +264,18 @@ class Message(_message.Message):
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     role: Global___Message.Role.ValueType
+    """Who wrote it."""
     content: _builtins.str
+    """The text of the message."""
     agent: _builtins.str
-    """The agent that wrote an ASSISTANT message (empty for USER messages)."""
+    """The agent that wrote a ROLE_ASSISTANT message (empty for ROLE_USER messages)."""
     tool_call_id: _builtins.str
-    """For TOOL messages: the call this result answers, and the tool's name."""
+    """For ROLE_TOOL messages: the call this result answers."""
     name: _builtins.str
+    """For ROLE_TOOL messages: the tool's name."""
     @_builtins.property
     def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
-        """Tool calls an ASSISTANT message made."""
+        """Tool calls a ROLE_ASSISTANT message made."""
 
     def __init__(
         self,
@@ -94,9 +305,13 @@ class ToolCall(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ARGUMENTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """Identifies the call; its ToolResult carries it back."""
     name: _builtins.str
+    """The tool's name."""
     @_builtins.property
-    def arguments(self) -> _struct_pb2.Struct: ...
+    def arguments(self) -> _struct_pb2.Struct:
+        """The arguments, as the tool's JSON schema describes them."""
+
     def __init__(
         self,
         *,
@@ -123,9 +338,13 @@ class ToolResult(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     IS_ERROR_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
+    """The ToolCall.id this answers."""
     name: _builtins.str
+    """The tool's name."""
     content: _builtins.str
+    """What the tool returned, as text (or the error's description)."""
     is_error: _builtins.bool
+    """Set when the tool failed; the model sees the failure as the result."""
     def __init__(
         self,
         *,
@@ -143,48 +362,8 @@ class ToolResult(_message.Message):
 Global___ToolResult: _TypeAlias = ToolResult  # noqa: Y015
 
 @_typing.final
-class HandoffMode(_message.Message):
-    """How control moves between agents."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    class _Mode:
-        ValueType = _typing.NewType("ValueType", _builtins.int)
-        V: _TypeAlias = ValueType  # noqa: Y015
-
-    class _ModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[HandoffMode._Mode.ValueType], _builtins.type):
-        DESCRIPTOR: _descriptor.EnumDescriptor
-        MODE_UNSPECIFIED: HandoffMode._Mode.ValueType  # 0
-        TRANSFER: HandoffMode._Mode.ValueType  # 1
-        """Swarm: the target takes over the conversation; its events stream to the user."""
-        CONSULT: HandoffMode._Mode.ValueType  # 2
-        """Coordinator: the target answers the caller, who finishes its own turn with it."""
-        END_CONVERSATION: HandoffMode._Mode.ValueType  # 3
-        """The conversation ends here."""
-
-    class Mode(_Mode, metaclass=_ModeEnumTypeWrapper): ...
-    MODE_UNSPECIFIED: HandoffMode.Mode.ValueType  # 0
-    TRANSFER: HandoffMode.Mode.ValueType  # 1
-    """Swarm: the target takes over the conversation; its events stream to the user."""
-    CONSULT: HandoffMode.Mode.ValueType  # 2
-    """Coordinator: the target answers the caller, who finishes its own turn with it."""
-    END_CONVERSATION: HandoffMode.Mode.ValueType  # 3
-    """The conversation ends here."""
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___HandoffMode: _TypeAlias = HandoffMode  # noqa: Y015
-
-@_typing.final
 class Turn(_message.Message):
-    """Opens a turn. On Agent.Chat the first request must carry one."""
+    """Opens a turn. On Agent Chat the first request must carry one."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -214,6 +393,7 @@ class Turn(_message.Message):
     CONTEXT_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
     TURN_ID_FIELD_NUMBER: _builtins.int
+    HOP_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     """Names the conversation; the router keeps its history under this id."""
     message: _builtins.str
@@ -230,6 +410,12 @@ class Turn(_message.Message):
     def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form context (tenant, locale, ...); matched by CONDITIONAL rules."""
 
+    @_builtins.property
+    def hop(self) -> Global___HopContext:
+        """Router to agent only: the per-turn call context, so that one long-lived agent
+        stream can carry many turns and conversations. Clients leave it empty.
+        """
+
     def __init__(
         self,
         *,
@@ -239,14 +425,80 @@ class Turn(_message.Message):
         context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         agent: _builtins.str = ...,
         turn_id: _builtins.str = ...,
+        hop: Global___HopContext | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "context", b"context", "conversation_id", b"conversation_id", "history", b"history", "message", b"message", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop", b"hop", "message", b"message", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Turn: _TypeAlias = Turn  # noqa: Y015
+
+@_typing.final
+class HopContext(_message.Message):
+    """The call context of one turn at one hop, carried in the request so that a
+    pooled agent stream needs nothing from call metadata per turn. The router
+    fills it in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    HOP_PATH_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    HOPS_REMAINING_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The request id of the turn, for logs and audit lines."""
+    timeout_ms: _builtins.int
+    """Milliseconds the turn may still take (0: no deadline beyond the agent's own)."""
+    hops_remaining: _builtins.int
+    """Handoffs this turn may still take."""
+    @_builtins.property
+    def hop_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents this turn has passed through so far, in order."""
+
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """W3C trace context of the turn (traceparent, tracestate, baggage)."""
+
+    def __init__(
+        self,
+        *,
+        hop_path: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        timeout_ms: _builtins.int = ...,
+        hops_remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hop_path", b"hop_path", "hops_remaining", b"hops_remaining", "request_id", b"request_id", "timeout_ms", b"timeout_ms", "trace_context", b"trace_context"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HopContext: _TypeAlias = HopContext  # noqa: Y015
 
 @_typing.final
 class ConsultResult(_message.Message):
@@ -263,6 +515,7 @@ class ConsultResult(_message.Message):
     agent: _builtins.str
     """The agent that was consulted."""
     content: _builtins.str
+    """The consulted agent's answer."""
     is_error: _builtins.bool
     """Set when the consult failed; content then says why."""
     def __init__(
@@ -289,6 +542,7 @@ class Cancel(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
+    """Why (for logs)."""
     def __init__(
         self,
         *,
@@ -303,30 +557,139 @@ class Cancel(_message.Message):
 Global___Cancel: _TypeAlias = Cancel  # noqa: Y015
 
 @_typing.final
+class HandoffTurn(_message.Message):
+    """The conversation as it arrives at the handoff target."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CONVERSATION_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_AGENT_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    HOP_PATH_FIELD_NUMBER: _builtins.int
+    TURN_ID_FIELD_NUMBER: _builtins.int
+    HOPS_REMAINING_FIELD_NUMBER: _builtins.int
+    HOP_FIELD_NUMBER: _builtins.int
+    conversation_id: _builtins.str
+    """The conversation being handed over."""
+    source_agent: _builtins.str
+    """The agent handing over."""
+    mode: Global___HandoffMode.ValueType
+    """HANDOFF_MODE_TRANSFER or HANDOFF_MODE_CONSULT."""
+    reason: _builtins.str
+    """Why the source handed over."""
+    message: _builtins.str
+    """What the target should answer."""
+    turn_id: _builtins.str
+    """The turn's id."""
+    hops_remaining: _builtins.int
+    """Handoffs this turn may still take."""
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
+        """The conversation so far."""
+
+    @_builtins.property
+    def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only the context keys the sender chose to pass."""
+
+    @_builtins.property
+    def hop_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents this turn has passed through so far, in order."""
+
+    @_builtins.property
+    def hop(self) -> Global___HopContext:
+        """Router to agent only: the per-turn call context (request id, trace context,
+        the time the turn may still take), as on Turn.
+        """
+
+    def __init__(
+        self,
+        *,
+        conversation_id: _builtins.str = ...,
+        source_agent: _builtins.str = ...,
+        mode: Global___HandoffMode.ValueType = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+        history: _abc.Iterable[Global___Message] | None = ...,
+        context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        hop_path: _abc.Iterable[_builtins.str] | None = ...,
+        turn_id: _builtins.str = ...,
+        hops_remaining: _builtins.int = ...,
+        hop: Global___HopContext | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop", b"hop", "hop_path", b"hop_path", "hops_remaining", b"hops_remaining", "message", b"message", "mode", b"mode", "reason", b"reason", "source_agent", b"source_agent", "turn_id", b"turn_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HandoffTurn: _TypeAlias = HandoffTurn  # noqa: Y015
+
+@_typing.final
 class ChatRequest(_message.Message):
+    """What a client sends on a Chat stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TURN_FIELD_NUMBER: _builtins.int
     CONSULT_RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    HANDOFF_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def turn(self) -> Global___Turn: ...
+    def turn(self) -> Global___Turn:
+        """Opens a turn (the first request of a stream must be one)."""
+
     @_builtins.property
-    def consult_result(self) -> Global___ConsultResult: ...
+    def consult_result(self) -> Global___ConsultResult:
+        """Router to agent only: the answer to a CONSULT the agent asked for."""
+
     @_builtins.property
-    def cancel(self) -> Global___Cancel: ...
+    def cancel(self) -> Global___Cancel:
+        """Stops the turn in flight; the stream stays open."""
+
+    @_builtins.property
+    def handoff(self) -> Global___HandoffTurn:
+        """Router to agent only: a peer's conversation handed over (TRANSFER or
+        CONSULT) as one more turn on a pooled Chat stream; the same as the first
+        request of AgentService.Handoff.
+        """
+
     def __init__(
         self,
         *,
         turn: Global___Turn | None = ...,
         consult_result: Global___ConsultResult | None = ...,
         cancel: Global___Cancel | None = ...,
+        handoff: Global___HandoffTurn | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn", "consult_result", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn", "consult_result", "cancel", "handoff"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -334,10 +697,13 @@ Global___ChatRequest: _TypeAlias = ChatRequest  # noqa: Y015
 
 @_typing.final
 class TextDelta(_message.Message):
+    """A piece of the answer's text, as the model streams it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TEXT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
+    """The text."""
     def __init__(
         self,
         *,
@@ -386,8 +752,11 @@ class HandoffEvent(_message.Message):
     call_id: _builtins.str
     """Identifies this request; a CONSULT answer carries it back."""
     target: _builtins.str
-    mode: Global___HandoffMode.Mode.ValueType
+    """The agent asked to take part."""
+    mode: Global___HandoffMode.ValueType
+    """How control moves."""
     reason: _builtins.str
+    """Why the agent hands over."""
     message: _builtins.str
     """What the target is asked (CONSULT) or the message it takes over with (TRANSFER)."""
     @_builtins.property
@@ -399,7 +768,7 @@ class HandoffEvent(_message.Message):
         *,
         call_id: _builtins.str = ...,
         target: _builtins.str = ...,
-        mode: Global___HandoffMode.Mode.ValueType = ...,
+        mode: Global___HandoffMode.ValueType = ...,
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
         context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
@@ -414,12 +783,16 @@ Global___HandoffEvent: _TypeAlias = HandoffEvent  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
+    """Model tokens a turn used."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     input_tokens: _builtins.int
+    """Tokens sent to the model(s)."""
     output_tokens: _builtins.int
+    """Tokens the model(s) produced."""
     def __init__(
         self,
         *,
@@ -442,13 +815,21 @@ class FinalMessage(_message.Message):
 
     CONTENT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
-    STOP_REASON_FIELD_NUMBER: _builtins.int
     HOP_PATH_FIELD_NUMBER: _builtins.int
+    HISTORY_DROPPED_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
     content: _builtins.str
-    stop_reason: _builtins.str
-    """end_turn | tool_rounds_exhausted | handoff | end_conversation | cancelled"""
+    """The answer, whole."""
+    history_dropped: _builtins.int
+    """History messages left out of this turn because the conversation outgrew the
+    router's history window (router.store.history_max_bytes); 0 when none were.
+    """
+    stop_reason: Global___StopReason.ValueType
+    """Why the turn ended."""
     @_builtins.property
-    def usage(self) -> Global___Usage: ...
+    def usage(self) -> Global___Usage:
+        """Tokens used by every model call of the turn."""
+
     @_builtins.property
     def hop_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The agents that handled the turn, in order (filled in by the router)."""
@@ -458,12 +839,13 @@ class FinalMessage(_message.Message):
         *,
         content: _builtins.str = ...,
         usage: Global___Usage | None = ...,
-        stop_reason: _builtins.str = ...,
         hop_path: _abc.Iterable[_builtins.str] | None = ...,
+        history_dropped: _builtins.int = ...,
+        stop_reason: Global___StopReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "hop_path", b"hop_path", "stop_reason", b"stop_reason", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "history_dropped", b"history_dropped", "hop_path", b"hop_path", "stop_reason", b"stop_reason", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -475,20 +857,21 @@ class ErrorEvent(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    code: _builtins.str
-    """The gRPC status code name, e.g. "UNAVAILABLE"."""
+    CODE_FIELD_NUMBER: _builtins.int
     message: _builtins.str
+    """What went wrong, in one line."""
     reason: _builtins.str
     """A machine-readable reason, as in google.rpc.ErrorInfo."""
+    code: Global___ErrorCode.ValueType
+    """The gRPC status code the stream ends with."""
     def __init__(
         self,
         *,
-        code: _builtins.str = ...,
         message: _builtins.str = ...,
         reason: _builtins.str = ...,
+        code: Global___ErrorCode.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -500,6 +883,8 @@ Global___ErrorEvent: _TypeAlias = ErrorEvent  # noqa: Y015
 
 @_typing.final
 class ChatEvent(_message.Message):
+    """Something that happened in a turn, tagged with who did it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_FIELD_NUMBER: _builtins.int
@@ -517,19 +902,33 @@ class ChatEvent(_message.Message):
     seq: _builtins.int
     """Increases by one for every event on a stream, starting at 1."""
     conversation_id: _builtins.str
+    """The conversation the event belongs to."""
     turn_id: _builtins.str
+    """The turn the event belongs to."""
     @_builtins.property
-    def delta(self) -> Global___TextDelta: ...
+    def delta(self) -> Global___TextDelta:
+        """Text as it streams."""
+
     @_builtins.property
-    def tool_call(self) -> Global___ToolCall: ...
+    def tool_call(self) -> Global___ToolCall:
+        """The model called a tool."""
+
     @_builtins.property
-    def tool_result(self) -> Global___ToolResult: ...
+    def tool_result(self) -> Global___ToolResult:
+        """A tool answered."""
+
     @_builtins.property
-    def handoff(self) -> Global___HandoffEvent: ...
+    def handoff(self) -> Global___HandoffEvent:
+        """The agent handed over (or ended the conversation)."""
+
     @_builtins.property
-    def final(self) -> Global___FinalMessage: ...
+    def final(self) -> Global___FinalMessage:
+        """The turn is over."""
+
     @_builtins.property
-    def error(self) -> Global___ErrorEvent: ...
+    def error(self) -> Global___ErrorEvent:
+        """The turn failed; the stream ends with the same status."""
+
     def __init__(
         self,
         *,
@@ -556,12 +955,16 @@ Global___ChatEvent: _TypeAlias = ChatEvent  # noqa: Y015
 
 @_typing.final
 class Skill(_message.Message):
+    """Something an agent is good at."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """A short name."""
     description: _builtins.str
+    """What the skill covers."""
     def __init__(
         self,
         *,
@@ -578,12 +981,16 @@ Global___Skill: _TypeAlias = Skill  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
+    """The model an agent runs on."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PROVIDER_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
+    """The provider kind (anthropic, openai, offline, ...)."""
     model: _builtins.str
+    """The model's name at that provider."""
     def __init__(
         self,
         *,
@@ -600,20 +1007,26 @@ Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
 
 @_typing.final
 class HandoffTarget(_message.Message):
+    """An agent this agent may hand over to, and how."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_FIELD_NUMBER: _builtins.int
     MODES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
+    """The target agent."""
     description: _builtins.str
+    """What the target is for."""
     @_builtins.property
-    def modes(self) -> _containers.RepeatedScalarFieldContainer[Global___HandoffMode.Mode.ValueType]: ...
+    def modes(self) -> _containers.RepeatedScalarFieldContainer[Global___HandoffMode.ValueType]:
+        """The modes allowed."""
+
     def __init__(
         self,
         *,
         agent: _builtins.str = ...,
-        modes: _abc.Iterable[Global___HandoffMode.Mode.ValueType] | None = ...,
+        modes: _abc.Iterable[Global___HandoffMode.ValueType] | None = ...,
         description: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -626,6 +1039,8 @@ Global___HandoffTarget: _TypeAlias = HandoffTarget  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
+    """An agent's limits."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MAX_HOPS_FIELD_NUMBER: _builtins.int
@@ -633,9 +1048,13 @@ class Limits(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     TURN_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     max_hops: _builtins.int
+    """Handoffs a turn may take from this agent."""
     max_tool_rounds: _builtins.int
+    """Model calls with tool results per turn."""
     max_message_bytes: _builtins.int
+    """The largest message the agent accepts."""
     turn_timeout_seconds: _builtins.float
+    """How long one turn may take."""
     def __init__(
         self,
         *,
@@ -654,13 +1073,17 @@ Global___Limits: _TypeAlias = Limits  # noqa: Y015
 
 @_typing.final
 class ToolInfo(_message.Message):
+    """A tool an agent offers its model."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     PARAMETERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The tool's name."""
     description: _builtins.str
+    """What the tool does."""
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
         """The JSON schema of the tool's arguments."""
@@ -682,6 +1105,8 @@ Global___ToolInfo: _TypeAlias = ToolInfo  # noqa: Y015
 
 @_typing.final
 class AgentInfo(_message.Message):
+    """What an agent is and can do."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -694,18 +1119,31 @@ class AgentInfo(_message.Message):
     TOOLS_FIELD_NUMBER: _builtins.int
     REQUIRED_SCOPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The agent's name."""
     description: _builtins.str
+    """What it is for."""
     version: _builtins.str
+    """The mesh version it runs."""
     @_builtins.property
-    def skills(self) -> _containers.RepeatedCompositeFieldContainer[Global___Skill]: ...
+    def skills(self) -> _containers.RepeatedCompositeFieldContainer[Global___Skill]:
+        """What it is good at."""
+
     @_builtins.property
-    def model(self) -> Global___ModelInfo: ...
+    def model(self) -> Global___ModelInfo:
+        """The model it runs on."""
+
     @_builtins.property
-    def handoff_targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandoffTarget]: ...
+    def handoff_targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___HandoffTarget]:
+        """The agents it may hand over to."""
+
     @_builtins.property
-    def limits(self) -> Global___Limits: ...
+    def limits(self) -> Global___Limits:
+        """Its limits."""
+
     @_builtins.property
-    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolInfo]: ...
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolInfo]:
+        """The tools it offers its model."""
+
     @_builtins.property
     def required_scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Scopes a caller's token must carry (any one of them)."""

@@ -112,7 +112,7 @@ def entra_config(config: MeshConfig, sts: TokenService) -> MeshConfig:
     return with_auth(config, exchanger="entra")
 
 
-class InfoAgent(agent_pb2_grpc.AgentServicer):
+class InfoAgent(agent_pb2_grpc.AgentServiceServicer):
     """A tiny real servicer reporting what the interceptor put into the contextvars.
 
     ``Info`` answers with name = principal subject, description = audience, skills =
@@ -127,25 +127,28 @@ class InfoAgent(agent_pb2_grpc.AgentServicer):
 
     async def Info(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.InfoRequest, context: Any
-    ) -> types_pb2.AgentInfo:
+    ) -> agent_pb2.InfoResponse:
         if self.next_hop is not None:
             downstream: types_pb2.AgentInfo = await self.next_hop()
-            return downstream
+            return agent_pb2.InfoResponse(info=downstream)
         principal = ctx.current_principal.get()
         assert principal is not None
         assert ctx.current_token.get()
         from mesh.auth.interceptors import current_traceparent
 
         remaining = context.time_remaining()
-        return types_pb2.AgentInfo(
-            model=types_pb2.ModelInfo(
-                provider=current_traceparent.get(), model=f"{remaining:.3f}" if remaining else ""
-            ),
-            name=principal.subject,
-            description=principal.audience,
-            skills=[types_pb2.Skill(name=a) for a in principal.actor_chain],
-            version=ctx.current_conversation_id.get(),
-            required_scopes=list(ctx.current_hop_path.get()),
+        return agent_pb2.InfoResponse(
+            info=types_pb2.AgentInfo(
+                model=types_pb2.ModelInfo(
+                    provider=current_traceparent.get(),
+                    model=f"{remaining:.3f}" if remaining else "",
+                ),
+                name=principal.subject,
+                description=principal.audience,
+                skills=[types_pb2.Skill(name=a) for a in principal.actor_chain],
+                version=ctx.current_conversation_id.get(),
+                required_scopes=list(ctx.current_hop_path.get()),
+            )
         )
 
     async def Chat(  # noqa: N802 - gRPC method name
@@ -183,12 +186,12 @@ async def serve(
         interceptors=interceptors,
         options=[("grpc.so_reuseport", 0), ("grpc.max_metadata_size", 16 * 1024)],
     )
-    agent_pb2_grpc.add_AgentServicer_to_server(servicer or InfoAgent(), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer or InfoAgent(), server)
     health_servicer = health.aio.HealthServicer()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        ["mesh.v1.Agent", "grpc.health.v1.Health", reflection.SERVICE_NAME], server
+        ["mesh.v1.AgentService", "grpc.health.v1.Health", reflection.SERVICE_NAME], server
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

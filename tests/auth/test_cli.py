@@ -78,10 +78,10 @@ async def test_mesh_token_prints_only_a_token_the_router_accepts(
         serve(server_interceptors(config, "router")) as addr,
         grpc.aio.insecure_channel(addr) as channel,
     ):
-        info = await agent_pb2_grpc.AgentStub(channel).Info(
+        info = await agent_pb2_grpc.AgentServiceStub(channel).Info(
             agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10
         )
-    assert info.name == "alice"
+    assert info.info.name == "alice"
 
 
 async def test_mesh_token_bad_arguments(tmp_path: Path) -> None:

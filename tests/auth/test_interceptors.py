@@ -37,10 +37,10 @@ async def _info(
     interceptors: list[grpc.aio.ClientInterceptor] | None = None,
 ) -> types_pb2.AgentInfo:
     async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as channel:
-        result: types_pb2.AgentInfo = await agent_pb2_grpc.AgentStub(channel).Info(
+        result = await agent_pb2_grpc.AgentServiceStub(channel).Info(
             agent_pb2.InfoRequest(), metadata=metadata, timeout=10
         )
-        return result
+        return result.info
 
 
 async def test_contextvars_reach_the_servicer(config: MeshConfig, sts: TokenService) -> None:
@@ -72,7 +72,7 @@ async def test_contextvars_in_a_bidi_stream(config: MeshConfig, sts: TokenServic
         serve(server_interceptors(config, "router")) as addr,
         grpc.aio.insecure_channel(addr) as channel,
     ):
-        call = agent_pb2_grpc.AgentStub(channel).Chat(
+        call = agent_pb2_grpc.AgentServiceStub(channel).Chat(
             metadata=(*bearer(mint_user_token(config, "alice")), (ctx.MD_CONVERSATION_ID, "c9")),
             timeout=10,
         )
@@ -140,12 +140,12 @@ async def test_reflection_exemption(config: MeshConfig, sts: TokenService) -> No
         assert code != 0 and "Unauthenticated" in out
         token = mint_user_token(config, "alice")
         code, out = await _grpcurl("-H", f"authorization: Bearer {token}", addr, "list")
-        assert code == 0 and "mesh.v1.Agent" in out
+        assert code == 0 and "mesh.v1.AgentService" in out
     open_cfg = with_auth(config, allow_unauthenticated_reflection=True)
     async with serve(server_interceptors(open_cfg, "router")) as addr:
         code, out = await _grpcurl(addr, "list")
-        assert code == 0 and "mesh.v1.Agent" in out, out
-        code, out = await _grpcurl("-d", "{}", addr, "mesh.v1.Agent/Info")
+        assert code == 0 and "mesh.v1.AgentService" in out, out
+        code, out = await _grpcurl("-d", "{}", addr, "mesh.v1.AgentService/Info")
         assert code != 0 and "Unauthenticated" in out  # only reflection is open
 
 
@@ -154,10 +154,8 @@ def _hop(addr: str, interceptors: list[grpc.aio.ClientInterceptor]) -> Callable[
 
     async def call() -> types_pb2.AgentInfo:
         # No timeout here: the incoming call's deadline is propagated by the interceptor.
-        result: types_pb2.AgentInfo = await agent_pb2_grpc.AgentStub(channel).Info(
-            agent_pb2.InfoRequest()
-        )
-        return result
+        result = await agent_pb2_grpc.AgentServiceStub(channel).Info(agent_pb2.InfoRequest())
+        return result.info
 
     return call
 
@@ -243,7 +241,7 @@ async def test_exchange_failures_fail_the_call_with_mapped_status(
                 assert info.value.code() == code
                 assert isinstance(from_rpc_error(info.value), kind)
                 async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as ch:
-                    call = agent_pb2_grpc.AgentStub(ch).Chat(timeout=10)
+                    call = agent_pb2_grpc.AgentServiceStub(ch).Chat(timeout=10)
                     assert await call.code() == code, await call.details()
             # The app-only refusal happens before any call to the identity provider.
             ctx.current_token.set(
@@ -390,7 +388,7 @@ async def test_audit_line_per_call(
     assert ok[0]["subject"] == "alice"
     assert ok[0]["actors"] == ["mesh-agent-a", "mesh-router"]
     assert ok[0]["hop_path"] == ["a", "b"]
-    assert ok[0]["method"] == "/mesh.v1.Agent/Info"
+    assert ok[0]["method"] == "/mesh.v1.AgentService/Info"
     assert denied[0]["subject"] is None and "signature" in denied[0]["reason"]
     assert all(token not in r.getMessage() for r in caplog.records)
 
@@ -454,21 +452,21 @@ async def test_tls_for_grpc_hops(config: MeshConfig, sts: TokenService, client_a
     server = grpc.aio.server(
         interceptors=server_interceptors(cfg, "router"), options=[("grpc.so_reuseport", 0)]
     )
-    agent_pb2_grpc.add_AgentServicer_to_server(InfoAgent(), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(InfoAgent(), server)
     port = server.add_secure_port("127.0.0.1:0", server_creds)
     await server.start()
     try:
         token = mint_user_token(cfg, "alice")
         async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_creds) as channel:
-            info = await agent_pb2_grpc.AgentStub(channel).Info(
+            info = await agent_pb2_grpc.AgentServiceStub(channel).Info(
                 agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10
             )
-        assert info.name == "alice"
+        assert info.info.name == "alice"
         if client_auth:  # no client certificate: the handshake fails
             anonymous = grpc.ssl_channel_credentials(sts.ca_file.read_bytes())
             async with grpc.aio.secure_channel(f"127.0.0.1:{port}", anonymous) as channel:
                 with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    await agent_pb2_grpc.AgentStub(channel).Info(
+                    await agent_pb2_grpc.AgentServiceStub(channel).Info(
                         agent_pb2.InfoRequest(), metadata=bearer(token), timeout=5
                     )
                 assert failed.value.code() == grpc.StatusCode.UNAVAILABLE

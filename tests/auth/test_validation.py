@@ -165,11 +165,9 @@ async def router_addr(config: MeshConfig, sts: TokenService) -> Any:
 
 async def _info(addr: str, metadata: Any = None) -> types_pb2.AgentInfo:
     async with grpc.aio.insecure_channel(addr) as channel:
-        stub = agent_pb2_grpc.AgentStub(channel)
-        result: types_pb2.AgentInfo = await stub.Info(
-            agent_pb2.InfoRequest(), metadata=metadata, timeout=10
-        )
-        return result
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        result = await stub.Info(agent_pb2.InfoRequest(), metadata=metadata, timeout=10)
+        return result.info
 
 
 async def _assert_up(addr: str, config: MeshConfig) -> None:
@@ -214,7 +212,7 @@ async def test_bad_token_on_a_bidi_stream(
     router_addr: str, config: MeshConfig, sts: TokenService
 ) -> None:
     async with grpc.aio.insecure_channel(router_addr) as channel:
-        stub = agent_pb2_grpc.AgentStub(channel)
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
         for token in (_alg_none(sts), _foreign_key_known_kid(sts)):
             call = stub.Chat(metadata=bearer(token), timeout=10)
             assert await call.code() == grpc.StatusCode.UNAUTHENTICATED  # before writing
@@ -234,7 +232,7 @@ async def test_unknown_kid_flood_fetches_jwks_at_most_once_per_window(
     async with serve(server_interceptors(cfg, "router")) as addr:
         before = sts.stats["jwks"]
         async with grpc.aio.insecure_channel(addr) as channel:
-            stub = agent_pb2_grpc.AgentStub(channel)
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
             calls = [
                 stub.Info(agent_pb2.InfoRequest(), metadata=bearer(_forged_kid(sts)), timeout=10)
                 for _ in range(50)

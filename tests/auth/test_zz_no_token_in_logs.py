@@ -36,7 +36,7 @@ async def test_no_token_or_secret_in_any_log_line(config: MeshConfig, sts: Token
         serve(server_interceptors(config, "router")) as addr,
         grpc.aio.insecure_channel(addr) as channel,
     ):
-        stub = agent_pb2_grpc.AgentStub(channel)
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
         await stub.Info(agent_pb2.InfoRequest(), metadata=bearer(user), timeout=10)
         with pytest.raises(grpc.aio.AioRpcError):
             await stub.Info(agent_pb2.InfoRequest(), metadata=bearer(user[:-3]), timeout=10)

@@ -189,7 +189,7 @@ async def test_router_drains_with_an_open_stream_through_to_an_agent(cluster: Cl
     audience = AuthConfig().audience_for("router")
     await drain_with_open_stream(
         cluster.pods["router"],
-        router_pb2_grpc.RouterStub,
+        router_pb2_grpc.RouterServiceStub,
         user_token(cluster, audience),
         "triage",  # router.default_agent: the turn crossed the router -> agent hop
     )
@@ -198,7 +198,7 @@ async def test_router_drains_with_an_open_stream_through_to_an_agent(cluster: Cl
 @pytest.mark.parametrize("name", AGENTS)
 async def test_agent_drains_with_an_open_stream(cluster: Cluster, name: str) -> None:
     token = user_token(cluster, AuthConfig().audience_for(name))
-    await drain_with_open_stream(cluster.pods[name], agent_pb2_grpc.AgentStub, token, name)
+    await drain_with_open_stream(cluster.pods[name], agent_pb2_grpc.AgentServiceStub, token, name)
 
 
 async def test_sts_stops_answering_and_exits_zero_on_sigterm(cluster: Cluster) -> None:

@@ -35,8 +35,8 @@ from .k8stest import (
     secret_env,
 )
 
-AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
-ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
 #: Health service names each command's server registers ("" is the whole server).
 REGISTERED = {"agent": {"", AGENT_SERVICE}, "router": {"", ROUTER_SERVICE}}
 #: The embedded token service speaks HTTPS, not gRPC: its probes are HTTPS GETs.

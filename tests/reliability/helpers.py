@@ -32,7 +32,7 @@ def start_router(config: Path, static: dict[str, Sequence[str]]) -> tuple[Proc, 
 
 async def endpoints(channel: grpc.aio.Channel, agent: str) -> list[router_pb2.Endpoint]:
     """The router's view of ``agent``'s replicas."""
-    listing = await router_pb2_grpc.RouterStub(channel).ListAgents(
+    listing = await router_pb2_grpc.RouterServiceStub(channel).ListAgents(
         router_pb2.ListAgentsRequest(), timeout=10
     )
     return [e for a in listing.agents if a.info.name == agent for e in a.endpoints]
@@ -43,7 +43,13 @@ async def wait_serving(channel: grpc.aio.Channel, agent: str, count: int) -> Non
     import asyncio
 
     for _ in range(300):
-        if sum(e.health == "SERVING" for e in await endpoints(channel, agent)) == count:
+        if (
+            sum(
+                e.health == types_pb2.ENDPOINT_HEALTH_SERVING
+                for e in await endpoints(channel, agent)
+            )
+            == count
+        ):
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{agent} never had {count} SERVING replicas")

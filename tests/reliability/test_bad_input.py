@@ -231,7 +231,7 @@ def _assert_alive(mesh: Mesh) -> None:
             health: Any = health_pb2_grpc.HealthStub(channel)
             reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        method = "/mesh.v1.Router/Chat"
+        method = "/mesh.v1.RouterService/Chat"
         steps = [Step(turn_request("still there?").SerializeToString(), True)]
         assert await _bidi(mesh.client.channel(mesh.router), method, steps) == grpc.StatusCode.OK
 
@@ -265,7 +265,7 @@ chat_requests = st.one_of(
     st.builds(types_pb2.ChatRequest, cancel=cancels),
 )
 handoff_turns = st.builds(
-    agent_pb2.HandoffTurn,
+    types_pb2.HandoffTurn,
     conversation_id=texts,
     source_agent=names,
     mode=st.integers(min_value=0, max_value=6),
@@ -305,8 +305,8 @@ def _steps(requests: list[Any]) -> list[Step]:
 def test_random_chat_requests_end_with_a_defined_status(mesh: Mesh, requests: list[Any]) -> None:
     steps = _steps(requests)
     for address, method in (
-        (mesh.router, "/mesh.v1.Router/Chat"),
-        (mesh.agent, "/mesh.v1.Agent/Chat"),
+        (mesh.router, "/mesh.v1.RouterService/Chat"),
+        (mesh.agent, "/mesh.v1.AgentService/Chat"),
     ):
         code = mesh.client.run(_bidi(mesh.client.channel(address), method, steps))
         assert code not in BAD, (method, code, requests)
@@ -316,7 +316,7 @@ def test_random_chat_requests_end_with_a_defined_status(mesh: Mesh, requests: li
 @given(requests=st.lists(handoff_requests, min_size=1, max_size=2))
 def test_random_handoff_requests_end_with_a_defined_status(mesh: Mesh, requests: list[Any]) -> None:
     code = mesh.client.run(
-        _bidi(mesh.client.channel(mesh.agent), "/mesh.v1.Agent/Handoff", _steps(requests))
+        _bidi(mesh.client.channel(mesh.agent), "/mesh.v1.AgentService/Handoff", _steps(requests))
     )
     assert code not in BAD, (code, requests)
 
@@ -329,7 +329,9 @@ def _header_safe(value: str) -> bool:
 @given(conversation_id=texts.filter(lambda t: t.strip() and not _header_safe(t)))
 def test_any_conversation_id_ends_with_a_defined_status(mesh: Mesh, conversation_id: str) -> None:
     steps = [Step(turn_request("hi", conversation_id=conversation_id).SerializeToString(), True)]
-    code = mesh.client.run(_bidi(mesh.client.channel(mesh.router), "/mesh.v1.Router/Chat", steps))
+    code = mesh.client.run(
+        _bidi(mesh.client.channel(mesh.router), "/mesh.v1.RouterService/Chat", steps)
+    )
     assert code not in BAD, (code, conversation_id)
 
 
@@ -367,8 +369,8 @@ def test_mutated_messages_that_still_parse_end_with_a_defined_status(
     assume(parsed)
     steps = [Step(data, request.WhichOneof("kind") == "turn")]
     for address, method in (
-        (mesh.router, "/mesh.v1.Router/Chat"),
-        (mesh.agent, "/mesh.v1.Agent/Chat"),
+        (mesh.router, "/mesh.v1.RouterService/Chat"),
+        (mesh.agent, "/mesh.v1.AgentService/Chat"),
     ):
         code = mesh.client.run(_bidi(mesh.client.channel(address), method, steps))
         assert code not in BAD, (method, code, data)
@@ -379,13 +381,13 @@ UNPARSEABLE = st.one_of(
     st.builds(_mutate, st.sampled_from(VALID), edits, cuts),
 )
 METHODS = [
-    ("router", "/mesh.v1.Router/Chat", True),
-    ("router", "/mesh.v1.Router/ListAgents", False),
-    ("router", "/mesh.v1.Router/DescribeAgent", False),
-    ("router", "/mesh.v1.Router/Register", True),
-    ("agent", "/mesh.v1.Agent/Chat", True),
-    ("agent", "/mesh.v1.Agent/Handoff", True),
-    ("agent", "/mesh.v1.Agent/Info", False),
+    ("router", "/mesh.v1.RouterService/Chat", True),
+    ("router", "/mesh.v1.RouterService/ListAgents", False),
+    ("router", "/mesh.v1.RouterService/DescribeAgent", False),
+    ("router", "/mesh.v1.RouterService/Register", True),
+    ("agent", "/mesh.v1.AgentService/Chat", True),
+    ("agent", "/mesh.v1.AgentService/Handoff", True),
+    ("agent", "/mesh.v1.AgentService/Info", False),
 ]
 
 
@@ -464,9 +466,9 @@ def test_random_metadata_ends_with_a_defined_status(
     steps = [Step(turn_request("hi").SerializeToString(), True)]
     refused = _hop_path_refused(metadata)
     for address, method in (
-        (mesh.router, "/mesh.v1.Router/Chat"),
-        (mesh.agent, "/mesh.v1.Agent/Chat"),
-        (mesh.agent, "/mesh.v1.Agent/Handoff"),
+        (mesh.router, "/mesh.v1.RouterService/Chat"),
+        (mesh.agent, "/mesh.v1.AgentService/Chat"),
+        (mesh.agent, "/mesh.v1.AgentService/Handoff"),
     ):
         channel = mesh.client.channel(address)
         if refused:
@@ -503,14 +505,14 @@ tokens = st.one_of(header_values, jwt_like)
 def test_random_tokens_are_unauthenticated(mesh: Mesh, token: str, scheme: str) -> None:
     md: tuple[tuple[str, str | bytes], ...] = (("authorization", scheme + token),)
     for address, method in (
-        (mesh.auth_router, "/mesh.v1.Router/Chat"),
-        (mesh.auth_agent, "/mesh.v1.Agent/Chat"),
+        (mesh.auth_router, "/mesh.v1.RouterService/Chat"),
+        (mesh.auth_agent, "/mesh.v1.AgentService/Chat"),
     ):
         code = mesh.client.run(_status_unwritten(mesh.client.channel(address), method, md))
         assert code == grpc.StatusCode.UNAUTHENTICATED, (method, code, token)
     for address, method in (
-        (mesh.auth_router, "/mesh.v1.Router/ListAgents"),
-        (mesh.auth_agent, "/mesh.v1.Agent/Info"),
+        (mesh.auth_router, "/mesh.v1.RouterService/ListAgents"),
+        (mesh.auth_agent, "/mesh.v1.AgentService/Info"),
     ):
         assert mesh.client.run(_unary(mesh.client.channel(address), method, b"", md)) == (
             grpc.StatusCode.UNAUTHENTICATED
@@ -532,11 +534,11 @@ def test_mutated_valid_token_is_refused(mesh: Mesh, position: int, char: str) ->
     if _decoded(token) == _decoded(mesh.token):
         # Only base64 padding bits changed: the same token, still valid.
         steps = [Step(turn_request("hi").SerializeToString(), True)]
-        assert mesh.client.run(_bidi(channel, "/mesh.v1.Router/Chat", steps, md)) == (
+        assert mesh.client.run(_bidi(channel, "/mesh.v1.RouterService/Chat", steps, md)) == (
             grpc.StatusCode.OK
         )
     else:
-        code = mesh.client.run(_status_unwritten(channel, "/mesh.v1.Router/Chat", md))
+        code = mesh.client.run(_status_unwritten(channel, "/mesh.v1.RouterService/Chat", md))
         assert code == grpc.StatusCode.UNAUTHENTICATED, (code, index)
 
 
@@ -554,8 +556,8 @@ def test_oversized_message_refused_and_channel_still_works(mesh: Mesh) -> None:
     big = [Step(turn_request("x" * (MAX_MESSAGE + 1024)).SerializeToString(), True)]
     small = [Step(turn_request("hi").SerializeToString(), True)]
     for address, method in (
-        (mesh.router, "/mesh.v1.Router/Chat"),
-        (mesh.agent, "/mesh.v1.Agent/Chat"),
+        (mesh.router, "/mesh.v1.RouterService/Chat"),
+        (mesh.agent, "/mesh.v1.AgentService/Chat"),
     ):
         channel = mesh.client.channel(address)
         assert mesh.client.run(_bidi(channel, method, big)) == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -566,8 +568,8 @@ def test_oversized_metadata_refused_and_channel_still_works(mesh: Mesh) -> None:
     huge: tuple[tuple[str, str | bytes], ...] = (("x-big", "y" * 20000),)
     small = [Step(turn_request("hi").SerializeToString(), True)]
     for address, method in (
-        (mesh.router, "/mesh.v1.Router/Chat"),
-        (mesh.agent, "/mesh.v1.Agent/Chat"),
+        (mesh.router, "/mesh.v1.RouterService/Chat"),
+        (mesh.agent, "/mesh.v1.AgentService/Chat"),
     ):
         channel = mesh.client.channel(address)
         refused = mesh.client.run(_bidi(channel, method, small, huge))
@@ -579,5 +581,8 @@ def test_metadata_over_the_configured_limit_always_refused(mesh: Mesh) -> None:
     over: tuple[tuple[str, str | bytes], ...] = (("x-big", "y" * (2 * MAX_METADATA)),)
     small = [Step(turn_request("hi").SerializeToString(), True)]
     channel = mesh.client.channel(mesh.agent)
-    codes = [mesh.client.run(_bidi(channel, "/mesh.v1.Agent/Chat", small, over)) for _ in range(10)]
+    codes = [
+        mesh.client.run(_bidi(channel, "/mesh.v1.AgentService/Chat", small, over))
+        for _ in range(10)
+    ]
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 10, codes

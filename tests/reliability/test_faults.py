@@ -59,7 +59,7 @@ async def test_agent_killed_mid_stream_conversation_continues(tmp_path: Path) ->
     try:
         async with create_channel(raddr) as channel:
             await wait_serving(channel, "memo", 2)
-            stub = router_pb2_grpc.RouterStub(channel)
+            stub = router_pb2_grpc.RouterServiceStub(channel)
             call = stub.Chat(timeout=60)
             first = await say(call, "hello", conversation_id="k1")
             assert first.final.content == "turn 1: hello"
@@ -77,7 +77,7 @@ async def test_agent_killed_mid_stream_conversation_continues(tmp_path: Path) ->
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert isinstance(from_rpc_error(caught.value), Unavailable)
             assert seen and seen[-1].WhichOneof("kind") == "error"
-            assert seen[-1].error.code == "UNAVAILABLE"
+            assert seen[-1].error.code == types_pb2.ERROR_CODE_UNAVAILABLE
             # The router keeps serving, and the conversation goes on where it was
             # acknowledged: the failed turn was not stored.
             again = stub.Chat(timeout=60)
@@ -112,7 +112,7 @@ async def test_router_killed_acknowledged_history_intact(tmp_path: Path) -> None
 
     async def talk(index: int, channel: grpc.aio.Channel) -> None:
         nonlocal total
-        call = router_pb2_grpc.RouterStub(channel).Chat(timeout=60)
+        call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=60)
         try:
             while True:
                 n = acked[index] + 1
@@ -138,7 +138,7 @@ async def test_router_killed_acknowledged_history_intact(tmp_path: Path) -> None
         router, raddr = start_router(config, {"memo": [address]})
         async with create_channel(raddr) as channel:
             await wait_serving(channel, "memo", 1)
-            call = router_pb2_grpc.RouterStub(channel).Chat(timeout=60)
+            call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=60)
             for index in range(conversations):
                 event = await say(call, "after", conversation_id=f"rk-{index}")
                 stored = int(event.final.content.split(":")[0].removeprefix("turn ")) - 1
@@ -155,7 +155,8 @@ async def test_router_killed_acknowledged_history_intact(tmp_path: Path) -> None
 
 
 class DeadlineRecorder(grpc.aio.ServerInterceptor):
-    """Records the deadline (time remaining) each incoming stream arrived with."""
+    """Records the deadline (time remaining) each turn arrived with: the call's own, or
+    the per-turn one a pooled stream's request carries, whichever is sooner."""
 
     def __init__(self) -> None:
         self.remaining: list[float | None] = []
@@ -171,9 +172,19 @@ class DeadlineRecorder(grpc.aio.ServerInterceptor):
         inner = handler.stream_stream
         seen = self.remaining
 
+        async def turns(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind in ("turn", "handoff"):
+                    hop = getattr(request, kind).hop
+                    own = context.time_remaining()
+                    per_turn = hop.timeout_ms / 1000 if hop.timeout_ms else None
+                    known = [t for t in (own, per_turn) if t is not None]
+                    seen.append(min(known) if known else None)
+                yield request
+
         async def recorded(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            seen.append(context.time_remaining())
-            async for event in inner(requests, context):
+            async for event in inner(turns(requests, context), context):
                 yield event
 
         return grpc.stream_stream_rpc_method_handler(
@@ -219,7 +230,7 @@ async def test_slow_agent_deadline_honoured_at_every_hop() -> None:
             serve_router(config, {"front": [front[0]], "slow": [slow[0]]})
         )
         async with create_channel(raddr) as channel:
-            call = router_pb2_grpc.RouterStub(channel).Chat(timeout=1.5)
+            call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=1.5)
             await call.write(turn_request("go"))
             events: list[types_pb2.ChatEvent] = []
             with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -239,7 +250,7 @@ async def test_slow_agent_deadline_honoured_at_every_hop() -> None:
             assert await server.lifecycle.wait_idle(10)
         # Direct to the agent too: the same deadline ends its turn.
         async with create_channel(slow[0]) as channel:
-            call = agent_pb2_grpc.AgentStub(channel).Chat(timeout=0.5)
+            call = agent_pb2_grpc.AgentServiceStub(channel).Chat(timeout=0.5)
             await call.write(turn_request("go"))
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 async for _ in call:
@@ -272,13 +283,13 @@ async def test_idle_streams_closed_with_status_and_nothing_leaks() -> None:
         async with serve_router(config, {"a": [address]}) as (raddr, app):
             async with create_channel(raddr) as rch, create_channel(address) as ach:
                 # One real turn first, so lazily created state exists before the baseline.
-                warm = router_pb2_grpc.RouterStub(rch).Chat(timeout=10)
+                warm = router_pb2_grpc.RouterServiceStub(rch).Chat(timeout=10)
                 await say(warm, "hi")
                 await warm.done_writing()
                 assert await warm.code() == grpc.StatusCode.OK
                 baseline = await _settled_task_count(len(asyncio.all_tasks()))
-                calls = [router_pb2_grpc.RouterStub(rch).Chat(timeout=30) for _ in range(20)]
-                calls += [agent_pb2_grpc.AgentStub(ach).Chat(timeout=30) for _ in range(20)]
+                calls = [router_pb2_grpc.RouterServiceStub(rch).Chat(timeout=30) for _ in range(20)]
+                calls += [agent_pb2_grpc.AgentServiceStub(ach).Chat(timeout=30) for _ in range(20)]
                 for call in calls:
                     with pytest.raises(grpc.aio.AioRpcError) as caught:
                         await call.read()
@@ -292,7 +303,7 @@ async def test_idle_streams_closed_with_status_and_nothing_leaks() -> None:
                 assert agent_server.lifecycle.active == 0
                 assert await _settled_task_count(baseline) <= baseline
                 # Still serving.
-                again = router_pb2_grpc.RouterStub(rch).Chat(timeout=10)
+                again = router_pb2_grpc.RouterServiceStub(rch).Chat(timeout=10)
                 assert (await say(again, "hello")).WhichOneof("kind") == "final"
                 again.cancel()
 
@@ -358,7 +369,7 @@ def auth_env(tmp_path: Path) -> Iterator[tuple[MeshConfig, StsProcess]]:
 
 async def _turn_status(raddr: str, token: str) -> tuple[grpc.StatusCode, str, list[str]]:
     async with create_channel(raddr) as channel:
-        call = router_pb2_grpc.RouterStub(channel).Chat(
+        call = router_pb2_grpc.RouterServiceStub(channel).Chat(
             timeout=20, metadata=(("authorization", f"Bearer {token}"),)
         )
         await call.write(turn_request("hello"))

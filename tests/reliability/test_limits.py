@@ -31,7 +31,7 @@ async def test_streams_beyond_max_concurrent_rpcs_get_resource_exhausted() -> No
     async with serve_agent(config, "a") as (address, _server, _rt, _p):
         # Straight to the agent: `limit` live streams, then every extra one is refused.
         async with create_channel(address) as channel:
-            stub = agent_pb2_grpc.AgentStub(channel)
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
             held = [stub.Chat(timeout=30) for _ in range(limit)]
             for call in held:
                 assert (await say(call, "hi")).WhichOneof("kind") == "final"
@@ -43,7 +43,7 @@ async def test_streams_beyond_max_concurrent_rpcs_get_resource_exhausted() -> No
         # Through the router (the agent sees one health watch and one turn at a time).
         async with serve_router(config, {"a": [address]}) as (raddr, _app):
             async with create_channel(raddr) as channel:
-                stub_r = router_pb2_grpc.RouterStub(channel)
+                stub_r = router_pb2_grpc.RouterServiceStub(channel)
                 held = [stub_r.Chat(timeout=30) for _ in range(limit)]
                 for call in held:
                     assert (await say(call, "hi")).WhichOneof("kind") == "final"
@@ -75,7 +75,7 @@ async def test_streams_beyond_max_concurrent_streams_get_resource_exhausted() ->
     config = mesh_config({"a": offline_agent()}, server={"max_concurrent_streams": limit})
     async with serve_agent(config, "a") as (address, _server, _rt, _p):
         async with create_channel(address) as channel:
-            stub = agent_pb2_grpc.AgentStub(channel)
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
             held = [stub.Chat(timeout=30) for _ in range(limit)]
             for call in held:
                 assert (await say(call, "hi")).WhichOneof("kind") == "final"

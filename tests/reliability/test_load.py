@@ -27,7 +27,7 @@ async def _round(channels: list[grpc.aio.Channel], round_no: int) -> list[str]:
     """Every stream takes TURNS turns of its own conversation; returns the replies."""
 
     async def one(index: int) -> list[str]:
-        stub = router_pb2_grpc.RouterStub(channels[index % len(channels)])
+        stub = router_pb2_grpc.RouterServiceStub(channels[index % len(channels)])
         call = stub.Chat(timeout=120)
         replies = []
         try:
