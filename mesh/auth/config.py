@@ -78,8 +78,8 @@ class ClientConfig(_Frozen):
     """Services or audiences it may get its own (client-credentials) tokens for; None:
     the router every agent (for Info), an agent the router (to register)."""
     roles: list[str] | None = None
-    """App roles in its client-credentials tokens; None: ``auth.register_role`` for an
-    agent, nothing for the router."""
+    """App roles in its client-credentials tokens; None: ``router.discovery.register_role``
+    for an agent (so it can register), nothing for the router."""
 
     @model_validator(mode="after")
     def _key_needs_cert(self) -> ClientConfig:
@@ -200,8 +200,6 @@ class AuthConfig(BaseModel):
     scopes: dict[str, list[str]] = Field(default_factory=dict)
     """agent -> the user's scopes it needs; its hop token carries only these (those the
     user has). Not listed: the agent's ``required_scopes``, else the user's scopes."""
-    register_role: str = "mesh.register"
-    """App role a service's token needs for ``Router/Register`` (agents get it by default)."""
     access_token_typ: str | None = None
     """JOSE ``typ`` every access token must carry (RFC 9068 ``at+jwt``); None: ``at+jwt``
     with the embedded STS, unchecked for other issuers (Entra v2 sets none); "": never."""

@@ -11,7 +11,7 @@ Defaults, from the mesh file:
 - the router: delegated and app tokens for every agent (turns, and its own ``Info``);
 - an agent: delegated tokens for nothing (add its MCP resources and remote A2A peers in
   ``auth.clients.<agent>.audiences``), app tokens for the router only (registration,
-  with the ``auth.register_role`` role);
+  with the ``router.discovery.register_role`` role);
 - ``auth.service_callers``: ``{agent: [service, ...]}`` also lets those services get app
   tokens for that agent.
 """
@@ -65,7 +65,7 @@ def client_policy(config: MeshConfig, service: str) -> ClientPolicy:
     if service == "router":
         delegated, app, roles = agents, agents, []
     elif service in config.agents:
-        delegated, app, roles = [], ["router"], [auth.register_role]
+        delegated, app, roles = [], ["router"], [config.router.discovery.register_role]
     else:
         delegated, app, roles = [], [], []
     if client.audiences is not None:

@@ -31,12 +31,12 @@ from mesh.config import MeshConfig
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated
 from mesh.interceptors import rejecting_handler
 from mesh.logs import guard_library_loggers
+from mesh.v1 import agent_pb2
 
 log = logging.getLogger("mesh.auth")
 guard_library_loggers()  # grpc quotes raw metadata values it cannot decode
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-REGISTER_METHOD = "/mesh.v1.Router/Register"
 REFLECTION_PREFIX = "/grpc.reflection."
 #: Absolute deadline (``time.monotonic()``) of the incoming call, if it has one.
 current_deadline: ContextVar[float | None] = ContextVar("mesh_deadline", default=None)
@@ -168,7 +168,9 @@ class CallerPolicy:
             raise PermissionDenied("a user's token must reach this service through the router")
 
 
-AGENT_USER_METHODS = frozenset({"/mesh.v1.Agent/Chat", "/mesh.v1.Agent/Handoff"})
+_AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+#: The agent methods that act for a user (a turn), as opposed to ``Info``.
+AGENT_USER_METHODS = frozenset({f"/{_AGENT_SERVICE}/Chat", f"/{_AGENT_SERVICE}/Handoff"})
 
 
 class AuthServerInterceptor(grpc.aio.ServerInterceptor):
@@ -329,11 +331,10 @@ def _validator(config: MeshConfig, service: str, issuer: str, jwks: JwksCache) -
 
 def caller_policy(config: MeshConfig, service: str) -> CallerPolicy:
     """An agent's Chat/Handoff take a user's token delegated through ``auth.delegates``
-    (the router), or the own tokens of ``auth.service_callers[agent]``; the router's
-    ``Register`` needs ``auth.register_role``."""
+    (the router), or the own tokens of ``auth.service_callers[agent]``. (The router's
+    ``Register`` checks ``router.discovery.register_role`` and the caller's identity in
+    its servicer.)"""
     auth = config.auth
-    if service == "router":
-        return CallerPolicy(role_methods={REGISTER_METHOD: auth.register_role})
     if service not in config.agents:
         return CallerPolicy()
     return CallerPolicy(
@@ -368,7 +369,6 @@ __all__ = [
     "AGENT_USER_METHODS",
     "HEALTH_PREFIX",
     "REFLECTION_PREFIX",
-    "REGISTER_METHOD",
     "AuthServerInterceptor",
     "CallerPolicy",
     "bearer_token",

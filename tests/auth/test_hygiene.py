@@ -51,7 +51,7 @@ async def _grpcurl(addr: str, *headers: bytes) -> int:
         "-d",
         "{}",
         addr,
-        "mesh.v1.Agent/Info",
+        "mesh.v1.AgentService/Info",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -75,10 +75,10 @@ async def test_a_token_split_by_a_non_utf8_byte_never_reaches_the_log(
         assert await _grpcurl(addr, hop, b"authorization: Bearer not-a-token") != 0
         assert await _grpcurl(addr, b"x-mesh-hop-path: triage," + token.encode()) != 0
         async with grpc.aio.insecure_channel(addr) as channel:  # still up
-            info = await agent_pb2_grpc.AgentStub(channel).Info(
+            info = await agent_pb2_grpc.AgentServiceStub(channel).Info(
                 agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10
             )
-            assert info.name == "alice"
+            assert info.info.name == "alice"
     lines = CAPTURE.lines[start:]
     assert any("invalid metadata encoding" in line for line in lines)  # grpc saw it
     assert any('"hop_path":["triage","[withheld]"]' in line for line in lines)  # audit too
@@ -159,8 +159,8 @@ def _hang_up_mid_request(port: int, ca: Path) -> None:
 class _Plain(InfoAgent):
     async def Info(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.InfoRequest, context: object
-    ) -> types_pb2.AgentInfo:
-        return types_pb2.AgentInfo(name="plain")
+    ) -> agent_pb2.InfoResponse:
+        return agent_pb2.InfoResponse(info=types_pb2.AgentInfo(name="plain"))
 
 
 @pytest.mark.parametrize("client_auth", [False, True])
@@ -180,7 +180,7 @@ async def test_one_dev_certificate_per_service(
     )
     tls_dir = Path(cfg.data_dir) / "sts" / "tls"
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    agent_pb2_grpc.add_AgentServicer_to_server(_Plain(), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(_Plain(), server)
     server_creds, creds = server_credentials(cfg, "b"), channel_credentials(cfg, "router")
     assert server_creds is not None and creds is not None
     port = server.add_secure_port("127.0.0.1:0", server_creds)
@@ -197,10 +197,10 @@ async def test_one_dev_certificate_per_service(
             options = [("grpc.ssl_target_name_override", target)]
             async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options) as channel:
                 try:
-                    info = await agent_pb2_grpc.AgentStub(channel).Info(
+                    info = await agent_pb2_grpc.AgentServiceStub(channel).Info(
                         agent_pb2.InfoRequest(), timeout=10
                     )
-                    seen = info.name
+                    seen = info.info.name
                 except grpc.aio.AioRpcError as err:
                     seen = err.code().name
             assert seen == ("plain" if ok else "UNAVAILABLE"), target

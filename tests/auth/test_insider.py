@@ -245,7 +245,7 @@ def _forged(sts: TokenService, typ: str = "at+jwt", **claims: Any) -> str:
 async def _info_status(addr: str, token: str) -> tuple[grpc.StatusCode, str]:
     async with grpc.aio.insecure_channel(addr) as channel:
         try:
-            await agent_pb2_grpc.AgentStub(channel).Info(
+            await agent_pb2_grpc.AgentServiceStub(channel).Info(
                 agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10
             )
         except grpc.aio.AioRpcError as err:
@@ -295,9 +295,11 @@ class Probe(InfoAgent):
 
     async def Info(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.InfoRequest, context: Any
-    ) -> types_pb2.AgentInfo:
+    ) -> agent_pb2.InfoResponse:
         principal = ctx.current_principal.get()
-        return types_pb2.AgentInfo(name=principal.subject if principal else "")
+        return agent_pb2.InfoResponse(
+            info=types_pb2.AgentInfo(name=principal.subject if principal else "")
+        )
 
     async def Chat(  # noqa: N802 - gRPC method name
         self, request_iterator: Any, context: Any
@@ -319,7 +321,7 @@ class Probe(InfoAgent):
 async def chat_as(addr: str, token: str) -> tuple[grpc.StatusCode, dict[str, Any]]:
     """One Chat turn; the status and what the agent saw."""
     async with grpc.aio.insecure_channel(addr) as channel:
-        call = agent_pb2_grpc.AgentStub(channel).Chat(metadata=bearer(token), timeout=10)
+        call = agent_pb2_grpc.AgentServiceStub(channel).Chat(metadata=bearer(token), timeout=10)
         await call.write(types_pb2.ChatRequest(turn=types_pb2.Turn(message="hi")))
         try:
             event = await call.read()
@@ -429,7 +431,7 @@ async def test_a_cancelled_call_does_not_lock_everyone_out(
         cfg = with_auth(config, jwks_url=jwks.url, jwks_refresh_window_s=30)
         async with serve(server_interceptors(cfg, "router")) as addr:
             async with grpc.aio.insecure_channel(addr) as channel:
-                stub = agent_pb2_grpc.AgentStub(channel)
+                stub = agent_pb2_grpc.AgentServiceStub(channel)
                 user = bearer(mint_user_token(cfg, "alice"))
                 first = stub.Info(agent_pb2.InfoRequest(), metadata=user, timeout=30)
                 await jwks.arrived.wait()  # the server is fetching keys for this call
@@ -438,7 +440,7 @@ async def test_a_cancelled_call_does_not_lock_everyone_out(
                     await first
                 jwks.release.set()
                 info = await stub.Info(agent_pb2.InfoRequest(), metadata=user, timeout=10)
-                assert info.name == "alice"
+                assert info.info.name == "alice"
                 await asyncio.gather(
                     *(
                         stub.Info(agent_pb2.InfoRequest(), metadata=user, timeout=10)
