@@ -113,6 +113,17 @@ def hops_claim_for(config: MeshConfig, agent: str, hops_used: int) -> int:
     return max(config.max_hops_for(agent) - hops_used, 0)
 
 
+def check_hop_budget(hops_remaining: int | None, hops_wanted: int) -> None:
+    """PermissionDenied when a turn asks for more handoffs (``hops_wanted``) than the
+    caller's token grants (``Principal.hops_remaining``; None: the token carries no
+    budget). Agents call it so a bypassed router cannot buy a longer chain."""
+    if hops_remaining is not None and hops_wanted > hops_remaining:
+        raise PermissionDenied(
+            f"hop budget exceeded: the token grants {hops_remaining} more hop(s), "
+            f"the turn asks for {hops_wanted}"
+        )
+
+
 def acting_client(claims: Mapping[str, Any]) -> str:
     """The client that presented a delegated token: the outermost ``act``'s ``sub``, else
     ``azp``/``appid`` (Entra records no ``act``)."""
@@ -127,6 +138,7 @@ def acting_client(claims: Mapping[str, Any]) -> str:
 __all__ = [
     "ClientPolicy",
     "acting_client",
+    "check_hop_budget",
     "client_policy",
     "client_services",
     "hop_scopes",

@@ -565,3 +565,21 @@ def test_mesh_up_hands_each_child_only_its_own_secret(
     assert child_env(config, "router") == {}  # the router's secret comes from its secret_env
     monkeypatch.setenv(secret_env_name("b"), "handed-over-secret-value")
     assert client_credential(config, "b").secret == "handed-over-secret-value"
+
+
+async def test_an_agent_can_refuse_a_budget_its_token_does_not_grant(
+    config: MeshConfig, sts: TokenService
+) -> None:
+    """What an agent sees when the router is bypassed: the hop budget in its token."""
+    from mesh.auth.policy import check_hop_budget
+
+    router = _creds(config, "router")
+    user = mint_user_token(config, "alice")
+    got = await _exchange(sts, router, user, "mesh-agent-b", mesh_hops="1")
+    async with serve(server_interceptors(config, "b"), Probe()) as addr:
+        code, seen = await chat_as(addr, got.json()["access_token"])
+    assert code == grpc.StatusCode.OK and seen["hops"] == 1
+    check_hop_budget(seen["hops"], 1)
+    with pytest.raises(PermissionDenied, match="hop budget exceeded"):
+        check_hop_budget(seen["hops"], 2)
+    check_hop_budget(None, 50)  # no budget in the token: the router's limit applies
