@@ -1,0 +1,494 @@
+"""Agents written in Python: the same config, runtime and server the mesh file gives.
+
+An :class:`Agent` is a mesh-file agent block written as code. It validates into
+the same :class:`~mesh.config.AgentConfig` inside a :class:`~mesh.config.MeshConfig`
+(:meth:`Agent.mesh_config`), and is built by the same functions ``mesh agent``
+uses (:func:`mesh.agent._serve.build_runtime` and ``build_agent_server``); its
+decorated tools and turn hooks are attached to the runtime those build, the way
+MCP tools are. Nothing here runs a turn itself::
+
+    from mesh.agent.api import Agent
+
+    billing = Agent(
+        "billing",
+        description="Invoices and refunds.",
+        instructions="You answer questions about invoices.",
+        provider="offline",
+        options={"rules": [{"contains": ["invoice"], "tool": "lookup_invoice",
+                            "arguments": {"invoice_id": "INV-1"}}]},
+    )
+
+    @billing.tool
+    def lookup_invoice(invoice_id: str) -> str:
+        \"\"\"Look up an invoice.
+
+        Args:
+            invoice_id: The invoice number, like INV-1001.
+        \"\"\"
+        return f"{invoice_id}: 42.00 EUR, paid"
+
+    result = await billing.chat("where is my invoice?")   # in-process, for tests
+    billing.run(port=50070)                                 # a mesh agent, as `mesh agent` serves
+
+:class:`Runner` runs turns in-process over several agents and follows their
+TRANSFER and CONSULT handoffs with the mesh's hop budget and cycle rule (routes
+and sequences are the router's: serve the agents for those).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
+
+from mesh.agent._runtime import (
+    AfterTurn,
+    AgentRuntime,
+    BeforeTurn,
+    ConsultAnswer,
+    ConsultBroker,
+    Final,
+    HandoffRequested,
+    RuntimeEvent,
+    ToolCalled,
+    ToolReturned,
+    TurnInput,
+)
+from mesh.config import HandoffConfig, MeshConfig, config_from_dict
+from mesh.errors import AgentNotFound, ConfigError, HandoffCycle, HopBudgetExceeded
+from mesh.providers.base import ChatMessage, Provider
+from mesh.server import MeshServer
+from mesh.tools import FunctionTool
+
+#: A handoff target with its modes, description and passed context keys.
+Handoff = HandoffConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_DEFAULT_MODELS = {"offline": "offline-1"}
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    """One event of a run, with the agent that produced it."""
+
+    agent: str
+    event: RuntimeEvent
+
+
+@dataclass
+class RunResult:
+    """What one in-process turn produced."""
+
+    agent: str
+    """The agent that gave the final answer."""
+    final: Final
+    events: list[AgentEvent] = field(default_factory=list)
+    history: list[ChatMessage] = field(default_factory=list)
+    """The conversation after this turn: pass it as ``history`` to continue."""
+    path: list[str] = field(default_factory=list)
+    """The agents the turn went through, in order (as the router's hop path)."""
+
+    @property
+    def text(self) -> str:
+        return self.final.content
+
+    @property
+    def tool_calls(self) -> list[ToolCalled]:
+        return [e.event for e in self.events if isinstance(e.event, ToolCalled)]
+
+    @property
+    def tool_results(self) -> list[ToolReturned]:
+        return [e.event for e in self.events if isinstance(e.event, ToolReturned)]
+
+    @property
+    def handoffs(self) -> list[HandoffRequested]:
+        return [e.event for e in self.events if isinstance(e.event, HandoffRequested)]
+
+
+class Agent:
+    """One agent defined in code (see the module docstring).
+
+    ``provider`` is the provider kind (``offline``, ``anthropic``, ``openai``,
+    ``gemini``...), ``model`` its model (``offline-1`` for the offline model) and
+    ``options`` the rest of the provider block exactly as in the mesh file (keys
+    come from the environment through ``api_key_env``, never from code).
+    ``handoffs`` are agent names (TRANSFER) or :class:`Handoff` entries.
+    Everything else is the mesh file's agent block (``limits``, ``skills``...).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        instructions: str = "",
+        provider: str = "offline",
+        model: str | None = None,
+        options: Mapping[str, Any] | None = None,
+        handoffs: Sequence[str | Handoff] = (),
+        tools: Sequence[Callable[..., Any]] = (),
+        **settings: Any,
+    ) -> None:
+        self.name = name
+        self.description = description or f"the {name} agent"
+        self.instructions = instructions
+        self.provider_kind = provider
+        model = model or _DEFAULT_MODELS.get(provider)
+        if not model:
+            raise ConfigError(f"agent {name}: provider {provider!r} needs a model")
+        self.model = model
+        self.options = dict(options or {})
+        self.handoffs = [Handoff(target=h) if isinstance(h, str) else h for h in handoffs]
+        self.settings = dict(settings)
+        """More fields of the agent block (``limits``, ``skills``, ``can_end_conversation``...)."""
+        self.tools: dict[str, FunctionTool] = {}
+        self.before: list[BeforeTurn] = []
+        self.after: list[AfterTurn] = []
+        self._runner: Runner | None = None
+        for func in tools:
+            self.tool(func)
+
+    def __repr__(self) -> str:
+        return f"Agent({self.name!r}, provider={self.provider_kind!r}, model={self.model!r})"
+
+    # -- definition ------------------------------------------------------------------
+
+    @overload
+    def tool(self, func: F, /) -> F: ...
+    @overload
+    def tool(self, /, *, name: str | None = None) -> Callable[[F], F]: ...
+
+    def tool(self, func: Callable[..., Any] | None = None, /, *, name: str | None = None) -> Any:
+        """Register a typed function (sync or async) as a tool; its schema comes from
+        the type hints, its description from the docstring (``Args:`` per argument)."""
+
+        def register(f: Callable[..., Any]) -> Callable[..., Any]:
+            made = FunctionTool(f, name=name)
+            if made.name in self.tools:
+                raise ConfigError(f"agent {self.name}: tool {made.name!r} is declared twice")
+            self.tools[made.name] = made
+            return f
+
+        return register(func) if func is not None else register
+
+    def before_turn(self, hook: BeforeTurn) -> BeforeTurn:
+        """Run ``hook(turn)`` before each turn: return None (go on), a changed
+        :class:`TurnInput`, or a :class:`Final` to answer without the model."""
+        self.before.append(hook)
+        return hook
+
+    def after_turn(self, hook: AfterTurn) -> AfterTurn:
+        """Run ``hook(turn, final)`` on each turn's Final: return None or a new Final."""
+        self.after.append(hook)
+        return hook
+
+    def block(self) -> dict[str, Any]:
+        """This agent as a mesh-file ``agents:`` entry (tools are attached, not listed)."""
+        return {
+            **self.settings,
+            "description": self.description,
+            "instructions": self.instructions,
+            "provider": {"kind": self.provider_kind, "model": self.model, **self.options},
+            "handoffs": [h.model_dump() for h in self.handoffs],
+        }
+
+    def mesh_config(self, *peers: Agent, base: MeshConfig | None = None, **mesh: Any) -> MeshConfig:
+        """A validated mesh config holding this agent and ``peers``.
+
+        ``base`` (e.g. :func:`mesh.config.load_config` of a mesh file) contributes its
+        agents, router, server and auth settings, and the agents here are added to it
+        (or replace its agents of the same name). Handoff targets that are in neither
+        get a placeholder entry so the config validates; a turn cannot reach them
+        in-process. ``mesh`` sets top-level fields (``max_hops``, ``router``...).
+        """
+        raw: dict[str, Any] = {}
+        source = "<python>"
+        if base is not None:
+            raw = base.model_dump(mode="json", exclude={"source"})
+            source = base.source or source
+        agents: dict[str, Any] = dict(raw.get("agents") or {})
+        for agent in (self, *peers):
+            agents[agent.name] = agent.block()
+        for agent in (self, *peers):
+            for handoff in agent.handoffs:
+                agents.setdefault(handoff.target, {"description": f"the {handoff.target} agent"})
+        raw.update(mesh)
+        raw["agents"] = agents
+        return config_from_dict(raw, source=source)
+
+    # -- building (the mesh file's path) -----------------------------------------------
+
+    def attach(self, runtime: AgentRuntime) -> AgentRuntime:
+        """Add this agent's tools and hooks to a runtime built from its config."""
+        offered = {spec.name for spec in runtime.tool_specs(TurnInput("", ""))}
+        clash = sorted(set(self.tools) & offered)
+        if clash:
+            raise ConfigError(f"agent {self.name}: tool names already taken: {clash}")
+        runtime.tools.update(self.tools)
+        runtime.hooks.before.extend(self.before)
+        runtime.hooks.after.extend(self.after)
+        return runtime
+
+    def build(
+        self, config: MeshConfig | None = None, *, provider: Provider | None = None
+    ) -> AgentRuntime:
+        """The agent's runtime, built as ``mesh agent`` builds one (``build_runtime``)."""
+        from mesh.agent._serve import build_runtime
+
+        config = config or self.mesh_config()
+        return self.attach(build_runtime(config, self.name, provider=provider))
+
+    def server(
+        self, config: MeshConfig | None = None, *, provider: Provider | None = None
+    ) -> tuple[MeshServer, AgentRuntime]:
+        """A ready-to-start gRPC server for the agent (``build_agent_server``): the same
+        servicer, interceptors (auth included), health and reflection as ``mesh agent``."""
+        from mesh.agent._serve import build_agent_server
+
+        config = config or self.mesh_config()
+        server, runtime = build_agent_server(config, self.name, provider=provider)
+        self.attach(runtime)
+        return server, runtime
+
+    # -- running ---------------------------------------------------------------------
+
+    async def chat(
+        self,
+        message: str,
+        *,
+        history: Sequence[ChatMessage] = (),
+        context: Mapping[str, str] | None = None,
+        conversation_id: str = "",
+    ) -> RunResult:
+        """One turn in-process (no server, no router): the answer and every event."""
+        if self._runner is None:
+            self._runner = Runner(self)
+        return await self._runner.run(
+            message, history=history, context=context, conversation_id=conversation_id
+        )
+
+    async def serve(
+        self,
+        *,
+        host: str | None = None,
+        port: int | None = None,
+        config: MeshConfig | None = None,
+        register: str | None = None,
+        advertise: str | None = None,
+    ) -> None:
+        """Serve as a mesh agent until SIGTERM/SIGINT (then drain), like ``mesh agent``.
+
+        Prints ``agent NAME: HOST:PORT`` once listening. ``register`` is a router
+        address to announce this agent to (``advertise``: the address it should dial).
+        """
+        config = config or self.mesh_config()
+        server, runtime = self.server(config)
+        host = host or config.server.host
+        bound = await server.start(host, config.agent(self.name).port if port is None else port)
+        server.install_signal_handlers()
+        address = f"{host}:{bound}"
+        print(f"agent {self.name}: {address}", flush=True)
+        registration: asyncio.Future[None] | None = None
+        if register:
+            registration = asyncio.ensure_future(
+                _register(config, self.name, register, advertise or address)
+            )
+        try:
+            await server.wait()
+        finally:
+            if registration is not None:
+                registration.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await registration
+            await runtime.provider.aclose()
+
+    def run(self, **serve: Any) -> int:
+        """:meth:`serve` on the mesh's event loop, for a script's ``__main__``."""
+        from mesh import loop
+
+        loop.run(self.serve(**serve))
+        return 0
+
+    async def aclose(self) -> None:
+        """Close the in-process runner's providers."""
+        if self._runner is not None:
+            await self._runner.aclose()
+            self._runner = None
+
+
+async def _register(config: MeshConfig, name: str, router: str, address: str) -> None:
+    from mesh.agent._register import register_forever
+
+    interceptors: list[Any] = []
+    credentials = None
+    if config.auth.enabled:
+        from mesh.auth import interceptors as auth
+
+        audience = config.auth.audience_for("router")
+        interceptors = auth.service_interceptors(config, audience, service=name)
+        credentials = auth.channel_credentials(config)
+    await register_forever(
+        router, name, address, interceptors=interceptors, credentials=credentials
+    )
+
+
+@dataclass
+class _Run:
+    conversation_id: str
+    turn_id: str
+    max_hops: int
+    hops: int = 0
+    path: list[str] = field(default_factory=list)
+    events: list[AgentEvent] = field(default_factory=list)
+
+    def hop(self, target: str, stack: Sequence[str]) -> None:
+        """Count a handoff, or refuse it as the router would."""
+        if target in stack:
+            chain = " -> ".join([*stack, target])
+            raise HandoffCycle(f"handoff cycle: {chain}")
+        if self.hops >= self.max_hops:
+            chain = " -> ".join([*self.path, target])
+            raise HopBudgetExceeded(f"hop budget of {self.max_hops} spent: {chain}")
+        self.hops += 1
+        self.path.append(target)
+
+
+class Runner:
+    """Runs turns in-process over agents defined in Python (the seeds' Runner).
+
+    The first agent takes turns unless ``run(agent=...)`` names another. A
+    TRANSFER moves the turn to its target, a CONSULT runs the target and hands its
+    answer back; both count against ``max_hops`` and a CONSULT may not ask an
+    agent already asking. Each agent runs on its own runtime, built once.
+    """
+
+    def __init__(self, *agents: Agent, config: MeshConfig | None = None, **mesh: Any) -> None:
+        if not agents:
+            raise ConfigError("a Runner needs at least one agent")
+        self.agents = {agent.name: agent for agent in agents}
+        first, *peers = agents
+        self.config = config or first.mesh_config(*peers, **mesh)
+        self._runtimes: dict[str, AgentRuntime] = {}
+
+    def runtime(self, name: str) -> AgentRuntime:
+        runtime = self._runtimes.get(name)
+        if runtime is None:
+            agent = self.agents.get(name)
+            if agent is None:
+                known = ", ".join(sorted(self.agents))
+                raise AgentNotFound(
+                    f"agent {name!r} is not in this runner (it has {known}); "
+                    "serve the agents in a mesh to reach others"
+                )
+            runtime = self._runtimes[name] = agent.build(self.config)
+        return runtime
+
+    async def run(
+        self,
+        message: str,
+        *,
+        agent: str | None = None,
+        history: Sequence[ChatMessage] = (),
+        context: Mapping[str, str] | None = None,
+        conversation_id: str = "",
+    ) -> RunResult:
+        """Run one user turn to its final answer."""
+        current = agent or next(iter(self.agents))
+        self.runtime(current)  # an unknown agent fails before anything runs
+        run = _Run(
+            conversation_id or uuid.uuid4().hex,
+            uuid.uuid4().hex,
+            self.config.max_hops_for(current),
+            path=[current],
+        )
+        user = ChatMessage("user", message)
+        turn = TurnInput(
+            run.conversation_id,
+            message,
+            tuple(history),
+            dict(context or {}),
+            turn_id=run.turn_id,
+            hop_path=(current,),
+            hops_remaining=run.max_hops,
+        )
+        while True:
+            final, transfer = await self._turn(current, turn, run, [current])
+            if transfer is None:
+                break
+            run.hop(transfer.target, [])
+            moved = [*history, user]
+            if final.content:
+                moved.append(ChatMessage("assistant", final.content, agent=current))
+            turn = TurnInput(
+                run.conversation_id,
+                transfer.message or message,
+                tuple(moved),
+                transfer.context,
+                turn_id=run.turn_id,
+                hop_path=tuple(run.path),
+                source_agent=current,
+                mode="transfer",
+                reason=transfer.reason,
+                hops_remaining=run.max_hops - run.hops,
+            )
+            current = transfer.target
+        answer = ChatMessage("assistant", final.content, agent=current)
+        return RunResult(current, final, run.events, [*history, user, answer], list(run.path))
+
+    async def _turn(
+        self, name: str, turn: TurnInput, run: _Run, stack: list[str]
+    ) -> tuple[Final, HandoffRequested | None]:
+        runtime = self.runtime(name)
+        broker = ConsultBroker()
+        final: Final | None = None
+        transfer: HandoffRequested | None = None
+        stream = runtime.run_turn(turn, broker)
+        try:
+            async for event in stream:
+                run.events.append(AgentEvent(name, event))
+                if isinstance(event, Final):
+                    final = event
+                elif isinstance(event, HandoffRequested):
+                    if event.mode == "consult":
+                        answer = await self._consult(name, turn, event, run, stack)
+                        broker.resolve(event.call_id, answer)
+                    elif event.mode == "transfer":
+                        transfer = event
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        assert final is not None, "a turn ends with a Final"
+        return final, transfer
+
+    async def _consult(
+        self, source: str, turn: TurnInput, ask: HandoffRequested, run: _Run, stack: list[str]
+    ) -> ConsultAnswer:
+        run.hop(ask.target, stack)
+        self.runtime(ask.target)
+        consulted = TurnInput(
+            run.conversation_id,
+            ask.message,
+            (*turn.history, ChatMessage("user", turn.message)),
+            ask.context,
+            turn_id=run.turn_id,
+            hop_path=tuple(run.path),
+            source_agent=source,
+            mode="consult",
+            reason=ask.reason,
+            hops_remaining=run.max_hops - run.hops,
+        )
+        final, _transfer = await self._turn(ask.target, consulted, run, [*stack, ask.target])
+        return ConsultAnswer(final.content, agent=ask.target)
+
+    async def aclose(self) -> None:
+        for runtime in self._runtimes.values():
+            await runtime.provider.aclose()
+        self._runtimes.clear()
+
+
+__all__ = ["Agent", "AgentEvent", "Handoff", "RunResult", "Runner"]
