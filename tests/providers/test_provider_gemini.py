@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -136,11 +137,13 @@ def declarations(request: Recorded) -> list[dict[str, Any]]:
     return out
 
 
-async def test_streams_text_with_usage(stub: StubServer) -> None:
+async def test_streams_text_with_usage(stub: StubServer, caplog: pytest.LogCaptureFixture) -> None:
     stub.queue(sse_reply(list(text_stream(["The ", "answer ", "is 42."]))))
     p = provider(stub, temperature=0.5, max_tokens=256)
-    events = await collect(p.stream(ask("question")))
+    with caplog.at_level(logging.DEBUG):
+        events = await collect(p.stream(ask("question")))
     await p.aclose()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
     assert deltas(events) == ["The ", "answer ", "is 42."]
     assert stop_of(events) == "end_turn"
@@ -208,6 +211,25 @@ async def test_function_call_and_its_result_go_back_with_the_signature(stub: Stu
         "role": "user",
         "parts": [{"functionResponse": {"name": "get_weather", "response": {"output": "18°C"}}}],
     }
+
+
+async def test_thought_summaries_are_not_shown(stub: StubServer) -> None:
+    stub.queue(
+        sse_reply(
+            [
+                chunk([{"text": "**Weighing the options** I should ...", "thought": True}]),
+                chunk([{"text": "Take the train."}]),
+                chunk([{"text": ""}], finish="STOP", usageMetadata=usage(12, 4, thoughts=30)),
+            ]
+        )
+    )
+    p = provider(stub, thinking_budget=512)
+    events = await collect(p.stream(ask("train or plane?")))
+    assert text_of(events) == "Take the train."
+    assert usage_of(events).output_tokens == 34
+    thinking = body_of(stub.requests[0])["generationConfig"]["thinkingConfig"]
+    # proto3 JSON: the API reads a field by its proto name as well as its camelCase one
+    assert thinking.get("thinkingBudget", thinking.get("thinking_budget")) == 512
 
 
 async def test_handoff_tool_call_keeps_the_api_call_id(stub: StubServer) -> None:
