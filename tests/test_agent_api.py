@@ -13,9 +13,10 @@ import pytest
 
 from mesh.agent import Agent, Final, Handoff, Runner, TurnInput
 from mesh.client import AgentClient, create_channel
+from mesh.config import load_config
 from mesh.errors import AgentNotFound, ConfigError, HandoffCycle, HopBudgetExceeded
 
-from .meshtest import REPO, mesh_config, offline_agent, serve_router
+from .meshtest import MESH_YAML, REPO, mesh_config, offline_agent, serve_router
 
 INVOICES = {"INV-1001": "42.00 EUR, paid on 2 November"}
 
@@ -153,6 +154,34 @@ def test_the_api_and_the_mesh_file_give_the_same_agent_config() -> None:
         }
     )
     assert agent.mesh_config().agents["billing"] == from_file.agents["billing"]
+
+
+async def test_a_mesh_file_agent_gets_python_hooks_and_keeps_its_file_tools() -> None:
+    config = load_config(MESH_YAML)
+    billing = Agent.from_config(config, "billing")
+    assert billing.mesh_config().agents["billing"] == config.agents["billing"]
+    asked: list[str] = []
+
+    @billing.before_turn
+    def audit(turn: TurnInput) -> None:
+        asked.append(turn.message)
+
+    @billing.tool
+    def escalate(reason: str) -> str:
+        """Open a ticket for a person."""
+        return f"ticket opened: {reason}"
+
+    try:
+        result = await billing.chat("Can I get a refund?")
+    finally:
+        await billing.aclose()
+    # refund_status comes from services/billing/tools.py, as the mesh file says
+    assert [c.call.name for c in result.tool_calls] == ["refund_status"]
+    assert "a refund of 42.00 EUR can be issued" in result.text
+    assert asked == ["Can I get a refund?"]
+    runtime = billing.build()
+    names = {spec.name for spec in runtime.tool_specs(TurnInput("c", "m"))}
+    assert {"lookup_invoice", "refund_status", "escalate", "transfer_to_triage"} <= names
 
 
 def test_bad_definitions_fail_with_one_clear_line() -> None:

@@ -65,7 +65,8 @@ class Agent:
     ``gemini``...), ``model`` its model (``offline-1`` for the offline model) and
     ``options`` the rest of the provider block exactly as in the mesh file (keys
     come from the environment through ``api_key_env``, never from code).
-    ``handoffs`` are agent names (TRANSFER) or :class:`Handoff` entries.
+    ``handoffs`` are agent names (TRANSFER) or :class:`Handoff` entries; ``tools``
+    are functions (or ``@agent.tool``) and mesh-file references (``"module:function"``).
     Everything else is the mesh file's agent block (``limits``, ``skills``...).
     """
 
@@ -79,7 +80,7 @@ class Agent:
         model: str | None = None,
         options: Mapping[str, Any] | None = None,
         handoffs: Sequence[str | Handoff] = (),
-        tools: Sequence[Callable[..., Any]] = (),
+        tools: Sequence[Callable[..., Any] | str] = (),
         **settings: Any,
     ) -> None:
         self.name = name
@@ -98,8 +99,36 @@ class Agent:
         self.before: list[BeforeTurn] = []
         self.after: list[AfterTurn] = []
         self._runner: Runner | None = None
+        self.base: MeshConfig | None = None
+        """The mesh config this agent joins when none is given (see :meth:`from_config`)."""
+        refs = [t for t in tools if isinstance(t, str)]
+        if refs:
+            self.settings["tools"] = refs  # the mesh file's `module:function` references
         for func in tools:
-            self.tool(func)
+            if not isinstance(func, str):
+                self.tool(func)
+
+    @classmethod
+    def from_config(cls, config: MeshConfig, name: str) -> Agent:
+        """The agent ``name`` of a mesh file, to add Python tools and hooks to.
+
+        Its block is kept whole (its ``tools:`` references are still loaded from the
+        file's folder), and ``config`` is the mesh it joins by default.
+        """
+        block = config.agent(name).model_dump(exclude={"name"})
+        provider = dict(block.pop("provider"))
+        agent = cls(
+            name,
+            description=block.pop("description"),
+            instructions=block.pop("instructions"),
+            provider=provider.pop("kind"),
+            model=provider.pop("model"),
+            options=provider,
+            handoffs=[Handoff(**h) for h in block.pop("handoffs")],
+            **block,
+        )
+        agent.base = config
+        return agent
 
     def __repr__(self) -> str:
         return f"Agent({self.name!r}, provider={self.provider_kind!r}, model={self.model!r})"
@@ -156,6 +185,7 @@ class Agent:
         """
         raw: dict[str, Any] = {}
         source = "<python>"
+        base = base or self.base
         if base is not None:
             raw = base.model_dump(mode="json", exclude={"source"})
             source = base.source or source
