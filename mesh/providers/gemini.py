@@ -27,6 +27,7 @@ import itertools
 import secrets
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -251,6 +252,14 @@ def _key_and_env(options: GeminiOptions, environ: Mapping[str, str]) -> tuple[st
     )
 
 
+@dataclass
+class _StreamState:
+    calls: int = 0
+    finish: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
 class GeminiProvider:
     """Streams the Gemini API; see the module docstring."""
 
@@ -349,48 +358,59 @@ class GeminiProvider:
                 upstream, chunk = await self._open(contents, config)
             finally:
                 _OPENED.set(None)
-            calls = 0
-            finish: str | None = None
-            input_tokens = output_tokens = 0
+            state = _StreamState()
             while chunk is not None:
-                feedback = chunk.prompt_feedback
-                if feedback is not None and feedback.block_reason:
-                    raise ProviderError(
-                        f"gemini: the prompt was blocked ({feedback.block_reason})",
-                        metadata={"provider": "gemini"},
-                    )
-                usage = chunk.usage_metadata
-                if usage is not None:
-                    input_tokens = usage.prompt_token_count or input_tokens
-                    output_tokens = (usage.candidates_token_count or 0) + (
-                        usage.thoughts_token_count or 0
-                    ) or output_tokens
-                candidate = chunk.candidates[0] if chunk.candidates else None
-                if candidate is not None:
-                    content = candidate.content
-                    for part in (content.parts if content is not None else None) or ():
-                        if part.function_call is not None:
-                            calls += 1
-                            yield ToolCall(self._call(part.function_call, part.thought_signature))
-                        elif part.text and not part.thought:
-                            yield TextDelta(part.text)
-                    if candidate.finish_reason is not None:
-                        finish = str(getattr(candidate.finish_reason, "value", ""))
+                for event in self._events(chunk, state):
+                    yield event
                 try:
                     chunk = await anext(upstream, None)
                 except (genai_errors.APIError, httpx.HTTPError) as err:
                     raise map_error(err, self.key_env, self._key) from None
                 except ValueError as err:
                     raise ProviderUnavailable("gemini: malformed stream chunk") from err
-            if finish is None:
+            if state.finish is None:
                 raise ProviderUnavailable("gemini: the stream ended without a finish reason")
-            yield UsageReport(input_tokens=input_tokens, output_tokens=output_tokens)
-            yield Stop(normalize_finish(finish, has_tool_calls=calls > 0))
+            if state.finish == "MALFORMED_FUNCTION_CALL" and not state.calls:
+                raise ProviderUnavailable("gemini: the model wrote a malformed function call")
+            yield UsageReport(state.input_tokens, state.output_tokens)
+            yield Stop(normalize_finish(state.finish, has_tool_calls=state.calls > 0))
         finally:
             if upstream is not None:
                 await _close(upstream)
             for response in opened:
                 await response.aclose()
+
+    def _events(
+        self, chunk: types.GenerateContentResponse, state: _StreamState
+    ) -> list[ModelEvent]:
+        """The text and calls of one streamed chunk; usage and finish go into ``state``."""
+        feedback = chunk.prompt_feedback
+        if feedback is not None and feedback.block_reason:
+            raise ProviderError(
+                f"gemini: the prompt was blocked ({feedback.block_reason})",
+                metadata={"provider": "gemini"},
+            )
+        usage = chunk.usage_metadata
+        if usage is not None:  # cumulative: the last one counts
+            state.input_tokens = usage.prompt_token_count or state.input_tokens
+            thoughts = usage.thoughts_token_count or 0  # thinking is output too
+            state.output_tokens = (usage.candidates_token_count or 0) + thoughts or (
+                state.output_tokens
+            )
+        candidate = chunk.candidates[0] if chunk.candidates else None
+        if candidate is None:
+            return []
+        events: list[ModelEvent] = []
+        content = candidate.content
+        for part in (content.parts if content is not None else None) or ():
+            if part.function_call is not None:
+                state.calls += 1
+                events.append(ToolCall(self._call(part.function_call, part.thought_signature)))
+            elif part.text and not part.thought:  # thought summaries are never shown
+                events.append(TextDelta(part.text))
+        if candidate.finish_reason is not None:
+            state.finish = str(getattr(candidate.finish_reason, "value", candidate.finish_reason))
+        return events
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -407,6 +407,13 @@ async def test_stream_without_finish_is_unavailable(stub: StubServer) -> None:
         await collect(p.stream(ask("hi")))
 
 
+async def test_malformed_function_call_is_an_error_not_an_empty_answer(stub: StubServer) -> None:
+    stub.queue(sse_reply([chunk([], finish="MALFORMED_FUNCTION_CALL", usageMetadata=usage(9, 0))]))
+    p = provider(stub)
+    with pytest.raises(ProviderUnavailable, match="malformed function call"):
+        await collect(p.stream(ask("weather?", tools=[WEATHER])))
+
+
 async def test_cancel_mid_stream_closes_the_connection(stub: StubServer) -> None:
     stub.queue(sse_reply([chunk([{"text": "first "}]), HOLD]))
     p = provider(stub)
