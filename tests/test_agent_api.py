@@ -316,7 +316,8 @@ async def count_words(text: str) -> int:
     return len(text.split())
 
 if __name__ == "__main__":
-    sys.exit(notes.run(host="127.0.0.1", port=0))
+    router = sys.argv[1] if len(sys.argv) > 1 else None
+    sys.exit(notes.run(host="127.0.0.1", port=0, register=router))
 """
 
 
@@ -330,33 +331,63 @@ async def _read_until(stream: asyncio.StreamReader, prefix: str) -> str:
     raise AssertionError(f"no line {prefix!r}: {b''.join(seen).decode()}")
 
 
-async def test_a_script_serves_its_agent_in_its_own_process(tmp_path: Path) -> None:
+async def _script(tmp_path: Path, *args: str) -> asyncio.subprocess.Process:
     script = tmp_path / "notes_agent.py"
     script.write_text(textwrap.dedent(SCRIPT))
-    proc = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         str(script),
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         cwd=REPO,
     )
-    assert proc.stdout is not None and proc.stderr is not None
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> str:
+    """SIGTERM, then the exit code must be 0 and stderr clean; returns stderr."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(proc.wait(), 30)
+    assert proc.stderr is not None
+    stderr = (await proc.stderr.read()).decode()
+    assert code == 0, stderr
+    assert "WARNING" not in stderr and "Traceback" not in stderr, stderr
+    return stderr
+
+
+NOTES_ROUTER = {"default_agent": "notes", "store": {"kind": "memory"}}
+
+
+async def test_a_script_serves_its_agent_in_its_own_process(tmp_path: Path) -> None:
+    proc = await _script(tmp_path)
+    assert proc.stdout is not None
     try:
         address = await _read_until(proc.stdout, "agent notes: ")
-        config = mesh_config(
-            {"notes": offline_agent("Keeps notes.")},
-            router={"default_agent": "notes", "store": {"kind": "memory"}},
-        )
+        config = mesh_config({"notes": offline_agent("Keeps notes.")}, router=NOTES_ROUTER)
         async with serve_router(config, {"notes": [address]}) as (router, _app):
             async with create_channel(router) as channel:
                 result = await AgentClient(channel, router=True).chat("take a note", timeout=30)
         assert result.final is not None and result.final.agent == "notes"
         assert result.final.final.content == "notes found: count_words: 4"
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), 30)
-    stderr = (await proc.stderr.read()).decode()
-    assert code == 0, stderr
+        stderr = await _stop(proc)
     assert "tool saw: grpc runs over http2" in stderr
-    assert "WARNING" not in stderr and "Traceback" not in stderr, stderr
+
+
+async def test_a_served_script_registers_with_the_router(tmp_path: Path) -> None:
+    config = mesh_config({"notes": offline_agent("Keeps notes.")}, router=NOTES_ROUTER)
+    async with serve_router(config, {}) as (router, _app):
+        proc = await _script(tmp_path, router)
+        assert proc.stdout is not None
+        try:
+            await _read_until(proc.stdout, "agent notes: ")
+            assert await _read_until(proc.stdout, "registered: ") == router
+            async with create_channel(router) as channel:
+                result = await AgentClient(channel, router=True).chat(
+                    "take a note", agent="notes", timeout=30
+                )
+            assert result.final is not None and result.final.agent == "notes"
+            assert result.final.final.content == "notes found: count_words: 4"
+        finally:
+            await _stop(proc)

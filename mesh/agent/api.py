@@ -262,7 +262,8 @@ class Agent:
         """Serve as a mesh agent until SIGTERM/SIGINT (then drain), like ``mesh agent``.
 
         Prints ``agent NAME: HOST:PORT`` once listening. ``register`` is a router
-        address to announce this agent to (``advertise``: the address it should dial).
+        address to announce this agent to (``advertise``: the address it should dial);
+        ``registered: ROUTER`` is printed when the router has listed it.
         """
         config = config or self.mesh_config()
         server, runtime = self.server(config)
@@ -311,7 +312,12 @@ async def _register(config: MeshConfig, name: str, router: str, address: str) ->
         interceptors = auth.service_interceptors(config, audience, service=name)
         credentials = auth.channel_credentials(config)
     await register_forever(
-        router, name, address, interceptors=interceptors, credentials=credentials
+        router,
+        name,
+        address,
+        interceptors=interceptors,
+        credentials=credentials,
+        on_accept=lambda: print(f"registered: {router}", flush=True),
     )
 
 
