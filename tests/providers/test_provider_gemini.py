@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import logging
+import socket
 from typing import Any
 
 import pytest
@@ -412,6 +413,28 @@ async def test_malformed_function_call_is_an_error_not_an_empty_answer(stub: Stu
     p = provider(stub)
     with pytest.raises(ProviderUnavailable, match="malformed function call"):
         await collect(p.stream(ask("weather?", tools=[WEATHER])))
+
+
+async def test_silence_before_the_first_chunk_times_out(stub: StubServer) -> None:
+    stub.queue(sse_reply([HOLD]))
+    p = provider(stub, timeout_s=0.3, max_retries=0)
+    with pytest.raises(ProviderUnavailable, match="timed out"):
+        await collect(p.stream(ask("hi")))
+    await asyncio.wait_for(stub.disconnected.wait(), 5.0)
+
+
+async def test_unreachable_api_is_retried_then_unavailable() -> None:
+    with socket.socket() as sock:  # a port that was free and is closed again
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    p = create_provider(
+        "gemini",
+        MODEL,
+        {"base_url": f"http://127.0.0.1:{port}", "max_retries": 1, "retry_backoff_s": 0},
+        ProviderContext(agent="a", environ={"GEMINI_API_KEY": KEY}),
+    )
+    with pytest.raises(ProviderUnavailable, match="cannot reach the API"):
+        await collect(p.stream(ask("hi")))
 
 
 async def test_cancel_mid_stream_closes_the_connection(stub: StubServer) -> None:
