@@ -40,15 +40,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from mesh.agent._runner import AgentEvent, Runner, RunResult
 from mesh.agent._runtime import AfterTurn, AgentRuntime, BeforeTurn, TurnInput
 from mesh.config import HandoffConfig, MeshConfig, config_from_dict
 from mesh.errors import ConfigError
 from mesh.providers.base import ChatMessage, Provider
-from mesh.server import MeshServer
 from mesh.tools import FunctionTool
+
+if TYPE_CHECKING:
+    from mesh.server import MeshServer
 
 #: A handoff target with its modes, description and passed context keys.
 Handoff = HandoffConfig
