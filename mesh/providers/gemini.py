@@ -135,10 +135,10 @@ def map_error(err: Exception, key_env: str, key: str) -> ProviderError:
     if isinstance(err, httpx.TransportError):
         return ProviderUnavailable("gemini: cannot reach the API")
     if not isinstance(err, genai_errors.APIError):
-        return ProviderUnavailable(f"gemini: {short(err)}".replace(key, "***"))
+        return ProviderUnavailable(_scrub(f"gemini: {short(err)}", key))
     status = int(err.code or 0)
     state = str(err.status or "")
-    message = short(err.message or state or "error").replace(key, "***")
+    message = _scrub(short(err.message or state or "error"), key)
     meta = {"provider": "gemini", "http_status": str(status)}
     details = str(err.details)
     if (
@@ -158,6 +158,11 @@ def map_error(err: Exception, key_env: str, key: str) -> ProviderError:
     if status >= 500 or status == 0:
         return ProviderUnavailable(f"gemini: unavailable: {message}", metadata=meta)
     return ProviderError(f"gemini: request failed ({status}): {message}", metadata=meta)
+
+
+def _scrub(text: str, key: str) -> str:
+    """``text`` without the key, should a server or proxy echo it."""
+    return text.replace(key, "***") if key else text
 
 
 def _retryable(err: Exception) -> bool:
