@@ -16,6 +16,7 @@ import base64
 import json
 import logging
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -53,11 +54,29 @@ SIGNATURE = b"\x12\x24thought-signature-bytes\x00\xff"
 STREAM_PATH = f"/v1beta/models/{MODEL}:streamGenerateContent"
 
 
+#: Providers made by a test, closed after it (their HTTP clients hold connections).
+_MADE: list[Provider] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_providers() -> AsyncIterator[None]:
+    yield
+    while _MADE:
+        await _MADE.pop().aclose()
+
+
+def gemini(options: dict[str, Any], environ: dict[str, str]) -> Provider:
+    made = create_provider(
+        "gemini", MODEL, options, ProviderContext(agent="helper", environ=environ)
+    )
+    _MADE.append(made)
+    return made
+
+
 def provider(stub: StubServer, env: dict[str, str] | None = None, **options: Any) -> Provider:
     opts: dict[str, Any] = {"base_url": stub.url, "timeout_s": 10, "retry_backoff_s": 0}
     opts.update(options)
-    environ = {"GEMINI_API_KEY": KEY} if env is None else env
-    return create_provider("gemini", MODEL, opts, ProviderContext(agent="helper", environ=environ))
+    return gemini(opts, {"GEMINI_API_KEY": KEY} if env is None else env)
 
 
 def event(data: Any) -> bytes:
@@ -431,11 +450,9 @@ async def test_unreachable_api_is_retried_then_unavailable() -> None:
     with socket.socket() as sock:  # a port that was free and is closed again
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    p = create_provider(
-        "gemini",
-        MODEL,
+    p = gemini(
         {"base_url": f"http://127.0.0.1:{port}", "max_retries": 1, "retry_backoff_s": 0},
-        ProviderContext(agent="a", environ={"GEMINI_API_KEY": KEY}),
+        {"GEMINI_API_KEY": KEY},
     )
     with pytest.raises(ProviderUnavailable, match="cannot reach the API"):
         await collect(p.stream(ask("hi")))
@@ -463,7 +480,7 @@ async def test_key_from_google_api_key_and_base_url_from_the_environment(
 ) -> None:
     stub.queue(sse_reply(list(text_stream(["ok"]))))
     env = {"GOOGLE_API_KEY": KEY, "GOOGLE_GEMINI_BASE_URL": stub.url}
-    p = create_provider("gemini", MODEL, {}, ProviderContext(agent="a", environ=env))
+    p = gemini({}, env)
     assert text_of(await collect(p.stream(ask("hi")))) == "ok"
     assert stub.requests[0].headers["x-goog-api-key"] == KEY
 
