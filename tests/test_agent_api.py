@@ -275,6 +275,8 @@ async def test_served_agent_answers_through_a_real_router() -> None:
     server, runtime = agent.server(config)
     port = await server.start("127.0.0.1", 0)
     try:
+        async with create_channel(f"127.0.0.1:{port}") as direct:
+            info = await AgentClient(direct).info()
         async with serve_router(config, {"billing": [f"127.0.0.1:{port}"]}) as (router, _app):
             async with create_channel(router) as channel:
                 result = await AgentClient(channel, router=True).chat(
@@ -283,6 +285,11 @@ async def test_served_agent_answers_through_a_real_router() -> None:
     finally:
         await server.stop(0)
         await runtime.provider.aclose()
+    # Info lists the decorated tool with the schema its type hints gave
+    [tool] = [t for t in info.tools if t.name == "lookup_invoice"]
+    assert tool.description == "Look up an invoice."
+    assert dict(tool.parameters)["required"] == ["invoice_id"]
+    assert info.model.provider == "offline" and info.description == "Invoices and refunds."
     assert seen == ["INV-1001"]  # the tool ran in the served agent
     assert marks == ["api-1"]  # and the hook, with the router's conversation id
     kinds = [e.WhichOneof("kind") for e in result.events]
