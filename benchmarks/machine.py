@@ -51,8 +51,9 @@ def machine_info() -> dict[str, Any]:
         "protobuf": _version("protobuf"),
         "uvloop": _version("uvloop"),
         "placement": (
-            "every server (echo, agents, routers, token service) is its own process; the load "
-            "generator is another; nothing is pinned, the kernel schedules all of them over "
-            f"the {len(affinity) or os.cpu_count()} usable CPUs; only one case runs at a time"
+            "every server (agents, routers, raw proxy, Redis, token service) is its own "
+            "process; the load generator is another; nothing is pinned, the kernel "
+            f"schedules all of them over the {len(affinity) or os.cpu_count()} usable CPUs; "
+            "only one case runs at a time"
         ),
     }
