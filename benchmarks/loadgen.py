@@ -237,13 +237,21 @@ class LoadGen:
             slot = f"hold-{(base + index) // per_channel}"
             call = self.method(address, "router", slot)(metadata=metadata, timeout=3600)
             async with gate:
+                started = loop.time()
                 try:
                     await asyncio.wait_for(self._one_turn(call, request, window), 30)
                 except TimeoutError:
                     call.cancel()
                     errors.append("no final event within 30 s")
                     return
-                except (grpc.aio.AioRpcError, TurnFailed) as err:
+                except grpc.aio.AioRpcError as err:
+                    call.cancel()
+                    if loop.time() - started >= 30:  # our timeout cancelled the call
+                        errors.append("no final event within 30 s (call cancelled)")
+                    else:
+                        errors.append(f"{err.code().name}: {err.details()}"[:200])
+                    return
+                except TurnFailed as err:
                     call.cancel()
                     errors.append(str(err)[:200])
                     return

@@ -192,7 +192,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *turns_table(report, "newconv"),
         "",
-        "## Ratios (turns/s; median of per-repetition ratios)",
+        "## Ratios (turns/s, deltas/s for streaming; median of per-repetition ratios)",
         "",
     ]
     rows = []
@@ -260,6 +260,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         for row in report["hold"]:
             rows.append(
                 [
+                    _num(row["requested"]) if "requested" in row else "-",
                     _num(row["streams"]),
                     _num(row["router_rss_mib"], 1),
                     _num(row["kib_per_stream"], 1) if "kib_per_stream" in row else "-",
@@ -268,7 +269,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 ]
             )
         lines += _table(
-            ["open streams", "router RSS MiB", "KiB per stream", "open time s", "errors"], rows
+            ["asked", "open streams", "router RSS MiB", "KiB per stream", "open time s", "errors"],
+            rows,
         )
     errors = [(k, v["error_samples"]) for k, v in report["summary"].items() if v["errors"]]
     if errors:
@@ -364,8 +366,9 @@ def findings(report: dict[str, Any]) -> list[str]:
     if held:
         h = held[-1]
         out.append(
-            f"**Idle streams**: one router held {h['streams']:,} idle Chat streams with "
-            f"{h['errors']} errors at {h['kib_per_stream']:.1f} KiB of RSS per stream."
+            f"**Idle streams**: asked to hold {h.get('requested', h['streams']):,} idle Chat "
+            f"streams, one router held {h['streams']:,} ({h['errors']} errors) at "
+            f"{h['kib_per_stream']:.1f} KiB of RSS per stream."
         )
     return out
 
