@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -31,9 +32,19 @@ def _encode(message: ChatMessage) -> str:
     )
 
 
-def _decode(raw: str | bytes) -> ChatMessage:
+def _decode_uncached(raw: str | bytes) -> ChatMessage:
     data: dict[str, Any] = json.loads(raw)
     return ChatMessage(role=data["role"], content=data["content"], agent=data.get("agent", ""))
+
+
+#: Every turn reads its conversation's newest messages again, most of them read the turn
+#: before: decoded messages (immutable) are kept by their stored bytes, short ones only.
+_decode_cached = functools.lru_cache(maxsize=8192)(_decode_uncached)
+_CACHED_BELOW = 2048
+
+
+def _decode(raw: str | bytes) -> ChatMessage:
+    return _decode_cached(raw) if len(raw) < _CACHED_BELOW else _decode_uncached(raw)
 
 
 _SCHEMA = """
