@@ -226,6 +226,30 @@ async def test_redis_appends_share_one_multi(redis_url: str, redis_client: Redis
         await store.close()
 
 
+async def test_redis_loads_share_one_pipeline(redis_url: str, redis_client: Redis) -> None:
+    store = RedisStore(redis_url)
+    try:
+        for i in range(30):
+            await store.append(f"l{i}", _turn(f"t{i}"), "a" if i % 2 else "b")
+        await store.load("warm", 5)  # the connection is open
+        before = await redis_client.info("commandstats")
+        results = await asyncio.gather(*(store.load(f"l{i}", 10) for i in range(30)))
+        after = await redis_client.info("commandstats")
+        for i, (history, active) in enumerate(results):
+            assert [m.content for m in history] == [f"t{i}", f"re: t{i}"]
+            assert active == ("a" if i % 2 else "b")
+        # 30 concurrent loads: 30 LRANGEs and 30 GETs reached Redis, in one round trip
+        # (the pipeline holds no EXEC: loads are not transactions).
+        calls = {
+            cmd: int(after[f"cmdstat_{cmd}"]["calls"]) - int(before[f"cmdstat_{cmd}"]["calls"])
+            for cmd in ("lrange", "get")
+        }
+        assert calls == {"lrange": 30, "get": 30}
+        assert store.reads == 2  # the warm-up's pipeline and the one for the 30 loads
+    finally:
+        await store.close()
+
+
 async def test_redis_down_is_unavailable_for_every_turn_of_the_group(tmp_path: Path) -> None:
     store = RedisStore(f"unix://{tmp_path}/nothing.sock", timeout_s=2)
     try:
@@ -233,5 +257,7 @@ async def test_redis_down_is_unavailable_for_every_turn_of_the_group(tmp_path: P
             *(store.append(f"x{i}", _turn("x"), "a") for i in range(5)), return_exceptions=True
         )
         assert all(isinstance(r, Unavailable) for r in results), results
+        with pytest.raises(Unavailable):
+            await store.load("x0", 10)
     finally:
         await store.close()

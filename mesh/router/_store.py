@@ -246,6 +246,13 @@ class _PendingTurn:
     done: asyncio.Future[None]
 
 
+@dataclass(slots=True)
+class _PendingRead:
+    conversation_id: str
+    limit: int
+    done: asyncio.Future[tuple[list[ChatMessage], str]]
+
+
 def _settle(turns: list[_PendingTurn], error: Exception | None) -> None:
     for turn in turns:
         if turn.done.done():  # the caller went away (cancelled); the turn is stored anyway
@@ -289,9 +296,10 @@ class RedisStore:
 
     Appends are written in groups: every turn that finishes while a write is in flight
     joins the next one, and each group is one pipelined MULTI/EXEC (one round trip); an
-    ``append`` returns once the EXEC holding its turn has succeeded. A load is one
-    non-transactional pipeline (one round trip). ``after_commit`` (called with the number
-    of turns in each EXEC) is a hook for metrics and tests.
+    ``append`` returns once the EXEC holding its turn has succeeded. Loads are grouped
+    the same way into one non-transactional pipeline (LRANGE + GET per conversation).
+    ``after_commit`` (called with the number of turns in each EXEC) is a hook for metrics
+    and tests.
     """
 
     #: The most turns one MULTI takes (the rest join the next).
@@ -314,29 +322,60 @@ class RedisStore:
         self._after_commit = after_commit
         self._queue: list[_PendingTurn] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._reads: list[_PendingRead] = []
+        self._reader: asyncio.Task[None] | None = None
         self._closed = False
         self.commits = 0
         """MULTI/EXEC groups written so far (each covers one or more turns)."""
         self.turns = 0
         """Turns written so far."""
+        self.reads = 0
+        """Read pipelines sent so far (each serves one or more loads)."""
 
     @staticmethod
     def _keys(conversation_id: str) -> tuple[str, str]:
         return f"mesh:conv:{conversation_id}:messages", f"mesh:conv:{conversation_id}:active"
 
     async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
+        if self._closed:
+            raise Unavailable("conversation store is closed")
+        loop = asyncio.get_running_loop()
+        read = _PendingRead(conversation_id, limit, loop.create_future())
+        self._reads.append(read)
+        if self._reader is None:
+            self._reader = loop.create_task(self._flush_reads())
+        return await read.done
+
+    async def _flush_reads(self) -> None:
+        """Serve queued reads, one pipeline (LRANGE + GET each) per group, until none wait."""
         from redis.exceptions import RedisError
 
-        messages_key, active_key = self._keys(conversation_id)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.lrange(messages_key, -limit, -1)
-                pipe.get(active_key)
-                rows, value = await pipe.execute()
-        except RedisError as err:
-            raise Unavailable(f"conversation store unavailable: {type(err).__name__}") from None
-        active = value.decode() if isinstance(value, bytes) else ""
-        return [_decode(row) for row in rows], active
+            while self._reads:
+                batch = self._reads[: self.MAX_BATCH]
+                del self._reads[: self.MAX_BATCH]
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for read in batch:
+                            messages_key, active_key = self._keys(read.conversation_id)
+                            pipe.lrange(messages_key, -read.limit, -1)
+                            pipe.get(active_key)
+                        values = await pipe.execute()
+                    self.reads += 1
+                except (RedisError, OSError) as err:
+                    error = Unavailable(f"conversation store unavailable: {type(err).__name__}")
+                    for read in batch:
+                        if not read.done.done():
+                            read.done.set_exception(error)
+                    continue
+                for i, read in enumerate(batch):
+                    if read.done.done():  # the caller went away
+                        continue
+                    rows, value = values[2 * i], values[2 * i + 1]
+                    active = value.decode() if isinstance(value, bytes) else ""
+                    read.done.set_result(([_decode(row) for row in rows], active))
+        finally:
+            self._reader = None
 
     async def append(
         self, conversation_id: str, messages: Sequence[ChatMessage], active_agent: str
@@ -383,8 +422,9 @@ class RedisStore:
 
     async def close(self) -> None:
         self._closed = True
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        for task in (self._flusher, self._reader):
+            if task is not None:
+                await asyncio.shield(task)
         await self._redis.aclose()
 
 
