@@ -384,7 +384,7 @@ not part of `make test`.
 
 ```
 make bench                                  # the full run (5 repetitions)
-.venv/bin/python -m benchmarks --quick      # a short development run (1 repetition)
+.venv/bin/python -m benchmarks --quick      # a development run (1 repetition, no docs)
 .venv/bin/python -m benchmarks --help       # --reps, --duration, --no-auth, --no-docs, --hold ...
 ```
 

@@ -600,14 +600,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/json go")
     p.add_argument(
-        "--no-docs",
-        dest="docs",
-        action="store_false",
-        help="do not rewrite docs/benchmarks.md and the README's table from this run",
+        "--docs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rewrite docs/benchmarks.md and the README's table from this run "
+        "(default: yes, but not for --quick)",
     )
     p.add_argument("--seed", type=int, default=7, help="seed of the case order")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
     args = p.parse_args(argv)
+    if args.docs is None:
+        args.docs = not args.quick
     if args.quick:
         args.reps, args.duration, args.warmup = 1, 1.0, 0.3
         args.hold = [min(h, 1000) for h in args.hold][:1]
