@@ -37,6 +37,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def load_average() -> float:
+    """The 1-minute load average (other work on the machine skews every figure)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def machine_info() -> dict[str, Any]:
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return {

@@ -161,7 +161,9 @@ def _intro(report: dict[str, Any]) -> list[str]:
         "",
         f"**Machine:** {m['cpu']}, {m['cpus_usable']} usable CPUs, {m['memory_gib']} GiB, "
         f"Linux {m['kernel']}, {m['implementation']} {m['python']}, grpcio {m['grpcio']}, "
-        f"protobuf {m['protobuf']}, uvloop {m['uvloop']}. Loopback only.",
+        f"protobuf {m['protobuf']}, uvloop {m['uvloop']}. Loopback only. 1-minute load "
+        f"average {m.get('load_average_before', 0.0):.1f} before the run (other work on "
+        f"the machine), {m.get('load_average_after', 0.0):.1f} after.",
         "",
         f"**Placement:** {m['placement']}.",
     ]

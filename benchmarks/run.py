@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from benchmarks.common import CHUNK_CHARS, LONG_MESSAGE, LONG_REPLY, SHORT_MESSAGE, eprint
-from benchmarks.machine import machine_info
+from benchmarks.machine import load_average, machine_info
 from benchmarks.procs import REPO, LoadGenProcess, Service
 from benchmarks.report import render_markdown, write_docs
 
@@ -620,6 +620,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    load_before = load_average()
     rng = random.Random(args.seed)
     with _workdir(args.keep) as work:
         bench = Bench(args, work)
@@ -667,7 +668,11 @@ def main(argv: list[str] | None = None) -> int:
             "chunk_chars": CHUNK_CHARS,
             "history_limit": HISTORY_LIMIT,
         },
-        "machine": machine_info(),
+        "machine": {
+            **machine_info(),
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+        },
         "notes": bench.notes,
         "cases": {
             c.key: {
