@@ -76,7 +76,7 @@ def targets_table(report: dict[str, Any]) -> list[str]:
     for t in report["targets"]:
         measured = t["measured"]
         if isinstance(measured, float):
-            measured = f"{measured:.2f}{t['unit']}" if t["unit"] == "x" else f"{measured} ms"
+            measured = f"{measured:.3f}{t['unit']}" if t["unit"] == "x" else f"{measured} ms"
         rows.append([t["target"], "-" if measured is None else str(measured), _holds(t["holds"])])
     return _table(["target (issue 10)", "measured", "holds"], rows)
 

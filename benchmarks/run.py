@@ -516,7 +516,7 @@ def targets(
         out.append(
             {
                 "target": f"{label} >= {minimum:g}",
-                "measured": None if value is None else round(value, 2),
+                "measured": None if value is None else round(value, 3),
                 "unit": "x",
                 "holds": None if value is None else value >= minimum,
             }
@@ -533,7 +533,7 @@ def targets(
     out.append(
         {
             "target": "auth+TLS/auth off c=16 (reported)",
-            "measured": None if tls is None else round(tls, 2),
+            "measured": None if tls is None else round(tls, 3),
             "unit": "x",
             "holds": None,
         }
