@@ -37,7 +37,12 @@ def build_runtime(
             ProviderContext(agent=name, instructions=agent.instructions, environ=dict(os.environ)),
         )
     tools = load_tools(agent.tools, config.base_dir)
-    return AgentRuntime(agent, config, provider, tools, version=__version__)
+    runtime = AgentRuntime(agent, config, provider, tools, version=__version__)
+    if agent.mcp_servers:
+        from mesh.mcp import attach_toolset
+
+        attach_toolset(runtime)  # MCP tools join runtime.tools; sessions start with the agent
+    return runtime
 
 
 def server_interceptors(config: MeshConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
@@ -72,6 +77,10 @@ def build_agent_server(
         label=f"agent {name}",
         server_credentials=server_credentials(config),
     )
+    if runtime.config.mcp_servers:
+        from mesh.mcp import bind_health
+
+        bind_health(runtime, server, [AGENT_SERVICE])  # required MCP servers gate health
     return server, runtime
 
 
