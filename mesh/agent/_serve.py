@@ -41,7 +41,7 @@ def build_runtime(
     if agent.mcp_servers:
         from mesh.mcp import attach_toolset
 
-        attach_toolset(runtime)  # MCP tools join runtime.tools; sessions start with the agent
+        attach_toolset(runtime)  # MCP tools join runtime.tools (sessions: build_agent_server)
     return runtime
 
 
@@ -78,9 +78,9 @@ def build_agent_server(
         server_credentials=server_credentials(config),
     )
     if runtime.config.mcp_servers:
-        from mesh.mcp import bind_health
+        from mesh.mcp import bind_server
 
-        bind_health(runtime, server, [AGENT_SERVICE])  # required MCP servers gate health
+        bind_server(runtime, server, [AGENT_SERVICE])  # sessions start; required ones gate health
     return server, runtime
 
 

@@ -36,8 +36,8 @@ _TOOLSETS: weakref.WeakKeyDictionary[AgentRuntime, McpToolset] = weakref.WeakKey
 def attach_toolset(runtime: AgentRuntime, *, meta: MetaProvider | None = None) -> McpToolset:
     """Add the agent's MCP tools to ``runtime.tools`` (beside its function tools).
 
-    The sessions start at once when an event loop runs (``mesh agent`` and the tests
-    build agents inside one), else on :meth:`McpToolset.start`.
+    Nothing starts yet: :func:`bind_server` starts the sessions with the agent's server
+    (or call :meth:`McpToolset.start` when running the runtime without one).
     """
     toolset = McpToolset(
         runtime.mesh,
@@ -47,11 +47,6 @@ def attach_toolset(runtime: AgentRuntime, *, meta: MetaProvider | None = None) -
         meta=meta,
     )
     _TOOLSETS[runtime] = toolset
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return toolset
-    toolset.start()
     return toolset
 
 
@@ -60,8 +55,9 @@ def toolset_of(runtime: AgentRuntime) -> McpToolset | None:
     return _TOOLSETS.get(runtime)
 
 
-def bind_health(runtime: AgentRuntime, server: MeshServer, services: Sequence[str]) -> None:
-    """Required MCP servers drive the agent's health: NOT_SERVING while one is down."""
+def bind_server(runtime: AgentRuntime, server: MeshServer, services: Sequence[str]) -> None:
+    """Start the agent's MCP sessions with its server; required MCP servers drive its
+    health (NOT_SERVING while one is down, the reason in the log)."""
     toolset = _TOOLSETS.get(runtime)
     if toolset is None:
         return
@@ -73,6 +69,11 @@ def bind_health(runtime: AgentRuntime, server: MeshServer, services: Sequence[st
             await server.set_serving(name, serving)
 
     toolset.on_health = report
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return  # started by whoever runs the loop (McpToolset.start)
+    toolset.start()
 
 
 async def close_toolset(runtime: AgentRuntime) -> None:
@@ -88,7 +89,7 @@ __all__ = [
     "McpToolset",
     "MetaProvider",
     "attach_toolset",
-    "bind_health",
+    "bind_server",
     "close_toolset",
     "render_result",
     "reserved_names",

@@ -139,7 +139,7 @@ async def test_malformed_schema_and_oversized_result_are_clear_tool_errors(
                 health = await health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=10
                 )
-            assert "broken" in runtime.tools["broken"].description
+            assert "unusable" in runtime.tools["broken"].description
     _call, result = tool_events(broken.events)
     assert result.is_error
     assert "inputSchema is not a valid JSON schema" in result.content
