@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from mcp.server.auth.settings import AuthSettings
+from pydantic import AnyHttpUrl
 
 from mesh.auth.interceptors import make_validator
 from mesh.auth.runtime import resolve_issuer
@@ -68,8 +69,8 @@ async def test_http_mcp_server_sees_a_delegated_token_for_itself(tmp_path: Path)
         server = notes_server(
             "notes",
             auth=AuthSettings(
-                issuer_url=resolve_issuer(config),
-                resource_server_url=resource,
+                issuer_url=AnyHttpUrl(resolve_issuer(config)),
+                resource_server_url=AnyHttpUrl(resource),
                 validate_token_resource=True,  # the server refuses tokens for another resource
             ),
             verifier=verifier,

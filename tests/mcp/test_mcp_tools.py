@@ -125,7 +125,7 @@ async def test_names_that_clash_are_prefixed_and_the_allow_list_holds() -> None:
 async def test_malformed_schema_and_oversized_result_are_clear_tool_errors(
     tmp_path: Path,
 ) -> None:
-    rules = [
+    rules: list[dict[str, Any]] = [
         {"contains": "broken", "tool": "broken", "arguments": {"x": 1}},
         {"contains": "huge", "tool": "huge"},
     ]
@@ -136,9 +136,8 @@ async def test_malformed_schema_and_oversized_result_are_clear_tool_errors(
             huge = await client.chat("call huge")
             await events.expect("called huge")  # the server did answer, in full
             async with create_channel(addr) as channel:
-                health = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=10
-                )
+                stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs lack Check/Watch
+                health = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert "unusable" in runtime.tools["broken"].description
     _call, result = tool_events(broken.events)
     assert result.is_error
@@ -221,7 +220,7 @@ async def test_required_server_down_turns_health_not_serving(tmp_path: Path) -> 
             try:
                 await toolset.wait_started()
                 async with create_channel(addr) as channel:
-                    stub = health_pb2_grpc.HealthStub(channel)
+                    stub: Any = health_pb2_grpc.HealthStub(channel)
                     watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=30)
                     async for reply in watch:
                         if reply.status == want:
