@@ -327,10 +327,12 @@ class McpServerConnection:
             command = sys.executable if cfg.stdio.command in ("python", "python3") else None
             cwd = cfg.stdio.cwd
             base = self.mesh.base_dir
+            # Like function tools, server modules import from the config's folder first.
+            path = [str(base), *filter(None, [os.environ.get("PYTHONPATH")])]
             params = StdioServerParameters(
                 command=command or cfg.stdio.command,
                 args=list(cfg.stdio.args),
-                env=dict(cfg.stdio.env) or None,
+                env={"PYTHONPATH": os.pathsep.join(path), **cfg.stdio.env},
                 cwd=str((base / cwd) if cwd else base),
             )
             transport = stdio_client(params)

@@ -234,3 +234,27 @@ async def test_required_server_down_turns_health_not_serving(tmp_path: Path) -> 
 
 def _claims(content: str) -> dict[str, Any]:
     return dict(json.loads(content))
+
+
+async def test_default_mesh_researcher_uses_the_shipped_glossary_server() -> None:
+    from mesh.config import load_config
+    from tests.meshtest import MESH_YAML
+
+    config = load_config(MESH_YAML).model_copy(
+        update={"auth": load_config(MESH_YAML).auth.model_copy(update={"enabled": False})}
+    )
+    async with serve_agent(config, "researcher") as (addr, _server, runtime, _rec):
+        toolset = toolset_of(runtime)
+        assert toolset is not None
+        try:
+            await toolset.wait_started()
+            assert {"define", "search_notes"} <= set(runtime.tools)
+            async with serve_router(config, {"researcher": [addr]}) as (router, _app):
+                async with create_channel(router) as channel:
+                    result = await AgentClient(channel, router=True).chat("define hop budget")
+        finally:
+            await close_toolset(runtime)
+    call, tool_result = tool_events(result.events)
+    assert call.name == "define" and not tool_result.is_error
+    assert tool_result.content.startswith("hop budget: The most handoffs")
+    assert result.final is not None and result.final.agent == "researcher"
