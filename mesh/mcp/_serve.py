@@ -94,11 +94,13 @@ class MeshAsker:
                 if note:
                     count += 1
                     await progress(count, note)
+            await stream.close()  # half-close: the router ends the call OK, not CANCELLED
+            async with asyncio.timeout(10):
+                await stream.call.code()
         except MeshError as err:
             raise ToolError(f"{err.code.name}: {err.message}") from None
         finally:
-            await stream.close()
-            stream.cancel()
+            stream.cancel()  # no-op once the call has ended
         return text
 
     async def aclose(self) -> None:

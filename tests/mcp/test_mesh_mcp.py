@@ -4,15 +4,19 @@ per routable agent and sequence, answers through the router, progress first."""
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import mcp_types
 import pytest
 from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 
+from mesh.auth.sts import TokenService, mint_user_token
 from mesh.config import config_from_dict
 from tests.meshtest import REPO, Proc, serve_agent, serve_router, write_config
 
@@ -106,3 +110,61 @@ async def test_mesh_mcp_refuses_open_binding_without_auth(transport: str, tmp_pa
     assert proc.popen.wait(timeout=60) == 2
     err = "".join(proc.stderr)
     assert "needs auth.enabled" in err and "Traceback" not in err
+
+
+def whoami() -> str:
+    """Say who this call acts for, as the validated token says."""
+    from mesh.context import current_principal
+
+    principal = current_principal.get()
+    assert principal is not None
+    return json.dumps({"sub": principal.subject, "actors": list(principal.actor_chain)})
+
+
+async def test_mesh_mcp_over_http_with_auth_delegates_the_caller(tmp_path: Path) -> None:
+    data = {
+        "data_dir": str(tmp_path),
+        "router": {"default_agent": "billing", "store": {"kind": "memory"}},
+        "auth": {
+            "enabled": True,
+            "sts": {"port": 0},
+            "audiences": {"mcp": "mesh-mcp"},
+            "clients": {"mcp": {}},  # mesh mcp is a client of the STS, like every service
+        },
+        "agents": {
+            "billing": {
+                "description": "says who asks",
+                "tools": ["tests.mcp.test_mesh_mcp:whoami"],
+                "provider": {
+                    "kind": "offline",
+                    "rules": [{"contains": "who", "tool": "whoami"}],
+                    "after_tools": "{results}",
+                },
+            }
+        },
+    }
+    path = write_config(tmp_path, data)
+    config = config_from_dict(data, source=str(path))
+    with TokenService(config):
+        async with serve_agent(config, "billing") as (billing, *_):
+            async with serve_router(config, {"billing": [billing]}) as (router, _app):
+                args = ["mcp", "--config", str(path), "--router", router, "--transport", "http"]
+                proc = Proc([*args, "--port", "0"])
+                try:
+                    url = proc.wait_line("mcp: ")
+                    user = mint_user_token(config, "alice", ["mesh.chat"], 600, audience="mesh-mcp")
+                    headers = {"Authorization": f"Bearer {user}"}
+                    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+                        async with Client(streamable_http_client(url, http_client=http)) as client:
+                            result = await client.call_tool("ask_billing", {"message": "who?"})
+                    async with httpx2.AsyncClient(timeout=30) as anonymous:
+                        refused = await anonymous.post(url, json={})
+                finally:
+                    assert proc.stop() == 0
+    assert refused.status_code == 401
+    assert not result.is_error, result.content
+    text = "".join(b.text for b in result.content if isinstance(b, mcp_types.TextContent))
+    seen = json.loads(text.removeprefix("whoami: "))
+    assert seen["sub"] == "alice"
+    assert "mesh-mcp" in seen["actors"]  # mesh mcp acted for alice (exchanged, not passed)
+    assert seen["actors"][0] == "mesh-router"
