@@ -244,6 +244,7 @@ class McpServerConnection:
         self.first_attempt = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._service_token: tuple[str, float] | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -353,7 +354,10 @@ class McpServerConnection:
             )
             await stack.enter_async_context(http)
             transport = streamable_http_client(cfg.streamable_http.url, http_client=http)
-        client = Client(_watched(transport, self._ended), message_handler=self._on_message)
+        # The SDK's response cache is off: the tool list is cached here (cache_tools).
+        client = Client(
+            _watched(transport, self._ended), message_handler=self._on_message, cache=None
+        )
         token = _BEARER.set(await self._service_bearer())
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
@@ -365,9 +369,19 @@ class McpServerConnection:
         return client
 
     async def _on_message(self, message: Any) -> None:
-        if isinstance(message, mcp_types.ToolListChangedNotification) and self._client:
-            with contextlib.suppress(Exception):
-                await self._list_tools(self._client)
+        # Re-list in a task: the notification handler runs inside the session's read loop,
+        # which must keep reading for the listing's answer to arrive.
+        client = self._client
+        if isinstance(message, mcp_types.ToolListChangedNotification) and client is not None:
+            task = asyncio.get_running_loop().create_task(self._relist(client))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _relist(self, client: Client) -> None:
+        try:
+            await self._list_tools(client)
+        except Exception as err:  # noqa: BLE001 - the old list stays; the next connect re-lists
+            log.info("MCP server %s: re-listing tools failed: %s", self.name, _describe(err))
 
     async def _list_tools(self, client: Client) -> None:
         token = _BEARER.set(await self._service_bearer())
@@ -458,8 +472,7 @@ class McpServerConnection:
         finally:
             _BEARER.reset(token)
         if not self.config.cache_tools:
-            with contextlib.suppress(Exception):
-                await self._list_tools(client)
+            await self._relist(client)
         return render_result(result, self.config.max_result_bytes, label)
 
 

@@ -67,6 +67,12 @@ def notes_server(name: str = "notes", *, auth: Any = None, verifier: Any = None)
         return "slow done"
 
     @server.tool()
+    def grow() -> str:
+        """Add a tool named fresh to this server."""
+        server.add_tool(lambda: "fresh answer", name="fresh", description="Added at run time.")
+        return "grown"
+
+    @server.tool()
     def whoami() -> str:
         """The claims of the bearer token of this call."""
         token = get_access_token()

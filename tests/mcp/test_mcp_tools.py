@@ -89,7 +89,7 @@ LOOKUP_RULE = {"contains": "note", "tool": "lookup", "arguments": {"key": "k1"}}
 async def test_stdio_tool_call_reaches_the_client_through_the_router() -> None:
     config = config_for(agent_with([stdio()], [LOOKUP_RULE]))
     async with mesh_with(config) as (client, runtime, _addr):
-        assert {"lookup", "pid", "slow", "whoami"} <= set(runtime.tools)
+        assert {"lookup", "pid", "slow", "whoami", "grow"} <= set(runtime.tools)
         spec = runtime.tools["lookup"].spec
         assert spec.parameters["properties"]["key"]["type"] == "string"  # from inputSchema
         result = await client.chat("read my note")
@@ -111,6 +111,18 @@ async def test_http_tool_call_reaches_the_client(kind: str) -> None:
     assert call.name == "lookup"
     assert not tool_result.is_error, tool_result.content
     assert "note k1: remember the milk" in tool_result.content
+
+
+async def test_without_cache_tools_the_list_is_refreshed_after_a_call() -> None:
+    rules = [{"contains": "grow", "tool": "grow"}, {"contains": "fresh", "tool": "fresh"}]
+    config = config_for(agent_with([stdio(cache_tools=False)], rules))
+    async with mesh_with(config) as (client, runtime, _addr):
+        assert "fresh" not in runtime.tools
+        await client.chat("grow a tool")
+        assert "fresh" in runtime.tools
+        result = await client.chat("call fresh")
+    _call, tool_result = tool_events(result.events)
+    assert tool_result.content == "fresh answer" and not tool_result.is_error
 
 
 async def test_names_that_clash_are_prefixed_and_the_allow_list_holds() -> None:
