@@ -159,10 +159,20 @@ async def test_malformed_schema_and_oversized_result_are_clear_tool_errors(
     assert health.status == health_pb2.HealthCheckResponse.SERVING  # the agent is fine
 
 
-async def test_cancel_during_a_slow_tool_cancels_it_on_the_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["stdio", "streamable_http"])
+async def test_cancel_during_a_slow_tool_cancels_it_on_the_server(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     rules = [{"contains": "slow", "tool": "slow", "arguments": {"seconds": 600}}]
-    async with Events(str(tmp_path / "ev")) as events:
-        config = config_for(agent_with([stdio("notes", str(tmp_path / "ev"))], rules))
+    async with contextlib.AsyncExitStack() as stack:
+        events = await stack.enter_async_context(Events(str(tmp_path / "ev")))
+        if kind == "stdio":  # notifications/cancelled
+            server = stdio("notes", str(tmp_path / "ev"))
+        else:  # the request's stream is closed (the 2026-07-28 HTTP cancel signal)
+            monkeypatch.setenv(EVENTS_ENV, str(tmp_path / "ev"))
+            url = await stack.enter_async_context(serve_http(notes_server(), "streamable_http"))
+            server = {"name": "notes", "streamable_http": {"url": url}}
+        config = config_for(agent_with([server], rules))
         async with mesh_with(config) as (client, _runtime, _addr):
             stream = client.open(timeout=60)
             await stream.send(turn_request("be slow"))
@@ -270,3 +280,17 @@ async def test_default_mesh_researcher_uses_the_shipped_glossary_server() -> Non
     assert call.name == "define" and not tool_result.is_error
     assert tool_result.content.startswith("hop budget: The most handoffs")
     assert result.final is not None and result.final.agent == "researcher"
+
+
+async def test_a_call_past_its_timeout_is_a_tool_error_and_cancelled_on_the_server(
+    tmp_path: Path,
+) -> None:
+    rules = [{"contains": "slow", "tool": "slow", "arguments": {"seconds": 600}}]
+    async with Events(str(tmp_path / "ev")) as events:
+        server = stdio("notes", str(tmp_path / "ev"), call_timeout_s=0.5)
+        config = config_for(agent_with([server], rules))
+        async with mesh_with(config) as (client, _runtime, _addr):
+            result = await client.chat("be slow")
+            assert await events.expect("cancelled slow")
+    _call, tool_result = tool_events(result.events)
+    assert tool_result.is_error and "timed out after 0.5s" in tool_result.content
