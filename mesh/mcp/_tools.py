@@ -554,8 +554,8 @@ class McpToolset:
             await server.aclose()
 
     async def _health(self) -> None:
-        if self.on_health is None:
-            return
+        if self.on_health is None or not any(s.config.required for s in self.servers):
+            return  # optional servers never touch the agent's health
         down = [
             f"{s.name}: {s.last_error or s.state}"
             for s in self.servers
