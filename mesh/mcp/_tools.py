@@ -425,6 +425,11 @@ class McpServerConnection:
             raise PermissionError("token exchange returned the incoming token")
         return exchanged
 
+    async def wait_ready(self, timeout: float) -> None:
+        """Until a session is open (TimeoutError after ``timeout``)."""
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
+
     # -- calls -------------------------------------------------------------------------
 
     async def _wait_ready(self, timeout: float) -> Client | None:

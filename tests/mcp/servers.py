@@ -138,9 +138,11 @@ class JwtVerifier:
         )
 
 
-def bound_socket() -> socket.socket:
+def bound_socket(port: int = 0) -> socket.socket:
+    """A listening socket on 127.0.0.1 (``port`` 0: any free one)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     sock.listen(64)
     return sock
 

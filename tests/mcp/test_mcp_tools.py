@@ -21,7 +21,7 @@ from mesh.client import AgentClient, create_channel, turn_request
 from mesh.config import MeshConfig, config_from_dict
 from mesh.mcp import McpToolset, close_toolset, toolset_of
 from mesh.v1 import types_pb2
-from tests.mcp.servers import EVENTS_ENV, Events, notes_server, serve_http
+from tests.mcp.servers import EVENTS_ENV, Events, bound_socket, notes_server, serve_http
 from tests.meshtest import REPO, serve_agent, serve_router
 
 
@@ -294,3 +294,34 @@ async def test_a_call_past_its_timeout_is_a_tool_error_and_cancelled_on_the_serv
             assert await events.expect("cancelled slow")
     _call, tool_result = tool_events(result.events)
     assert tool_result.is_error and "timed out after 0.5s" in tool_result.content
+
+
+async def test_streamable_http_server_down_then_back() -> None:
+    sock = bound_socket()
+    port = sock.getsockname()[1]
+    server = {
+        "name": "web",
+        "streamable_http": {"url": f"http://127.0.0.1:{port}/mcp"},
+        "restart_backoff_s": 0.2,
+    }
+    config = config_for(agent_with([server], [LOOKUP_RULE]))
+    async with contextlib.AsyncExitStack() as mcp_server:
+        await mcp_server.enter_async_context(
+            serve_http(notes_server("web"), "streamable_http", sock)
+        )
+        async with mesh_with(config) as (client, runtime, _addr):
+            ok = await client.chat("read my note")
+            await mcp_server.aclose()  # the MCP server goes away; the agent stays
+            down = await client.chat("read my note")
+            again = bound_socket(port)  # the same server, back on its address
+            async with serve_http(notes_server("web"), "streamable_http", again):
+                toolset = toolset_of(runtime)
+                assert toolset is not None
+                await toolset.servers[0].wait_ready(30)
+                back = await client.chat("read my note")
+    assert not tool_events(ok.events)[1].is_error
+    _call, failed = tool_events(down.events)
+    assert failed.is_error and "web" in failed.content
+    _call, result = tool_events(back.events)
+    assert not result.is_error, result.content
+    assert "remember the milk" in result.content
