@@ -469,7 +469,8 @@ class McpServerConnection:
         except MCPError as err:
             if err.error.code == mcp_types.CONNECTION_CLOSED:
                 self._ended.set()
-                return ToolOutcome(f"{label} failed: the server went away; restarting it", True)
+                again = "restarting it" if self.config.stdio is not None else "reconnecting"
+                return ToolOutcome(f"{label} failed: the server went away; {again}", True)
             return ToolOutcome(f"{label} failed: {err.error.message}", True)
         except Exception as err:  # noqa: BLE001 - transport failure: reconnect, tell the model
             self._ended.set()
