@@ -226,6 +226,8 @@ async def serve_http(
     if host not in ("127.0.0.1", "localhost", "::1") and not config.auth.enabled:
         raise ConfigError("serving MCP beyond loopback needs auth.enabled")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # Accepted connections inherit it: without it Nagle holds each SSE event ~40 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(128)
     bound = sock.getsockname()[1]

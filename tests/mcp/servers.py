@@ -142,6 +142,7 @@ def bound_socket(port: int = 0) -> socket.socket:
     """A listening socket on 127.0.0.1 (``port`` 0: any free one)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted ones
     sock.bind(("127.0.0.1", port))
     sock.listen(64)
     return sock
