@@ -6,8 +6,6 @@ import asyncio
 import os
 import sys
 
-ECHO_SERVICE = "bench.Echo"
-ECHO_METHOD = f"/{ECHO_SERVICE}/Chat"
 AGENT_METHOD = "/mesh.v1.AgentService/Chat"
 ROUTER_METHOD = "/mesh.v1.RouterService/Chat"
 
@@ -19,15 +17,6 @@ LONG_WORDS = 2000
 LONG_REPLY = " ".join(f"w{i:04d}" for i in range(LONG_WORDS))
 #: Characters per streamed delta (the offline model's ``chunk_chars``).
 CHUNK_CHARS = 12
-#: The reply agent ``a`` gives to a short turn (its ``default_reply``).
-SHORT_REPLY_TEMPLATE = "{agent} heard: {message}"
-
-
-def reply_for(message: str, agent: str = "a") -> str:
-    """What agent ``a`` (and the echo server, to send the same bytes) answers."""
-    if "long" in message.lower():
-        return LONG_REPLY
-    return SHORT_REPLY_TEMPLATE.format(agent=agent, message=message)
 
 
 def use_uvloop(enabled: bool) -> str:

@@ -4,10 +4,15 @@ Each command is one line of JSON; each answer is one line of JSON on stdout
 (nothing else is printed there). Commands:
 
 ``{"op": "turns", ...}``
-    ``concurrency`` workers each keep one Chat stream open (or open one per turn
-    with ``fresh``) and send turns back to back for ``warmup + duration`` seconds;
-    turns that started and finished inside the measured window are counted.
-    Answers with turns/s, latency percentiles, time to first delta, deltas/s.
+    ``concurrency`` workers each keep one Chat stream open and send turns back to
+    back for ``warmup + duration`` seconds; turns that end inside the measured window
+    are counted. ``conversation``: ``"worker"`` (each worker keeps its own conversation
+    id, as a client does) or ``"turn"`` (every turn a new conversation id). The CPU
+    time of the processes named in ``pids`` (and of this one) is read from
+    ``/proc/<pid>/stat`` at the window's start and end, so it covers exactly the
+    measured turns. ``tls_ca``: a CA file to verify the server with (TLS).
+    Answers with turns/s, latency percentiles, time to first delta, deltas/s and
+    CPU ms per turn per process.
 ``{"op": "hold", "address": ..., "count": N}``
     Opens N Chat streams (one turn each, so each is known to be live) and keeps
     them open and idle until ``{"op": "release"}``.
@@ -19,19 +24,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from benchmarks.common import AGENT_METHOD, ECHO_METHOD, ROUTER_METHOD, quiet_grpc, use_uvloop
+from benchmarks.common import AGENT_METHOD, ROUTER_METHOD, quiet_grpc, use_uvloop
 from mesh.client import create_channel, turn_request
 from mesh.config import ServerSettings
 from mesh.v1 import types_pb2
 
-METHODS = {"bare": ECHO_METHOD, "agent": AGENT_METHOD, "router": ROUTER_METHOD}
+METHODS = {"agent": AGENT_METHOD, "router": ROUTER_METHOD}
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 ChatCall = grpc.aio.StreamStreamCall[types_pb2.ChatRequest, types_pb2.ChatEvent]
 ChatMethod = grpc.aio.StreamStreamMultiCallable[types_pb2.ChatRequest, types_pb2.ChatEvent]
 
@@ -70,18 +87,22 @@ class LoadGen:
         self.settings = ServerSettings(max_message_bytes=64 * 1024 * 1024)
         self.held: list[ChatCall] = []
 
-    def channel(self, address: str, slot: str = "") -> grpc.aio.Channel:
-        key = f"{address}#{slot}"
+    def channel(self, address: str, slot: str = "", tls_ca: str = "") -> grpc.aio.Channel:
+        key = f"{address}#{slot}#{tls_ca}"
         if key not in self.channels:
+            credentials = None
+            if tls_ca:
+                with open(tls_ca, "rb") as f:
+                    credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
             # Each slot its own connection: one holds at most the server's HTTP/2
             # streams per connection, and held streams never free theirs.
             self.channels[key] = create_channel(
-                address, settings=self.settings, own_connection=bool(slot)
+                address, settings=self.settings, own_connection=bool(slot), credentials=credentials
             )
         return self.channels[key]
 
-    def method(self, address: str, kind: str, slot: str = "") -> ChatMethod:
-        return self.channel(address, slot).stream_stream(
+    def method(self, address: str, kind: str, slot: str = "", tls_ca: str = "") -> ChatMethod:
+        return self.channel(address, slot, tls_ca).stream_stream(
             METHODS[kind],
             request_serializer=types_pb2.ChatRequest.SerializeToString,
             response_deserializer=types_pb2.ChatEvent.FromString,
@@ -117,22 +138,19 @@ class LoadGen:
         method: ChatMethod,
         request: types_pb2.ChatRequest,
         metadata: tuple[tuple[str, str], ...],
-        fresh: bool,
+        per_turn: bool,
         window: Window,
     ) -> None:
         clock = time.perf_counter
         call: ChatCall | None = None
+        request.turn.conversation_id = uuid.uuid4().hex  # this worker's conversation
         while clock() < window.stop:
             try:
                 if call is None:
                     call = method(metadata=metadata, timeout=600)
+                if per_turn:
+                    request.turn.conversation_id = uuid.uuid4().hex
                 t0, first, t1 = await self._one_turn(call, request, window)
-                if fresh:
-                    await call.done_writing()
-                    if await call.read() is not grpc.aio.EOF:
-                        raise TurnFailed("events after the final event")
-                    t1 = clock()
-                    call = None
                 # Closed loop: a turn counts when it ends inside the window.
                 if window.start <= t1 <= window.stop:
                     window.latencies.append(t1 - t0)
@@ -155,20 +173,39 @@ class LoadGen:
     async def turns(self, cmd: dict[str, Any]) -> dict[str, Any]:
         concurrency = int(cmd["concurrency"])
         warmup, duration = float(cmd["warmup"]), float(cmd["duration"])
-        method = self.method(cmd["address"], cmd["kind"])
+        method = self.method(cmd["address"], cmd["kind"], tls_ca=cmd.get("tls_ca", ""))
         metadata = tuple((str(k), str(v)) for k, v in cmd.get("metadata", []))
+        per_turn = cmd.get("conversation", "worker") == "turn"
+        pids: dict[str, int] = {str(k): int(v) for k, v in cmd.get("pids", {}).items()}
+        pids["loadgen"] = os.getpid()
+        samples: list[dict[str, float]] = []
+
+        def sample() -> None:
+            samples.append({name: cpu_seconds(pid) for name, pid in pids.items()})
+
+        loop = asyncio.get_running_loop()
         now = time.perf_counter()
         window = Window(start=now + warmup, stop=now + warmup + duration)
-        request = turn_request(cmd["message"], agent=cmd.get("agent", ""))
-        cpu0 = time.process_time()
+        # The window's edges on the loop's clock; a timer callback is cheap and on time.
+        loop.call_later(warmup, sample)
+        loop.call_later(warmup + duration, sample)
         await asyncio.gather(
             *(
-                self._worker(method, request, metadata, bool(cmd.get("fresh")), window)
+                self._worker(
+                    method,
+                    turn_request(cmd["message"], agent=cmd.get("agent", "")),
+                    metadata,
+                    per_turn,
+                    window,
+                )
                 for _ in range(concurrency)
             )
         )
-        cpu = time.process_time() - cpu0
+        while len(samples) < 2:  # the stop sample is due at the window's end
+            await asyncio.sleep(0.01)
         lat = sorted(window.latencies)
+        turns = max(len(lat), 1)
+        cpu_ms = {name: (samples[1][name] - samples[0][name]) / turns * 1000 for name in samples[0]}
         ttfd = sorted(window.first_delta)
         return {
             "turns": len(lat),
@@ -180,7 +217,7 @@ class LoadGen:
             "ttfd_p99_ms": percentile(ttfd, 99) * 1000,
             "errors": window.errors,
             "error_samples": window.error_samples,
-            "loadgen_cpu_s": cpu,
+            "cpu_ms_per_turn": cpu_ms,
         }
 
     # -- holding idle streams -----------------------------------------------------------
@@ -200,13 +237,21 @@ class LoadGen:
             slot = f"hold-{(base + index) // per_channel}"
             call = self.method(address, "router", slot)(metadata=metadata, timeout=3600)
             async with gate:
+                started = loop.time()
                 try:
                     await asyncio.wait_for(self._one_turn(call, request, window), 30)
                 except TimeoutError:
                     call.cancel()
                     errors.append("no final event within 30 s")
                     return
-                except (grpc.aio.AioRpcError, TurnFailed) as err:
+                except grpc.aio.AioRpcError as err:
+                    call.cancel()
+                    if loop.time() - started >= 30:  # our timeout cancelled the call
+                        errors.append("no final event within 30 s (call cancelled)")
+                    else:
+                        errors.append(f"{err.code().name}: {err.details()}"[:200])
+                    return
+                except TurnFailed as err:
                     call.cancel()
                     errors.append(str(err)[:200])
                     return

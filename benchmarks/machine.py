@@ -37,6 +37,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def load_average() -> float:
+    """The 1-minute load average (other work on the machine skews every figure)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def machine_info() -> dict[str, Any]:
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return {
@@ -51,8 +59,9 @@ def machine_info() -> dict[str, Any]:
         "protobuf": _version("protobuf"),
         "uvloop": _version("uvloop"),
         "placement": (
-            "every server (echo, agents, routers, token service) is its own process; the load "
-            "generator is another; nothing is pinned, the kernel schedules all of them over "
-            f"the {len(affinity) or os.cpu_count()} usable CPUs; only one case runs at a time"
+            "every server (agents, routers, raw proxy, Redis, token service) is its own "
+            "process; the load generator is another; nothing is pinned, the kernel "
+            f"schedules all of them over the {len(affinity) or os.cpu_count()} usable CPUs; "
+            "only one case runs at a time"
         ),
     }

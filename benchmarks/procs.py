@@ -36,23 +36,38 @@ def _env() -> dict[str, str]:
 
 
 class Service:
-    """A server process started with ``python -m <module> ...`` that prints its address."""
+    """A server process started with ``python -m <module> ...`` (or ``command``) that prints
+    a line holding ``prefix`` followed by its address once it serves."""
 
-    def __init__(self, name: str, argv: list[str], prefix: str, logs: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        prefix: str,
+        logs: Path,
+        *,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         self.name = name
         self.log_path = logs / f"{name}.log"
         self._log: IO[str] = self.log_path.open("w")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", *argv],
+            command or [sys.executable, "-m", *argv],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
-            env=_env(),
+            env={**_env(), **(env or {})},
             cwd=REPO,
         )
         lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._pump, args=(lines,), daemon=True).start()
-        self.address = self._wait(lines, prefix)
+        try:
+            self.address = self._wait(lines, prefix)
+        except BaseException:
+            self.popen.kill()
+            self.popen.wait()
+            raise
 
     def _pump(self, lines: queue.Queue[str | None]) -> None:
         assert self.popen.stdout is not None
@@ -71,8 +86,8 @@ class Service:
                     f"{self.name} exited ({self.popen.wait()}); see {self.log_path}:\n"
                     + self.log_path.read_text()[-2000:]
                 )
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
+            if prefix in line:
+                return line.split(prefix, 1)[1].strip()
 
     @property
     def pid(self) -> int:

@@ -4,7 +4,9 @@ Every case runs once per repetition, in a new shuffled order each time, so that
 the machine's noise falls on all of them alike; the report gives the median over
 repetitions and the spread (half the min-max range, relative to the median).
 Ratios are medians of per-repetition ratios of cases that ran in the same
-repetition.
+repetition. The bench uses the mesh only from outside: its processes (``mesh agent``,
+``mesh router``, ``mesh sts``, ``mesh token``), its mesh file and the ``mesh.v1``
+gRPC contract.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import argparse
 import contextlib
 import json
 import random
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,18 +29,20 @@ from typing import Any
 import yaml
 
 from benchmarks.common import CHUNK_CHARS, LONG_MESSAGE, LONG_REPLY, SHORT_MESSAGE, eprint
-from benchmarks.machine import machine_info
+from benchmarks.machine import load_average, machine_info
 from benchmarks.procs import REPO, LoadGenProcess, Service
-from benchmarks.report import render_markdown
+from benchmarks.report import render_markdown, write_docs
 
 RESULTS = REPO / "benchmarks" / "results"
 CONCURRENCY = (1, 16, 128)
 HOLD_COUNTS = (1000, 10000)
+#: Messages of history the router hands the agent per turn in the bench's mesh files.
+HISTORY_LIMIT = 20
 
 
 @dataclass
 class Case:
-    """One measured cell: a target, a load shape, and who does the work."""
+    """One measured cell: a target, a load shape, and the processes that do the work."""
 
     key: str
     group: str
@@ -44,11 +51,12 @@ class Case:
     kind: str
     address: str
     concurrency: int
+    servers: list[str]
     message: str = SHORT_MESSAGE
     agent: str = ""
-    fresh: bool = False
+    conversation: str = "worker"
     metadata: list[tuple[str, str]] = field(default_factory=list)
-    servers: list[str] = field(default_factory=list)
+    tls_ca: str = ""
 
 
 def _server_block() -> dict[str, Any]:
@@ -68,17 +76,15 @@ def mesh_file(
     *,
     store: str = "memory",
     auth: bool = False,
-    keep_streams: bool = True,
+    tls: bool = False,
 ) -> Path:
     data: dict[str, Any] = {
         "name": f"bench-{name}",
-        "data_dir": str(directory / f"data-{name}"),
+        "data_dir": str(directory / ("data-auth" if auth else f"data-{name}")),
         "server": _server_block(),
         "router": {
             "default_agent": "a",
-            "store": {"kind": store},
-            # 0: the router opens a new agent Chat stream for every turn (the old way).
-            "keep_agent_streams_s": 5.0 if keep_streams else 0.0,
+            "store": {"kind": store, "history_limit": HISTORY_LIMIT},
         },
         "agents": {
             "a": {
@@ -100,11 +106,18 @@ def mesh_file(
         },
     }
     if auth:
-        data["auth"] = {"enabled": True, "sts": {"port": 0}}
-        data["data_dir"] = str(directory / "data-auth")
+        data["auth"] = {"enabled": True, "sts": {"port": 0}, "tls": {"enabled": tls}}
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def role(service: str) -> str:
+    """The column a process's CPU goes in: router, agent, proxy or redis."""
+    for prefix in ("router", "agent", "proxy", "redis"):
+        if service.startswith(prefix):
+            return prefix
+    return service
 
 
 class Bench:
@@ -117,12 +130,21 @@ class Bench:
         self.loadgens: dict[str, LoadGenProcess] = {}
         self.notes: list[str] = []
         self.hold_rows: list[dict[str, Any]] = []
+        self.tls_ca = ""
 
     # -- processes ----------------------------------------------------------------------
 
-    def start(self, name: str, argv: list[str], prefix: str) -> Service:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        prefix: str,
+        *,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ) -> Service:
         eprint(f"  starting {name}")
-        service = Service(name, argv, prefix, self.logs)
+        service = Service(name, argv, prefix, self.logs, env=env, command=command)
         self.services[name] = service
         return service
 
@@ -132,53 +154,78 @@ class Bench:
         return self.start(name, argv, f"agent {agent}: ")
 
     def router(
-        self, name: str, config: Path, agents: dict[str, Service], uv: bool = False
+        self,
+        name: str,
+        config: Path,
+        agents: dict[str, Service],
+        uv: bool = False,
+        env: dict[str, str] | None = None,
     ) -> Service:
         argv = ["benchmarks.serve", *(["--uvloop"] if uv else [])]
         argv += ["router", "--config", str(config), "--port", "0"]
         for agent, service in agents.items():
             argv += ["--static", f"{agent}={service.address}"]
-        return self.start(name, argv, "router: ")
+        return self.start(name, argv, "router: ", env=env)
+
+    def proxy(self, name: str, upstream: Service, uv: bool = False) -> Service:
+        argv = ["benchmarks.proxy", "--upstream", upstream.address]
+        return self.start(name, [*argv, *(["--uvloop"] if uv else [])], "proxy: ")
+
+    def redis(self) -> str | None:
+        """A redis-server of our own on a unix socket; its URL, or None without Redis."""
+        server = shutil.which("redis-server")
+        if server is None:
+            setup = subprocess.run([str(REPO / "scripts" / "ensure-redis.sh")], check=False)
+            server = shutil.which("redis-server") if setup.returncode == 0 else None
+        if server is None:
+            self.notes.append("redis-server is not installed: the Redis rows were skipped")
+            return None
+        sock = self.work / "redis.sock"
+        command = [server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.work)]
+        self.start("redis", [], "ready to accept connections", command=command)
+        return f"unix://{sock}"
 
     def start_all(self) -> dict[str, str]:
         base = mesh_file(self.work, "base")
-        tokens: dict[str, str] = {}
-        self.start("echo", ["benchmarks.echo"], "echo: ")
         a = self.agent("agent-a", base, "a")
         front = self.agent("agent-front", base, "front")
+        self.proxy("proxy", a)
         self.router("router", base, {"a": a, "front": front})
         if self.args.sqlite:
             sqlite = mesh_file(self.work, "sqlite", store="sqlite")
-            self.router("router-sqlite", sqlite, {"a": a, "front": front})
-        fresh_agent_streams = mesh_file(self.work, "nokeep", keep_streams=False)
-        self.router("router-nokeep", fresh_agent_streams, {"a": a, "front": front})
+            self.router("router-sqlite", sqlite, {"a": a})
+        if self.args.redis and (url := self.redis()):
+            redis = mesh_file(self.work, "redis", store="redis")
+            self.router("router-redis", redis, {"a": a}, env={"MESH_REDIS_URL": url})
         if self.args.uvloop:
-            self.start("echo-uv", ["benchmarks.echo", "--uvloop"], "echo: ")
             a_uv = self.agent("agent-a-uv", base, "a", uv=True)
+            self.proxy("proxy-uv", a_uv, uv=True)
             self.router("router-uv", base, {"a": a_uv}, uv=True)
-        if self.args.auth:
-            tokens = self._start_auth()
+        tokens = self._start_auth() if self.args.auth else {}
         self.loadgens["asyncio"] = LoadGenProcess("loadgen", False, self.logs)
         if self.args.uvloop:
             self.loadgens["uvloop"] = LoadGenProcess("loadgen-uv", True, self.logs)
         return tokens
 
     def _start_auth(self) -> dict[str, str]:
-        from mesh.auth.sts import mint_user_token
-        from mesh.config import load_config
-
         path = mesh_file(self.work, "auth", auth=True)
-        self.start("sts", ["benchmarks.serve", "sts", "--config", str(path)], "sts: ")
+        self.start("sts", ["mesh", "sts", "--config", str(path), "--port", "0"], "sts: ")
         a = self.agent("agent-a-auth", path, "a")
-        front = self.agent("agent-front-auth", path, "front")
-        self.router("router-auth", path, {"a": a, "front": front})
-        config = load_config(path)
-        return {
-            "router": mint_user_token(config, "bench-user", ttl_s=7200),
-            "a": mint_user_token(
-                config, "bench-user", ttl_s=7200, audience=config.auth.audience_for("a")
-            ),
-        }
+        self.router("router-auth", path, {"a": a})
+        tls = mesh_file(self.work, "auth-tls", auth=True, tls=True)
+        a_tls = self.agent("agent-a-tls", tls, "a")
+        self.router("router-tls", tls, {"a": a_tls})
+        self.tls_ca = str(self.work / "data-auth" / "sts" / "tls" / "ca.pem")
+        token = subprocess.run(
+            [*(sys.executable, "-m", "mesh", "token", "--config", str(path)), "--sub", "bench"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=REPO,
+        ).stdout.strip()
+        return {"router": token}
 
     def stop_all(self) -> None:
         for loadgen in self.loadgens.values():
@@ -191,137 +238,62 @@ class Bench:
     def cases(self, tokens: dict[str, str]) -> list[Case]:
         s = self.services
         out: list[Case] = []
-        bearer_router = [("authorization", f"Bearer {tokens['router']}")] if tokens else []
-        bearer_a = [("authorization", f"Bearer {tokens['a']}")] if tokens else []
+        bearer = [("authorization", f"Bearer {tokens['router']}")] if tokens else []
 
-        def targets(auth: bool) -> list[tuple[str, dict[str, Any]]]:
-            suffix = "-auth" if auth else ""
-            router_md = bearer_router if auth else []
-            return [
-                (
-                    "direct" + (" +auth" if auth else ""),
-                    {
-                        "kind": "agent",
-                        "address": s[f"agent-a{suffix}"].address,
-                        "metadata": bearer_a if auth else [],
-                        "servers": [f"agent-a{suffix}"],
-                    },
-                ),
-                (
-                    "router" + (" +auth" if auth else ""),
-                    {
-                        "kind": "router",
-                        "address": s[f"router{suffix}"].address,
-                        "metadata": router_md,
-                        "servers": [f"router{suffix}", f"agent-a{suffix}"],
-                    },
-                ),
-                (
-                    "transfer" + (" +auth" if auth else ""),
-                    {
-                        "kind": "router",
-                        "address": s[f"router{suffix}"].address,
-                        "agent": "front",
-                        "metadata": router_md,
-                        "servers": [f"router{suffix}", f"agent-front{suffix}", f"agent-a{suffix}"],
-                    },
-                ),
-            ]
+        def spec(kind: str, service: str, servers: list[str], **extra: Any) -> dict[str, Any]:
+            return {"kind": kind, "address": s[service].address, "servers": servers, **extra}
 
-        bare = ("bare", {"kind": "bare", "address": s["echo"].address, "servers": ["echo"]})
-        grid = [bare, *targets(False)]
+        grid: list[tuple[str, dict[str, Any]]] = [
+            ("direct", spec("agent", "agent-a", ["agent-a"])),
+            ("raw proxy", spec("agent", "proxy", ["proxy", "agent-a"])),
+            ("router", spec("router", "router", ["router", "agent-a"])),
+        ]
+        if "router-sqlite" in s:
+            servers = ["router-sqlite", "agent-a"]
+            grid.append(("router SQLite", spec("router", "router-sqlite", servers)))
+        if "router-redis" in s:
+            servers = ["router-redis", "agent-a", "redis"]
+            grid.append(("router Redis", spec("router", "router-redis", servers)))
         if tokens:
-            grid += targets(True)
-        for name, spec in grid:
+            auth = spec("router", "router-auth", ["router-auth", "agent-a-auth"], metadata=bearer)
+            grid.append(("router auth", auth))
+            servers = ["router-tls", "agent-a-tls"]
+            tls = spec("router", "router-tls", servers, metadata=bearer, tls_ca=self.tls_ca)
+            grid.append(("router auth+TLS", tls))
+        servers = ["router", "agent-front", "agent-a"]
+        grid.append(("transfer", spec("router", "router", servers, agent="front")))
+        targets = dict(grid)
+        for name, kw in grid:
             for c in CONCURRENCY:
-                out.append(
-                    Case(f"turns/{name}/c{c}", "turns", name, "asyncio", concurrency=c, **spec)
-                )
-        stream_names = {"bare": "bare", "direct": "0 hops", "router": "1 hop", "transfer": "2 hops"}
-        for name, spec in grid:
-            if name in stream_names or name == "router +auth":
-                label = stream_names.get(name, "1 hop +auth")
-                out.append(
-                    Case(
-                        f"stream/{label}",
-                        "stream",
-                        label,
-                        "asyncio",
-                        concurrency=1,
-                        message=LONG_MESSAGE,
-                        **spec,
-                    )
-                )
-        for name, spec in grid:
-            if name in ("bare", "direct", "router", "direct +auth", "router +auth"):
-                out.append(
-                    Case(
-                        f"fresh/{name}",
-                        "fresh",
-                        name,
-                        "asyncio",
-                        concurrency=16,
-                        fresh=True,
-                        **spec,
-                    )
-                )
-        for c in (1, 16):
+                key = f"turns/{name}/c{c}"
+                out.append(Case(key, "turns", name, "asyncio", concurrency=c, **kw))
+        # Every turn a new conversation (no history to load, a new conversation to store).
+        fresh = [("router", c) for c in CONCURRENCY]
+        fresh += [(n, 16) for n in ("router SQLite", "router Redis", "transfer") if n in targets]
+        for name, c in fresh:
             out.append(
                 Case(
-                    f"nokeep/router/c{c}",
-                    "nokeep",
-                    "router (new agent stream per turn)",
+                    f"newconv/{name}/c{c}",
+                    "newconv",
+                    name,
                     "asyncio",
-                    "router",
-                    s["router-nokeep"].address,
-                    c,
-                    servers=["router-nokeep", "agent-a"],
+                    concurrency=c,
+                    conversation="turn",
+                    **targets[name],
                 )
             )
-        if "router-sqlite" in s:
-            for c in (1, 16):
-                out.append(
-                    Case(
-                        f"sqlite/router/c{c}",
-                        "sqlite",
-                        "router (SQLite store)",
-                        "asyncio",
-                        "router",
-                        s["router-sqlite"].address,
-                        c,
-                        servers=["router-sqlite", "agent-a"],
-                    )
-                )
+        for name, label in (("direct", "0 hops"), ("raw proxy", "raw proxy"), ("router", "1 hop")):
+            kw = {**targets[name], "message": LONG_MESSAGE}
+            out.append(Case(f"stream/{label}", "stream", label, "asyncio", concurrency=1, **kw))
         if self.args.uvloop:
-            plain = {
-                "bare": ("bare", s["echo"].address, ["echo"]),
-                "direct": ("agent", s["agent-a"].address, ["agent-a"]),
-                "router": ("router", s["router"].address, ["router", "agent-a"]),
+            uv = {
+                "direct": spec("agent", "agent-a-uv", ["agent-a-uv"]),
+                "raw proxy": spec("agent", "proxy-uv", ["proxy-uv", "agent-a-uv"]),
+                "router": spec("router", "router-uv", ["router-uv", "agent-a-uv"]),
             }
-            fast = {
-                "bare": ("bare", s["echo-uv"].address, ["echo-uv"]),
-                "direct": ("agent", s["agent-a-uv"].address, ["agent-a-uv"]),
-                "router": ("router", s["router-uv"].address, ["router-uv", "agent-a-uv"]),
-            }
-            for target in ("bare", "direct", "router"):
-                for label, loop, table in (
-                    ("client uvloop", "uvloop", plain),
-                    ("servers uvloop", "asyncio", fast),
-                    ("both uvloop", "uvloop", fast),
-                ):
-                    kind, address, servers = table[target]
-                    out.append(
-                        Case(
-                            f"uvloop/{target}/{label}",
-                            "uvloop",
-                            f"{target} · {label}",
-                            loop,
-                            kind,
-                            address,
-                            16,
-                            servers=servers,
-                        )
-                    )
+            for name, kw in uv.items():
+                key = f"uvloop/{name}/c16"
+                out.append(Case(key, "uvloop", name, "uvloop", concurrency=16, **kw))
         return out
 
     def warm(self, cases: list[Case]) -> None:
@@ -348,11 +320,7 @@ class Bench:
         concurrency: int | None = None,
     ) -> dict[str, Any]:
         loadgen = self.loadgens[case.loadgen]
-        servers = [self.services[name] for name in case.servers]
-        cpu0 = [p.cpu() for p in servers]
-        lg0 = loadgen.cpu()
-        wall0 = time.monotonic()
-        result = loadgen.request(
+        return loadgen.request(
             {
                 "op": "turns",
                 "kind": case.kind,
@@ -360,22 +328,14 @@ class Bench:
                 "agent": case.agent,
                 "message": case.message,
                 "metadata": case.metadata,
-                "fresh": case.fresh,
+                "conversation": case.conversation,
+                "tls_ca": case.tls_ca,
                 "concurrency": concurrency or case.concurrency,
                 "warmup": warmup,
                 "duration": duration,
+                "pids": {name: self.services[name].pid for name in case.servers},
             }
         )
-        wall = time.monotonic() - wall0
-        server_cpu = sum(p.cpu() - c0 for p, c0 in zip(servers, cpu0, strict=True))
-        lg_cpu = loadgen.cpu() - lg0
-        # CPU is read over the whole call (warm-up included): scale to the window.
-        share = duration / wall if wall > 0 else 0.0
-        turns = max(int(result["turns"]), 1)
-        result["server_cpu_ms_per_turn"] = server_cpu * share / turns * 1000
-        result["loadgen_cpu_ms_per_turn"] = lg_cpu * share / turns * 1000
-        result["cpu_busy_pct"] = (server_cpu + lg_cpu) / wall * 100 if wall > 0 else 0.0
-        return result
 
     # -- idle streams held by one router ------------------------------------------------
 
@@ -384,16 +344,8 @@ class Bench:
         a = self.services["agent-a"]
         router = self.router("router-hold", base, {"a": a})
         loadgen = self.loadgens["asyncio"]
-        case = Case(
-            "hold",
-            "hold",
-            "router",
-            "asyncio",
-            "router",
-            router.address,
-            1,
-            servers=["router-hold"],
-        )
+        servers = ["router-hold"]
+        case = Case("hold", "hold", "router", "asyncio", "router", router.address, 1, servers)
         self.warm([case])
         rows = self.hold_rows  # kept by main() even if a later step fails
         baseline = router.rss()
@@ -414,6 +366,7 @@ class Bench:
             rss = router.rss()
             rows.append(
                 {
+                    "requested": count,
                     "streams": held,
                     "router_rss_mib": rss,
                     "kib_per_stream": (rss - baseline) * 1024 / held if held else 0.0,
@@ -424,33 +377,36 @@ class Bench:
             )
             eprint(f"  holding {held} streams: router RSS {rss:.0f} MiB")
         loadgen.request({"op": "release"})
-        time.sleep(1.0)  # let the router notice the cancels before reading its memory
-        rows.append({"streams": 0, "after_release": True, "router_rss_mib": router.rss()})
         router.stop()
         del self.services["router-hold"]
         return rows
+
+
+METRICS = (
+    "turns_per_s",
+    "deltas_per_s",
+    "p50_ms",
+    "p99_ms",
+    "ttfd_p50_ms",
+    "ttfd_p99_ms",
+)
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, reps in runs.items():
         row: dict[str, Any] = {"reps": len(reps), "errors": sum(int(r["errors"]) for r in reps)}
-        for metric in (
-            "turns_per_s",
-            "deltas_per_s",
-            "p50_ms",
-            "p99_ms",
-            "ttfd_p50_ms",
-            "ttfd_p99_ms",
-            "server_cpu_ms_per_turn",
-            "loadgen_cpu_ms_per_turn",
-            "cpu_busy_pct",
-        ):
+        for metric in METRICS:
             values = [float(r[metric]) for r in reps]
             median = statistics.median(values)
             spread = (max(values) - min(values)) / 2 / median * 100 if median else 0.0
             row[metric] = median
             row[metric + "_spread_pct"] = spread
+        processes = reps[0]["cpu_ms_per_turn"].keys()
+        row["cpu_ms_per_turn"] = {
+            name: statistics.median(float(r["cpu_ms_per_turn"][name]) for r in reps)
+            for name in processes
+        }
         samples = [s for r in reps for s in r.get("error_samples", [])]
         row["error_samples"] = samples[:3]
         out[key] = row
@@ -458,7 +414,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
 
 
 def paired_ratio(
-    runs: dict[str, list[dict[str, Any]]], num: str, den: str, metric: str
+    runs: dict[str, list[dict[str, Any]]], num: str, den: str, metric: str = "turns_per_s"
 ) -> float | None:
     """Median over repetitions of num/den for one metric (cases of the same repetition)."""
     if num not in runs or den not in runs:
@@ -471,56 +427,146 @@ def paired_ratio(
     return statistics.median(values) if values else None
 
 
-def ratios(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def ratio_pairs() -> list[tuple[str, str, str]]:
     pairs: list[tuple[str, str, str]] = []
     for c in CONCURRENCY:
+        t = f"c{c}"
         pairs += [
-            (f"router/direct c={c}", f"turns/router/c{c}", f"turns/direct/c{c}"),
-            (f"transfer/direct c={c}", f"turns/transfer/c{c}", f"turns/direct/c{c}"),
-            (f"direct/bare c={c}", f"turns/direct/c{c}", f"turns/bare/c{c}"),
-            (f"auth/no-auth direct c={c}", f"turns/direct +auth/c{c}", f"turns/direct/c{c}"),
-            (f"auth/no-auth router c={c}", f"turns/router +auth/c{c}", f"turns/router/c{c}"),
-            (f"auth/no-auth transfer c={c}", f"turns/transfer +auth/c{c}", f"turns/transfer/c{c}"),
+            (f"router/direct c={c}", f"turns/router/{t}", f"turns/direct/{t}"),
+            (f"router/raw proxy c={c}", f"turns/router/{t}", f"turns/raw proxy/{t}"),
+            (f"raw proxy/direct c={c}", f"turns/raw proxy/{t}", f"turns/direct/{t}"),
+            (f"transfer/direct c={c}", f"turns/transfer/{t}", f"turns/direct/{t}"),
+            (f"SQLite/memory store c={c}", f"turns/router SQLite/{t}", f"turns/router/{t}"),
+            (f"Redis/memory store c={c}", f"turns/router Redis/{t}", f"turns/router/{t}"),
+            (f"auth/no auth c={c}", f"turns/router auth/{t}", f"turns/router/{t}"),
+            (f"auth+TLS/no auth c={c}", f"turns/router auth+TLS/{t}", f"turns/router/{t}"),
+            (f"auth+TLS/auth c={c}", f"turns/router auth+TLS/{t}", f"turns/router auth/{t}"),
+            (
+                f"router/direct, a new conversation every turn c={c}",
+                f"newconv/router/{t}",
+                f"turns/direct/{t}",
+            ),
+            (
+                f"router, new conversation/kept conversation c={c}",
+                f"newconv/router/{t}",
+                f"turns/router/{t}",
+            ),
         ]
-    pairs += [
-        ("1 hop/0 hops streaming", "stream/1 hop", "stream/0 hops"),
-        ("2 hops/0 hops streaming", "stream/2 hops", "stream/0 hops"),
-        ("0 hops/bare streaming", "stream/0 hops", "stream/bare"),
-        ("auth/no-auth fresh stream, router", "fresh/router +auth", "fresh/router"),
-        ("auth/no-auth fresh stream, direct", "fresh/direct +auth", "fresh/direct"),
-    ]
-    for target in ("bare", "direct", "router"):
-        for label in ("client uvloop", "servers uvloop", "both uvloop"):
-            pairs.append(
-                (
-                    f"{target}: {label}/asyncio c=16",
-                    f"uvloop/{target}/{label}",
-                    f"turns/{target}/c16",
-                )
-            )
-    pairs.append(("SQLite/memory store c=16", "sqlite/router/c16", "turns/router/c16"))
-    for c in (1, 16):
+    for store in ("SQLite", "Redis"):
         pairs.append(
             (
-                f"kept agent stream/new stream per turn c={c}",
-                f"turns/router/c{c}",
-                f"nokeep/router/c{c}",
+                f"{store}/memory store, new conversations c=16",
+                f"newconv/router {store}/c16",
+                "newconv/router/c16",
             )
         )
+    pairs += [
+        ("transfer/direct, new conversations c=16", "newconv/transfer/c16", "turns/direct/c16"),
+        ("1 hop/0 hops streaming", "stream/1 hop", "stream/0 hops"),
+        ("raw proxy/0 hops streaming", "stream/raw proxy", "stream/0 hops"),
+    ]
+    for name in ("direct", "raw proxy", "router"):
+        pairs.append((f"{name}: uvloop/asyncio c=16", f"uvloop/{name}/c16", f"turns/{name}/c16"))
+    return pairs
+
+
+def ratios(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
-    for name, num, den in pairs:
-        throughput = paired_ratio(runs, num, den, "turns_per_s")
+    for name, num, den in ratio_pairs():
+        # A streamed turn is one long reply: its rate is deltas, not turns.
+        metric = "deltas_per_s" if num.startswith("stream/") else "turns_per_s"
+        throughput = paired_ratio(runs, num, den, metric)
         if throughput is None:
             continue
         out.append(
             {
                 "ratio": name,
+                "num": num,
+                "den": den,
                 "throughput": throughput,
                 "p50": paired_ratio(runs, num, den, "p50_ms"),
                 "deltas": paired_ratio(runs, num, den, "deltas_per_s"),
-                "server_cpu": paired_ratio(runs, num, den, "server_cpu_ms_per_turn"),
+                "metric": metric,
+                "reps": [
+                    float(a[metric]) / float(b[metric])
+                    for a, b in zip(runs[num], runs[den], strict=False)
+                    if float(b[metric])
+                ],
             }
         )
+    return out
+
+
+def _ratio(report_ratios: list[dict[str, Any]], name: str) -> float | None:
+    for r in report_ratios:
+        if r["ratio"] == name:
+            value: float = r["throughput"]
+            return value
+    return None
+
+
+def targets(
+    summary: dict[str, dict[str, Any]], found: list[dict[str, Any]], hold: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The issue's targets, each with the value this run measured and whether it holds."""
+    out: list[dict[str, Any]] = []
+
+    def ratio_target(label: str, name: str, minimum: float) -> None:
+        value = _ratio(found, name)
+        out.append(
+            {
+                "target": f"{label} >= {minimum:g}",
+                "measured": None if value is None else round(value, 3),
+                "unit": "x",
+                "holds": None if value is None else value >= minimum,
+            }
+        )
+
+    for c in (16, 128):
+        ratio_target(f"router/direct turns/s c={c}", f"router/direct c={c}", 0.6)
+    for c in CONCURRENCY:
+        ratio_target(f"router/raw proxy turns/s c={c}", f"router/raw proxy c={c}", 0.95)
+    ratio_target("SQLite/memory store c=16", "SQLite/memory store c=16", 0.85)
+    ratio_target("Redis/memory store c=16", "Redis/memory store c=16", 0.8)
+    ratio_target("auth on/auth off c=16", "auth/no auth c=16", 0.9)
+    tls = _ratio(found, "auth+TLS/no auth c=16")
+    out.append(
+        {
+            "target": "auth+TLS/auth off c=16 (reported)",
+            "measured": None if tls is None else round(tls, 3),
+            "unit": "x",
+            "holds": None,
+        }
+    )
+    ratio_target("transfer/direct turns/s c=16", "transfer/direct c=16", 0.4)
+    row = summary.get("turns/router/c16")
+    cpu = row["cpu_ms_per_turn"].get("router") if row else None
+    out.append(
+        {
+            "target": "router process CPU per turn c=16 <= 0.5 ms",
+            "measured": None if cpu is None else round(cpu, 3),
+            "unit": "ms",
+            "holds": None if cpu is None else cpu <= 0.5,
+        }
+    )
+    big = [r for r in hold if r.get("requested", 0) >= 10000]
+    if big:
+        r = big[-1]
+        ok = r["errors"] == 0 and r["kib_per_stream"] <= 35
+        measured = (
+            f"{r['streams']:,} of {r['requested']:,} streams open, {r['errors']} errors, "
+            f"{r['kib_per_stream']:.1f} KiB per stream"
+        )
+    else:
+        ok, measured = None, "not run (needs --hold 10000)"
+    out.append(
+        {
+            "target": "10,000 idle Chat streams: 0 errors, router RSS <= 35 KiB per stream",
+            "measured": measured,
+            "unit": "",
+            "holds": ok,
+        }
+    )
     return out
 
 
@@ -540,10 +586,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=5, help="repetitions of every case")
     p.add_argument("--duration", type=float, default=1.5, help="measured seconds per case")
     p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each")
-    p.add_argument("--quick", action="store_true", help="1 repetition, short windows (smoke)")
+    p.add_argument("--quick", action="store_true", help="1 repetition, short windows (development)")
     p.add_argument("--no-auth", dest="auth", action="store_false", help="skip the auth cases")
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="skip uvloop cases")
     p.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip SQLite cases")
+    p.add_argument("--no-redis", dest="redis", action="store_false", help="skip Redis cases")
     p.add_argument(
         "--hold",
         type=int,
@@ -552,11 +599,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="idle streams one router holds (cumulative steps)",
     )
     p.add_argument("--out", type=Path, default=RESULTS, help="where latest.md/json go")
+    p.add_argument(
+        "--docs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rewrite docs/benchmarks.md and the README's table from this run "
+        "(default: yes, but not for --quick)",
+    )
     p.add_argument("--seed", type=int, default=7, help="seed of the case order")
     p.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
     args = p.parse_args(argv)
+    if args.docs is None:
+        args.docs = not args.quick
     if args.quick:
-        args.reps, args.duration, args.warmup = 1, 0.5, 0.2
+        args.reps, args.duration, args.warmup = 1, 1.0, 0.3
         args.hold = [min(h, 1000) for h in args.hold][:1]
     return args
 
@@ -564,6 +620,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
+    load_before = load_average()
     rng = random.Random(args.seed)
     with _workdir(args.keep) as work:
         bench = Bench(args, work)
@@ -595,9 +652,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.stop_all()
     summary = summarize(runs)
+    found = ratios(runs)
     report: dict[str, Any] = {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "elapsed_s": round(time.time() - started, 1),
+        "quick": args.quick,
         "settings": {
             "reps": args.reps,
             "duration_s": args.duration,
@@ -607,21 +666,28 @@ def main(argv: list[str] | None = None) -> int:
             "short_message": SHORT_MESSAGE,
             "long_reply_chars": len(LONG_REPLY),
             "chunk_chars": CHUNK_CHARS,
+            "history_limit": HISTORY_LIMIT,
         },
-        "machine": machine_info(),
+        "machine": {
+            **machine_info(),
+            "load_average_before": load_before,
+            "load_average_after": load_average(),
+        },
+        "notes": bench.notes,
         "cases": {
             c.key: {
                 "group": c.group,
                 "target": c.target,
                 "concurrency": c.concurrency,
-                "fresh": c.fresh,
+                "conversation": c.conversation,
                 "loadgen": c.loadgen,
                 "servers": c.servers,
             }
             for c in cases
         },
         "summary": summary,
-        "ratios": ratios(runs),
+        "ratios": found,
+        "targets": targets(summary, found, hold),
         "hold": hold,
         "runs": runs,
     }
@@ -629,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.json").write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
     markdown = render_markdown(report)
     (args.out / "latest.md").write_text(markdown)
+    if args.docs:
+        write_docs(report, REPO / "docs" / "benchmarks.md", REPO / "README.md")
     print(markdown)
     eprint(f"wrote {args.out / 'latest.md'} and latest.json in {report['elapsed_s']} s")
     return 0

@@ -500,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mesh.auth.cli import add_parsers
 
     add_parsers(sub)
+
+    from mesh.mcp.cli import add_parser as add_mcp_parser
+
+    add_mcp_parser(sub)
     return parser
 
 

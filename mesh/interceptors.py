@@ -103,14 +103,16 @@ def guard_requests(handler: Handler, method: str) -> Handler:
     async def refuse(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(err.code, err.message, err.trailing_metadata())
 
-    async def checked(
-        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
-        async for request in requests:
-            if isinstance(request, _Undecodable):
-                await refuse(context)
-            yield request
+    if handler.request_streaming:
+        return _guard_streaming(handler, refuse, des, ser)
+    return _guard_unary(handler, refuse, des, ser)
 
+
+Refuse = Callable[[grpc.aio.ServicerContext[Any, Any]], Awaitable[None]]
+Codec = Callable[..., Any] | None
+
+
+def _guard_unary(handler: Handler, refuse: Refuse, des: Codec, ser: Codec) -> Handler:
     if handler.unary_unary is not None:
         uu: Any = handler.unary_unary
 
@@ -120,6 +122,38 @@ def guard_requests(handler: Handler, method: str) -> Handler:
             return await uu(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, des, ser)
+    us: Any = handler.unary_stream
+    if inspect.isasyncgenfunction(us):
+
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                await refuse(context)
+            async for response in us(request, context):
+                yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
+
+    async def unary_stream_writer(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if isinstance(request, _Undecodable):
+            await refuse(context)
+        await us(request, context)
+
+    return grpc.unary_stream_rpc_method_handler(unary_stream_writer, des, ser)
+
+
+def _guard_streaming(handler: Handler, refuse: Refuse, des: Codec, ser: Codec) -> Handler:
+    async def checked(
+        requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _Undecodable):
+                await refuse(context)
+            yield request
+
     if handler.stream_unary is not None:
         su: Any = handler.stream_unary
 
@@ -127,31 +161,7 @@ def guard_requests(handler: Handler, method: str) -> Handler:
             return await su(checked(requests, context), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, des, ser)
-    if handler.unary_stream is not None:
-        us: Any = handler.unary_stream
-        if inspect.isasyncgenfunction(us):
-
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                if isinstance(request, _Undecodable):
-                    await refuse(context)
-                async for response in us(request, context):
-                    yield response
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, des, ser)
-
-        async def unary_stream_writer(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> None:
-            if isinstance(request, _Undecodable):
-                await refuse(context)
-            await us(request, context)
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream_writer, des, ser)
     ss: Any = handler.stream_stream
-    if ss is None:
-        return handler
     if inspect.isasyncgenfunction(ss):
 
         async def stream_stream(

@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -109,6 +117,27 @@ class ErrorInfo:
 
 
 RuntimeEvent = Delta | ToolCalled | ToolReturned | HandoffRequested | Final | ErrorInfo
+
+#: Runs before a turn: None keeps the turn, a TurnInput replaces it, a Final answers
+#: without the model (its content is streamed as one delta). May be sync or async.
+BeforeTurn = Callable[[TurnInput], TurnInput | Final | Awaitable[TurnInput | Final | None] | None]
+#: Runs on the turn's Final: None keeps it, a Final replaces it. May be sync or async.
+AfterTurn = Callable[[TurnInput, Final], Final | Awaitable[Final | None] | None]
+
+
+@dataclass
+class TurnHooks:
+    """Custom behaviour around every turn of an agent (the Python API sets these)."""
+
+    before: list[BeforeTurn] = field(default_factory=list)
+    after: list[AfterTurn] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.before or self.after)
+
+
+async def _settle(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
 
 
 @dataclass(frozen=True)
@@ -211,6 +240,7 @@ class AgentRuntime:
         if clash:
             raise MeshError(f"tool names clash with handoff tools: {sorted(clash)}")
         self._pass_context = {h.target: set(h.pass_context) for h in config.handoffs}
+        self.hooks = TurnHooks()
 
     @property
     def name(self) -> str:
@@ -236,10 +266,43 @@ class AgentRuntime:
             )
         return system.strip()
 
-    async def run_turn(
+    def run_turn(
         self, turn: TurnInput, consults: ConsultBroker | None = None
     ) -> AsyncIterator[RuntimeEvent]:
-        """Run one turn, yielding events; ends with a Final (or raises a MeshError)."""
+        """Run one turn, yielding events; ends with a Final (or raises a MeshError).
+
+        With :attr:`hooks`, the before-hooks see the turn first and the after-hooks
+        its Final; without, the model turn runs as it is (no extra layer per event).
+        """
+        if not self.hooks:
+            return self._model_turn(turn, consults)
+        return self._hooked_turn(turn, consults)
+
+    async def _hooked_turn(
+        self, turn: TurnInput, consults: ConsultBroker | None
+    ) -> AsyncIterator[RuntimeEvent]:
+        for before in self.hooks.before:
+            changed = await _settle(before(turn))
+            if isinstance(changed, Final):
+                if changed.content:
+                    yield Delta(changed.content)
+                yield changed
+                return
+            if changed is not None:
+                turn = changed
+        stream = self._model_turn(turn, consults)
+        try:
+            async for event in stream:
+                if isinstance(event, Final):
+                    for after in self.hooks.after:
+                        event = await _settle(after(turn, event)) or event
+                yield event
+        finally:
+            await stream.aclose()
+
+    async def _model_turn(
+        self, turn: TurnInput, consults: ConsultBroker | None = None
+    ) -> AsyncGenerator[RuntimeEvent, None]:
         broker = consults or ConsultBroker()
         messages: list[ChatMessage] = [*turn.history, ChatMessage("user", turn.message)]
         specs = self.tool_specs(turn)

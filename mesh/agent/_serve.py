@@ -37,7 +37,12 @@ def build_runtime(
             ProviderContext(agent=name, instructions=agent.instructions, environ=dict(os.environ)),
         )
     tools = load_tools(agent.tools, config.base_dir)
-    return AgentRuntime(agent, config, provider, tools, version=__version__)
+    runtime = AgentRuntime(agent, config, provider, tools, version=__version__)
+    if agent.mcp_servers:
+        from mesh.mcp import attach_toolset
+
+        attach_toolset(runtime)  # MCP tools join runtime.tools (sessions: build_agent_server)
+    return runtime
 
 
 def server_interceptors(config: MeshConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
@@ -72,6 +77,10 @@ def build_agent_server(
         label=f"agent {name}",
         server_credentials=server_credentials(config),
     )
+    if runtime.config.mcp_servers:
+        from mesh.mcp import bind_server
+
+        bind_server(runtime, server, [AGENT_SERVICE])  # sessions start; required ones gate health
     return server, runtime
 
 

@@ -181,6 +181,61 @@ def to_tools(tools: Sequence[ToolSpec]) -> list[ToolParam]:
     ]
 
 
+class _StreamState:
+    """What one Messages stream has said so far; :meth:`handle` turns each raw event
+    into the normalized events it yields."""
+
+    def __init__(self) -> None:
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.stop_reason: str | None = None
+        self.stopped = False
+        self.calls = 0
+        self.tools: dict[int, _ToolBlock] = {}
+
+    def handle(self, event: Any) -> list[ModelEvent]:
+        if isinstance(event, RawMessageStartEvent):
+            usage = event.message.usage
+            self.input_tokens = (
+                usage.input_tokens
+                + (usage.cache_creation_input_tokens or 0)
+                + (usage.cache_read_input_tokens or 0)
+            )
+            self.output_tokens = usage.output_tokens
+        elif isinstance(event, RawContentBlockStartEvent):
+            block = event.content_block
+            if block.type == "tool_use":
+                initial = dict(cast(dict[str, Any], block.input) or {})
+                self.tools[event.index] = _ToolBlock(block.id, block.name, initial)
+            elif block.type == "text" and block.text:
+                return [TextDelta(block.text)]
+        elif isinstance(event, RawContentBlockDeltaEvent):
+            delta = event.delta
+            if delta.type == "text_delta" and delta.text:
+                return [TextDelta(delta.text)]
+            if delta.type == "input_json_delta" and event.index in self.tools:
+                self.tools[event.index].parts.append(delta.partial_json)
+        elif isinstance(event, RawContentBlockStopEvent):
+            return self._tool_done(event.index)
+        elif isinstance(event, RawMessageDeltaEvent):
+            self.stop_reason = event.delta.stop_reason or self.stop_reason
+            self.output_tokens = event.usage.output_tokens
+            if event.usage.input_tokens is not None:
+                self.input_tokens = max(self.input_tokens, event.usage.input_tokens)
+        elif isinstance(event, RawMessageStopEvent):
+            self.stopped = True
+        return []
+
+    def _tool_done(self, index: int) -> list[ModelEvent]:
+        tool = self.tools.pop(index, None)
+        if tool is None:
+            return []
+        raw = "".join(tool.parts)
+        args = parse_arguments(raw, tool=tool.name) if raw else tool.initial
+        self.calls += 1
+        return [ToolCall(ToolCallRequest(tool.id, tool.name, args))]
+
+
 class AnthropicProvider:
     """Streams the Messages API; see the module docstring."""
 
@@ -227,59 +282,21 @@ class AnthropicProvider:
         # ``async with`` closes the HTTP response however this generator ends:
         # exhausted, failed, cancelled or closed by the consumer.
         async with upstream:
-            input_tokens = output_tokens = 0
-            stop_reason: str | None = None
-            stopped = False
-            tools: dict[int, _ToolBlock] = {}
-            calls = 0
+            state = _StreamState()
             try:
                 async for event in upstream:
-                    if isinstance(event, RawMessageStartEvent):
-                        usage = event.message.usage
-                        input_tokens = (
-                            usage.input_tokens
-                            + (usage.cache_creation_input_tokens or 0)
-                            + (usage.cache_read_input_tokens or 0)
-                        )
-                        output_tokens = usage.output_tokens
-                    elif isinstance(event, RawContentBlockStartEvent):
-                        block = event.content_block
-                        if block.type == "tool_use":
-                            tools[event.index] = _ToolBlock(
-                                block.id, block.name, dict(cast(dict[str, Any], block.input) or {})
-                            )
-                        elif block.type == "text" and block.text:
-                            yield TextDelta(block.text)
-                    elif isinstance(event, RawContentBlockDeltaEvent):
-                        delta = event.delta
-                        if delta.type == "text_delta":
-                            if delta.text:
-                                yield TextDelta(delta.text)
-                        elif delta.type == "input_json_delta" and event.index in tools:
-                            tools[event.index].parts.append(delta.partial_json)
-                    elif isinstance(event, RawContentBlockStopEvent):
-                        tool = tools.pop(event.index, None)
-                        if tool is not None:
-                            raw = "".join(tool.parts)
-                            args = parse_arguments(raw, tool=tool.name) if raw else tool.initial
-                            calls += 1
-                            yield ToolCall(ToolCallRequest(tool.id, tool.name, args))
-                    elif isinstance(event, RawMessageDeltaEvent):
-                        stop_reason = event.delta.stop_reason or stop_reason
-                        output_tokens = event.usage.output_tokens
-                        if event.usage.input_tokens is not None:
-                            input_tokens = max(input_tokens, event.usage.input_tokens)
-                    elif isinstance(event, RawMessageStopEvent):
-                        stopped = True
+                    for out in state.handle(event):
+                        yield out
+                    if state.stopped:
                         break
             except anthropic.APIError as err:
                 raise map_error(err) from err
             except json.JSONDecodeError as err:
                 raise ProviderUnavailable(f"anthropic: malformed stream event: {err.msg}") from err
-            if not stopped:
+            if not state.stopped:
                 raise ProviderUnavailable("anthropic: the stream ended before message_stop")
-            yield UsageReport(input_tokens=input_tokens, output_tokens=output_tokens)
-            yield Stop(normalize_stop(stop_reason, has_tool_calls=calls > 0))
+            yield UsageReport(input_tokens=state.input_tokens, output_tokens=state.output_tokens)
+            yield Stop(normalize_stop(state.stop_reason, has_tool_calls=state.calls > 0))
 
     async def aclose(self) -> None:
         await self._client.close()

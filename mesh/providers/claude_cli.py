@@ -4,7 +4,8 @@ Each model call runs ``claude -p --output-format stream-json --verbose`` with th
 prompt on stdin (or as an argument) and reads its newline-delimited JSON:
 ``system``/``init`` (the session id), ``stream_event`` (raw Messages API events,
 with ``--include-partial-messages``: token deltas), ``assistant`` messages and a
-final ``result`` with usage. The CLI keeps the conversation in a session: the
+final ``result`` with usage (parsed in :mod:`mesh.providers.claude_stream`; this
+module only runs the process). The CLI keeps the conversation in a session: the
 session id it reports is remembered per mesh conversation id, and the next call
 of that conversation passes ``--resume <session_id>`` and sends only the new
 messages. A conversation this process has not seen (another replica served it,
@@ -32,33 +33,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import signal
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh.errors import (
-    ConfigError,
-    ContextTooLong,
-    ProviderAuthError,
-    ProviderError,
-    ProviderRateLimited,
-    ProviderUnavailable,
-)
-from mesh.providers._common import (
-    ToolCallExtractor,
-    normalize_stop,
-    render_transcript,
-    short,
-    system_with_tools,
-    text_messages,
-)
+from mesh.errors import ConfigError, ProviderUnavailable
+from mesh.providers._common import render_transcript, system_with_tools, text_messages
 from mesh.providers.base import (
     ChatMessage,
     ModelEvent,
@@ -66,12 +52,8 @@ from mesh.providers.base import (
     Provider,
     ProviderContext,
     ProviderSpec,
-    Stop,
-    StopReason,
-    TextDelta,
-    ToolCall,
-    UsageReport,
 )
+from mesh.providers.claude_stream import RESUME_LOST, StreamJsonParser, classify_error
 
 _STDOUT_LIMIT = 16 * 1024 * 1024
 _STDERR_KEEP = 4000
@@ -128,20 +110,6 @@ def _fingerprint(messages: Sequence[ChatMessage]) -> str:
         for call in message.tool_calls:
             digest.update(repr((call.id, call.name, sorted(call.arguments.items()))).encode())
     return digest.hexdigest()
-
-
-def classify_error(text: str) -> ProviderError:
-    """Map the CLI's error text to the mesh's provider errors."""
-    message = short(text) or "the CLI failed"
-    lowered = message.lower()
-    meta = {"provider": "claude_cli"}
-    if any(s in lowered for s in ("api key", "/login", "authentication", "not logged in", "401")):
-        return ProviderAuthError(f"claude_cli: authentication failed: {message}", metadata=meta)
-    if any(s in lowered for s in ("rate limit", "rate_limit", "usage limit", "429")):
-        return ProviderRateLimited(f"claude_cli: rate limited: {message}", metadata=meta)
-    if "prompt is too long" in lowered or "context window" in lowered:
-        return ContextTooLong(f"claude_cli: context too long: {message}", metadata=meta)
-    return ProviderUnavailable(f"claude_cli: {message}", metadata=meta)
 
 
 class _ResumeFailedError(Exception):
@@ -245,125 +213,70 @@ class ClaudeCliProvider:
     async def _run(
         self, request: ModelRequest, system: str, prompt: str, resume: str | None
     ) -> AsyncGenerator[ModelEvent, None]:
+        """One CLI process: start it, feed its output to the parser, stop it however this ends."""
         opts = self.options
         via_stdin = opts.input == "stdin"
-        cmd = self.command(system, resume, None if via_stdin else prompt)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + opts.timeout_s
+        proc = await self._spawn(self.command(system, resume, None if via_stdin else prompt))
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr_task = asyncio.ensure_future(proc.stderr.read())
+        parser = StreamJsonParser("cli_call")
         try:
-            proc = await asyncio.create_subprocess_exec(
+            if via_stdin:
+                await _write_stdin(proc, prompt)
+            while parser.result is None:
+                line = await self._readline(proc.stdout, deadline - loop.time())
+                if not line:
+                    break
+                for event in parser.feed(line):
+                    yield event
+            result = parser.result
+            if result is None:
+                code = await self._wait(proc, deadline)
+                stderr = await _tail(stderr_task)
+                if resume and not parser.emitted and RESUME_LOST in stderr.lower():
+                    raise _ResumeFailedError
+                raise classify_error(stderr or f"exited with status {code} before a result")
+            if result.failed:
+                if resume and not parser.emitted and result.resume_lost:
+                    raise _ResumeFailedError
+                raise classify_error(result.message)
+            self._remember(request, parser.session_id)
+            for event in parser.finish():
+                yield event
+        finally:
+            stopper = asyncio.ensure_future(self._stop(proc, stderr_task))
+            await asyncio.shield(stopper)
+
+    async def _spawn(self, cmd: list[str]) -> asyncio.subprocess.Process:
+        try:
+            return await asyncio.create_subprocess_exec(
                 *cmd,
-                stdin=asyncio.subprocess.PIPE if via_stdin else asyncio.subprocess.DEVNULL,
+                stdin=(
+                    asyncio.subprocess.PIPE
+                    if self.options.input == "stdin"
+                    else asyncio.subprocess.DEVNULL
+                ),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=self._env,
-                cwd=opts.cwd,
+                cwd=self.options.cwd,
                 start_new_session=True,  # its own process group: a kill reaches its children
                 limit=_STDOUT_LIMIT,
             )
         except OSError as err:
             raise ProviderUnavailable(f"claude_cli: cannot start {self.executable}: {err}") from err
-        assert proc.stdout is not None and proc.stderr is not None
-        stderr_task = asyncio.ensure_future(proc.stderr.read())
-        extractor = ToolCallExtractor("cli_call")
-        yielded = False  # anything reached the consumer
-        fed = False  # any model text was seen
+
+    async def _readline(self, stdout: asyncio.StreamReader, remaining: float) -> bytes:
         try:
-            if via_stdin:
-                assert proc.stdin is not None
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    proc.stdin.write(prompt.encode())
-                    await proc.stdin.drain()
-                proc.stdin.close()
-            session_id = ""
-            streamed: set[str] = set()
-            stop_reason: str | None = None
-            result: dict[str, Any] | None = None
-            while result is None:
-                remaining = deadline - loop.time()
-                try:
-                    line = await asyncio.wait_for(proc.stdout.readline(), max(remaining, 0.0))
-                except TimeoutError:
-                    raise ProviderUnavailable(
-                        f"claude_cli: no result within {opts.timeout_s:g}s"
-                    ) from None
-                except ValueError as err:  # a line over the limit
-                    raise ProviderUnavailable(f"claude_cli: output line too long: {err}") from None
-                if not line:
-                    break
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # not protocol output
-                if not isinstance(obj, dict):
-                    continue
-                if isinstance(obj.get("session_id"), str) and obj["session_id"]:
-                    session_id = obj["session_id"]
-                kind = obj.get("type")
-                texts: list[str] = []
-                if kind == "stream_event":
-                    event = obj.get("event") or {}
-                    etype = event.get("type")
-                    if etype == "message_start":
-                        streamed.add(str((event.get("message") or {}).get("id", "")))
-                    elif etype == "content_block_delta":
-                        delta = event.get("delta") or {}
-                        if delta.get("type") == "text_delta" and delta.get("text"):
-                            texts.append(delta["text"])
-                    elif etype == "message_delta":
-                        stop_reason = (event.get("delta") or {}).get("stop_reason") or stop_reason
-                elif kind == "assistant":
-                    message = obj.get("message") or {}
-                    stop_reason = message.get("stop_reason") or stop_reason
-                    if str(message.get("id", "")) not in streamed:
-                        for block in message.get("content") or ():
-                            if isinstance(block, dict) and block.get("type") == "text":
-                                texts.append(str(block.get("text", "")))
-                elif kind == "result":
-                    result = obj
-                    if not fed and not result.get("is_error") and result.get("result"):
-                        texts.append(str(result["result"]))
-                for text in texts:
-                    fed = True
-                    shown, calls = extractor.feed(text)
-                    if shown:
-                        yielded = True
-                        yield TextDelta(shown)
-                    for call in calls:
-                        yielded = True
-                        yield ToolCall(call)
-            if result is None:
-                code = await self._wait(proc, deadline)
-                stderr = await _tail(stderr_task)
-                if resume and not yielded and "no conversation found" in stderr.lower():
-                    raise _ResumeFailedError
-                raise classify_error(stderr or f"exited with status {code} before a result")
-            if result.get("is_error"):
-                text = str(result.get("result") or result.get("subtype") or "error")
-                if resume and not yielded and "no conversation found" in text.lower():
-                    raise _ResumeFailedError
-                if result.get("subtype") != "error_max_turns":
-                    raise classify_error(text)
-            rest, calls = extractor.finish()
-            if rest:
-                yield TextDelta(rest)
-            for call in calls:
-                yield ToolCall(call)
-            self._remember(request, session_id)
-            usage = result.get("usage") or {}
-            yield UsageReport(
-                input_tokens=int(usage.get("input_tokens") or 0)
-                + int(usage.get("cache_creation_input_tokens") or 0)
-                + int(usage.get("cache_read_input_tokens") or 0),
-                output_tokens=int(usage.get("output_tokens") or 0),
-            )
-            reason: StopReason = normalize_stop(stop_reason, has_tool_calls=bool(extractor.calls))
-            if result.get("subtype") == "error_max_turns" and not extractor.calls:
-                reason = "max_tokens"
-            yield Stop(reason)
-        finally:
-            stopper = asyncio.ensure_future(self._stop(proc, stderr_task))
-            await asyncio.shield(stopper)
+            return await asyncio.wait_for(stdout.readline(), max(remaining, 0.0))
+        except TimeoutError:
+            raise ProviderUnavailable(
+                f"claude_cli: no result within {self.options.timeout_s:g}s"
+            ) from None
+        except ValueError as err:  # a line over the limit
+            raise ProviderUnavailable(f"claude_cli: output line too long: {err}") from None
 
     async def _wait(self, proc: asyncio.subprocess.Process, deadline: float) -> int:
         remaining = deadline - asyncio.get_running_loop().time()
@@ -399,6 +312,14 @@ class ClaudeCliProvider:
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
+
+
+async def _write_stdin(proc: asyncio.subprocess.Process, prompt: str) -> None:
+    assert proc.stdin is not None
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        proc.stdin.write(prompt.encode())
+        await proc.stdin.drain()
+    proc.stdin.close()
 
 
 async def _tail(task: asyncio.Future[bytes]) -> str:

@@ -33,14 +33,14 @@ import atexit
 import contextlib
 import importlib.util
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mesh.errors import ConfigError, ContextTooLong, ProviderUnavailable
+from mesh.errors import ConfigError, ContextTooLong, ProviderError, ProviderUnavailable
 from mesh.providers._common import (
     ToolCallExtractor,
     normalize_stop,
@@ -194,57 +194,67 @@ class LlamaCppProvider:
         out.extend({"role": role, "content": text} for role, text in pairs)
         return out
 
+    def _generate(
+        self,
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        put: Callable[[tuple[str, Any]], None],
+        cancel: threading.Event,
+    ) -> None:
+        """Run one completion on a worker thread, putting ("text", str) items, then one
+        ("end", (finish, prompt_tokens, produced)) or ("error", exception)."""
+        opts = self.options
+        try:
+            loaded = self._load()
+            with loaded.lock:
+                if cancel.is_set():
+                    put(("end", (None, 0, 0)))
+                    return
+                chunks: Iterator[Any] = loaded.llm.create_chat_completion(
+                    messages=messages,
+                    stream=True,
+                    max_tokens=max_tokens,
+                    temperature=opts.temperature,
+                    top_p=opts.top_p,
+                    seed=opts.seed,
+                    stop=list(opts.stop) or None,
+                )
+                produced = 0
+                finish: str | None = None
+                try:
+                    for chunk in chunks:
+                        if cancel.is_set():
+                            break
+                        choice = chunk["choices"][0]
+                        text = choice.get("delta", {}).get("content")
+                        if text:
+                            produced += 1
+                            put(("text", text))
+                        finish = choice.get("finish_reason") or finish
+                finally:
+                    close = getattr(chunks, "close", None)
+                    if close is not None:
+                        close()
+                prompt_tokens = max(int(loaded.llm.n_tokens) - produced, 0)
+                put(("end", (finish, prompt_tokens, produced)))
+        except Exception as err:  # noqa: BLE001 - reported to the consumer
+            put(("error", err))
+
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
         opts = self.options
         loop = asyncio.get_running_loop()
         deadline = loop.time() + opts.timeout_s
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
-        messages = self._messages(request)
-        max_tokens = request.max_tokens or opts.max_tokens
 
         def put(item: tuple[str, Any]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
                 loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work() -> None:
-            try:
-                loaded = self._load()
-                with loaded.lock:
-                    if cancel.is_set():
-                        put(("end", (None, 0, 0)))
-                        return
-                    chunks: Iterator[Any] = loaded.llm.create_chat_completion(
-                        messages=messages,
-                        stream=True,
-                        max_tokens=max_tokens,
-                        temperature=opts.temperature,
-                        top_p=opts.top_p,
-                        seed=opts.seed,
-                        stop=list(opts.stop) or None,
-                    )
-                    produced = 0
-                    finish: str | None = None
-                    try:
-                        for chunk in chunks:
-                            if cancel.is_set():
-                                break
-                            choice = chunk["choices"][0]
-                            text = choice.get("delta", {}).get("content")
-                            if text:
-                                produced += 1
-                                put(("text", text))
-                            finish = choice.get("finish_reason") or finish
-                    finally:
-                        close = getattr(chunks, "close", None)
-                        if close is not None:
-                            close()
-                    prompt_tokens = max(int(loaded.llm.n_tokens) - produced, 0)
-                    put(("end", (finish, prompt_tokens, produced)))
-            except Exception as err:  # noqa: BLE001 - reported to the consumer
-                put(("error", err))
-
-        worker = loop.run_in_executor(None, work)
+        max_tokens = request.max_tokens or opts.max_tokens
+        worker = loop.run_in_executor(
+            None, self._generate, self._messages(request), max_tokens, put, cancel
+        )
         extractor = ToolCallExtractor("llama_call")
         try:
             while True:
@@ -255,24 +265,16 @@ class LlamaCppProvider:
                     raise ProviderUnavailable(
                         f"llama_cpp: no answer within {opts.timeout_s:g}s"
                     ) from None
-                if kind == "text":
-                    shown, calls = extractor.feed(value)
-                    if shown:
-                        yield TextDelta(shown)
-                    for call in calls:
-                        yield ToolCall(call)
-                elif kind == "error":
-                    message = short(value)
-                    if "context window" in message.lower() or "exceed context" in message.lower():
-                        raise ContextTooLong(f"llama_cpp: context too long: {message}")
-                    raise ProviderUnavailable(f"llama_cpp: generation failed: {message}")
-                else:
+                if kind == "error":
+                    raise _generation_error(value)
+                text, done = (value, False) if kind == "text" else ("", True)
+                shown, calls = extractor.feed(text) if not done else extractor.finish()
+                if shown:
+                    yield TextDelta(shown)
+                for call in calls:
+                    yield ToolCall(call)
+                if done:
                     finish, prompt_tokens, produced = value
-                    rest, calls = extractor.finish()
-                    if rest:
-                        yield TextDelta(rest)
-                    for call in calls:
-                        yield ToolCall(call)
                     yield UsageReport(input_tokens=prompt_tokens, output_tokens=produced)
                     yield Stop(normalize_stop(finish, has_tool_calls=bool(extractor.calls)))
                     return
@@ -292,3 +294,10 @@ def _factory(model: str, options: BaseModel, context: ProviderContext) -> Provid
 
 
 SPECS = [ProviderSpec(kind="llama_cpp", options=LlamaCppOptions, factory=_factory)]
+
+
+def _generation_error(err: BaseException) -> ProviderError:
+    message = short(err)
+    if "context window" in message.lower() or "exceed context" in message.lower():
+        return ContextTooLong(f"llama_cpp: context too long: {message}")
+    return ProviderUnavailable(f"llama_cpp: generation failed: {message}")

@@ -26,6 +26,7 @@ BUILTIN: dict[str, str] = {
     "ollama": "mesh.providers.ollama",
     "claude_cli": "mesh.providers.claude_cli",
     "llama_cpp": "mesh.providers.llama_cpp",
+    "gemini": "mesh.providers.gemini",
 }
 
 

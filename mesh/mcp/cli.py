@@ -1,0 +1,57 @@
+"""``mesh mcp``: serve the mesh's agents as MCP tools (stdio or streamable HTTP)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from mesh.config import ENV_CONFIG, load_config
+from mesh.errors import ConfigError
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``mesh mcp`` to the ``mesh`` command's subparsers."""
+    p = sub.add_parser(
+        "mcp",
+        help="serve the mesh's agents as MCP tools (ask_<agent>) over stdio or HTTP",
+        description="One MCP tool per routable agent and sequence, answered through the "
+        "router with the caller's identity. stdio for desktop/IDE clients; streamable "
+        "HTTP (stateless) for remote ones.",
+    )
+    p.add_argument("--config", metavar="FILE", help=f"mesh file (default: ${ENV_CONFIG})")
+    p.add_argument("--router", help="HOST:PORT of the router (default: from the config)")
+    p.add_argument("--transport", choices=["stdio", "http"], default="stdio", help="default: stdio")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP: address to bind")
+    p.add_argument("--port", type=int, default=8765, help="HTTP: port (0 = any free)")
+    p.add_argument(
+        "--user",
+        default=os.environ.get("USER") or "dev",
+        help="stdio with auth on: who you are in the locally minted token ($MESH_TOKEN wins)",
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="deadline of one ask, seconds")
+    p.set_defaults(func=cmd_mcp)
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from mesh import loop
+    from mesh.mcp._serve import serve_http, serve_stdio
+
+    config = load_config(args.config)
+    router = args.router or f"{config.router.host}:{config.router.port}"
+    if args.timeout <= 0:
+        raise ConfigError("--timeout must be positive")
+    if args.transport == "stdio":
+        loop.run(serve_stdio(config, router, user=args.user, timeout_s=args.timeout))
+    else:
+        loop.run(
+            serve_http(
+                config,
+                router,
+                host=args.host,
+                port=args.port,
+                timeout_s=args.timeout,
+                on_bound=lambda url: print(f"mcp: {url}", flush=True),
+            )
+        )
+    return 0

@@ -1,0 +1,5 @@
+"""``python -m mcp_glossary``: serve the glossary over stdio."""
+
+from mcp_glossary import main
+
+main()
