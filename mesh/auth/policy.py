@@ -9,9 +9,10 @@ configuration must say the same (see the README's auth section).
 Defaults, from the mesh file:
 
 - the router: delegated and app tokens for every agent (turns, and its own ``Info``);
-- an agent: delegated tokens for nothing (add its MCP resources and remote A2A peers in
-  ``auth.clients.<agent>.audiences``), app tokens for the router only (registration,
-  with the ``router.discovery.register_role`` role);
+- an agent: delegated and app tokens for the MCP servers it lists with an
+  ``audience`` (add remote A2A peers in ``auth.clients.<agent>.audiences``), app tokens
+  for the router (registration, with the ``router.discovery.register_role`` role);
+- an edge (``mesh mcp``, the A2A edge): a user's token for the router only;
 - ``auth.service_callers``: ``{agent: [service, ...]}`` also lets those services get app
   tokens for that agent.
 """
@@ -51,6 +52,11 @@ class ClientPolicy:
             )
 
 
+#: Edges that take a user's token for themselves and reach the mesh through the router
+#: (``mesh mcp``; the A2A edge): a user's token for the router, nothing else.
+EDGES = ("mcp", "a2a")
+
+
 def _audiences(config: MeshConfig, names: Iterable[str]) -> set[str]:
     """Service names become their audiences; anything else is taken as an audience."""
     known = {"router", *config.agents}
@@ -65,7 +71,11 @@ def client_policy(config: MeshConfig, service: str) -> ClientPolicy:
     if service == "router":
         delegated, app, roles = agents, agents, []
     elif service in config.agents:
-        delegated, app, roles = [], ["router"], [config.router.discovery.register_role]
+        resources = [s.audience for s in config.agents[service].mcp_servers if s.audience]
+        role = config.router.discovery.register_role
+        delegated, app, roles = resources, ["router", *resources], [role]
+    elif service in EDGES:
+        delegated, app, roles = ["router"], [], []
     else:
         delegated, app, roles = [], [], []
     if client.audiences is not None:
