@@ -88,6 +88,12 @@ class LimitsConfig(_Frozen):
     """A turn that runs longer is cancelled (the caller's deadline still applies)."""
     tool_timeout_s: float = Field(default=30.0, gt=0)
     """A tool call that runs longer becomes an error result."""
+    tool_timeouts_s: dict[str, float] = Field(default_factory=dict)
+    """Per-tool timeouts (tool name -> seconds), overriding ``tool_timeout_s``."""
+    tool_workers: int = Field(default=8, ge=1, le=256)
+    """Threads this agent's sync tools may hold at once. A sync tool cannot be
+    interrupted: one that timed out keeps its thread until it returns, and a call
+    made while all are held is an error result at once, never a queue."""
     consult_timeout_s: float = Field(default=120.0, gt=0)
     """How long to wait for the router to answer a CONSULT."""
 
