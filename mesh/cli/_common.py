@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,6 +91,20 @@ def port_in_use(what: str, address: str) -> CommandError:
     )
 
 
+def ensure_port_free(what: str, host: str, port: int) -> None:
+    """Fail in one line when ``host:port`` is taken (before gRPC tries and logs it)."""
+    if not port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise port_in_use(what, f"{host}:{port}") from None
+            raise
+
+
 def is_bind_error(err: BaseException) -> bool:
     text = str(err).lower()
     return isinstance(err, (OSError, RuntimeError)) and ("bind" in text or "in use" in text)
@@ -141,10 +157,22 @@ def _port_of(target: str) -> int | None:
         return None
 
 
+def agent_note(config: MeshConfig, address: str) -> Path:
+    """Where ``mesh agent`` notes its name while it listens on ``address``."""
+    return Path(config.data_dir) / "run" / ("agent-" + address.replace(":", "-"))
+
+
 def agent_at(config: MeshConfig | None, target: str) -> str | None:
-    """The agent of the mesh file that listens on ``target``'s port, if exactly one does."""
+    """The agent listening on ``target``: the one that noted it in the data dir (a
+    ``mesh agent`` of this mesh file), else the mesh file's agent on that port."""
     if config is None:
         return None
+    try:
+        name = agent_note(config, target).read_text(encoding="utf-8").strip()
+    except OSError:
+        name = ""
+    if name in config.agents:
+        return name
     port = _port_of(target)
     names = [n for n, a in config.agents.items() if port and a.port == port]
     return names[0] if len(names) == 1 else None

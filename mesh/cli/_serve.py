@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
@@ -15,7 +17,9 @@ from mesh.cli._common import (
     CommandError,
     add_config,
     add_no_auth,
+    agent_note,
     config_of,
+    ensure_port_free,
     is_bind_error,
     port_in_use,
     venv_command,
@@ -44,18 +48,24 @@ def require_token_service(config: MeshConfig, who: str) -> None:
     auth = config.auth
     if not auth.enabled or auth.exchanger != "embedded" or auth.issuer:
         return
-    from mesh.auth.runtime import resolve_issuer
+    from mesh.auth.runtime import resolve_issuer, sts_dir
 
-    url = urlsplit(resolve_issuer(config))
+    cfg = f" --config {config.source}" if config.source else ""
+    start = f"start it first (`{venv_command('mesh')} sts{cfg}`), or run {who} with --no-auth"
+    try:
+        url = urlsplit(resolve_issuer(config))
+    except ConfigError:  # sts.port 0 and no URL written: it has not run
+        raise CommandError(
+            f"auth is on and the token service is not running (no URL in {sts_dir(config)}): "
+            f"{start} (development only)"
+        ) from None
     host, port = url.hostname or "127.0.0.1", url.port or 443
     try:
         socket.create_connection((host, port), timeout=2).close()
     except OSError:
-        cfg = f" --config {config.source}" if config.source else ""
         raise CommandError(
             f"auth is on and the token service ({url.scheme}://{host}:{port}) is not running: "
-            f"start it first (`{venv_command('mesh')} sts{cfg}`), or run {who} with --no-auth "
-            "(development only)"
+            f"{start} (development only)"
         ) from None
 
 
@@ -63,6 +73,7 @@ async def _start(
     server_start: Callable[[str, int], Awaitable[int]], what: str, host: str, port: int
 ) -> int:
     """Start a server; a taken port is one line saying what to do."""
+    ensure_port_free(what, host, port)
     try:
         bound = await server_start(host, port)
     except (RuntimeError, OSError) as err:
@@ -87,6 +98,7 @@ async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
         raise
     server.install_signal_handlers()
     address = f"{host}:{bound}"
+    announced = announce_agent(config, name, address)
     print(f"agent {name}: {address}", flush=True)
     if server.health_port:
         print(f"health: {host}:{server.health_port}", flush=True)
@@ -109,8 +121,20 @@ async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
     finally:
         if registration is not None:
             registration.cancel()
+        announced.unlink(missing_ok=True)
         await runtime.provider.aclose()
     return 0
+
+
+def announce_agent(config: MeshConfig, name: str, address: str) -> Path:
+    """Note which agent listens on ``address`` (``<data_dir>/run``), so that local
+    clients of the same mesh file know whose audience to ask a token for."""
+    path = agent_note(config, address)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(name)
+    return path
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
