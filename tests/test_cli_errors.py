@@ -117,8 +117,10 @@ def test_chat_json_into_a_closed_pipe(tmp_path: Path) -> None:
     try:
         address = agent.wait_line("agent talker: ")
         chat = subprocess.Popen(
-            [sys.executable, "-m", "mesh", "chat", "--config", str(config)]
-            + ["--target", address, "--json", "talk to me"],
+            [
+                *(sys.executable, "-m", "mesh", "chat", "--config", str(config)),
+                *("--target", address, "--json", "talk to me"),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
