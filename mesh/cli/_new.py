@@ -62,6 +62,7 @@ TEST = '''\
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from mesh.agent._serve import build_agent_server
@@ -70,24 +71,29 @@ from mesh.client import AgentClient, create_channel
 from mesh.config import load_config
 from mesh.router import MemoryStore, RouterApp, with_static
 
-MESH_FILE = Path(__file__).resolve().parent / {config!r}
+MESH_FILE = Path(__file__).resolve().parent / "{config}"
 
 
-async def test_{ident}_calls_its_tool_through_the_router() -> None:
+def test_{ident}_calls_its_tool_through_the_router() -> None:
+    asyncio.run(_calls_its_tool())
+
+
+async def _calls_its_tool() -> None:
+    """Start the agent and a router on free ports; ask the router for {name}."""
     config = without_auth(load_config(MESH_FILE))
-    server, runtime = build_agent_server(config, {name!r})
+    server, runtime = build_agent_server(config, "{name}")
     port = await server.start("127.0.0.1", 0)
-    app = RouterApp(with_static(config, {{{name!r}: [f"127.0.0.1:{{port}}"]}}), store=MemoryStore())
+    app = RouterApp(with_static(config, {{"{name}": [f"127.0.0.1:{{port}}"]}}), store=MemoryStore())
     router_port = await app.start("127.0.0.1", 0)
     try:
-        assert await app.pool.wait_healthy({name!r}, 10)
+        assert await app.pool.wait_healthy("{name}", 10)
         async with create_channel(f"127.0.0.1:{{router_port}}") as channel:
             client = AgentClient(channel, router=True)
-            result = await client.chat("remember this note", agent={name!r}, timeout=30)
+            result = await client.chat("remember this note", agent="{name}", timeout=30)
         results = [e.tool_result for e in result.events if e.WhichOneof("kind") == "tool_result"]
         assert [r.name for r in results] == ["save_note"]
         assert not results[0].is_error and "buy milk" in results[0].content
-        assert result.final is not None and result.final.agent == {name!r}
+        assert result.final is not None and result.final.agent == "{name}"
     finally:
         await app.stop()
         await server.stop(0)
