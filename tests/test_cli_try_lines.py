@@ -5,6 +5,7 @@ whose generated test passes."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,9 +31,10 @@ def test_every_try_line_runs_from_a_fresh_shell(tmp_path: Path) -> None:
         # A fresh shell: the system PATH, the user's HOME, and only the variables that
         # point at this test's mesh (its data dir and ports) instead of the defaults.
         shell_env = {"PATH": SYSTEM_PATH, "HOME": str(tmp_path), **env}
-        script = ""
+        exports = ""
         for line in lines:
-            script += line + "\n"
+            script = exports + line
+            exports += line + "\n" if line.startswith("export ") else ""
             done = subprocess.run(
                 ["/bin/bash", "--noprofile", "--norc", "-e", "-c", script],
                 cwd=REPO,
@@ -100,3 +102,54 @@ def test_new_agent_scaffold_and_its_test(tmp_path: Path) -> None:
     assert again.popen.wait(timeout=60) == 2
     again.lines.get(timeout=10)
     assert "already exists" in "".join(again.stderr)
+
+
+def _readme_commands() -> list[str]:
+    """The shell commands of the README's Start and grpcurl sections, as written
+    (continuation lines joined; `make` lines and other sections left out)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("\n## Start")
+    end = text.index("\n### One agent on its own")
+    commands: list[str] = []
+    for block in re.findall(r"```sh\n(.*?)```", text[start:end], re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip() and not line.startswith("make "):
+                commands.append(line)
+    return commands
+
+
+def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
+    commands = _readme_commands()
+    assert len(commands) >= 10, commands
+    mesh, router, env = start_mesh(MESH_YAML, tmp_path / "data")
+    try:
+        billing = next(
+            line.split(": ", 1)[1].strip()
+            for line in mesh.stdout
+            if line.startswith("agent billing: ")
+        )
+        shell_env = {
+            "PATH": SYSTEM_PATH,
+            "HOME": str(tmp_path),
+            **env,
+            "MESH_ROUTER__PORT": router.rpartition(":")[2],
+        }
+        exports = ""
+        for command in commands:
+            # The README's fixed ports are this test's free ones.
+            line = command.replace("127.0.0.1:50050", router).replace("127.0.0.1:50062", billing)
+            script = exports + line
+            exports += line + "\n" if line.startswith("export ") else ""
+            done = subprocess.run(
+                ["/bin/bash", "--noprofile", "--norc", "-e", "-o", "pipefail", "-c", script],
+                cwd=REPO,
+                env=shell_env,
+                capture_output=True,
+                text=True,
+                timeout=90,
+                check=False,
+            )
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+            assert "Traceback" not in done.stderr, (command, done.stderr)
+    finally:
+        mesh.stop()
