@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import inspect
 import json
@@ -125,6 +126,8 @@ class ToolExecutor:
             self._busy += 1
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
+        # The caller's contextvars (principal, call context) as asyncio.to_thread gives them.
+        context = contextvars.copy_context()
 
         def deliver(result: _T | None, error: BaseException | None) -> None:
             if future.done():  # the caller gave up (timeout or cancel)
@@ -138,7 +141,7 @@ class ToolExecutor:
             result: _T | None = None
             error: BaseException | None = None
             try:
-                result = func(**kwargs)
+                result = context.run(func, **kwargs)
             except BaseException as err:  # noqa: BLE001 - SystemExit too: the caller reports it
                 error = err if isinstance(err, Exception) else _Escaped(err)
             finally:
