@@ -266,6 +266,8 @@ def _interactive(args: argparse.Namespace, caller: Caller) -> int:
                         print(f"(turn failed: {shown})", file=sys.stderr, flush=True)
                 except CommandError as err:
                     print(f"(turn failed: {err})", file=sys.stderr, flush=True)
+                except asyncio.CancelledError:
+                    print("(turn dropped)", file=sys.stderr, flush=True)
                 except Exception as err:  # noqa: BLE001 - a MeshError: one line, chat goes on
                     message = getattr(err, "message", str(err))
                     code = getattr(getattr(err, "code", None), "name", type(err).__name__)
@@ -279,10 +281,13 @@ async def _interruptible_turn(session: Session, message: str) -> None:
     """One turn where Ctrl-C asks the server to cancel it instead of leaving."""
     cancel = asyncio.Event()
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
 
     def on_sigint() -> None:
-        if not cancel.is_set():
-            print("\n(cancelling the turn...)", file=sys.stderr, flush=True)
+        if cancel.is_set() and task is not None:  # a second Ctrl-C: drop the call itself
+            task.cancel()
+            return
+        print("\n(cancelling the turn...; Ctrl-C again drops it)", file=sys.stderr, flush=True)
         cancel.set()
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
