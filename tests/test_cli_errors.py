@@ -58,7 +58,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_help_on_every_command() -> None:
-    for command in ([], ["agent"], ["up"], ["chat"], ["info"]):
+    for command in ([], ["agent"], ["up"], ["chat"], ["info"], ["new", "agent"]):
         proc = Proc([*command, "--help"])
         assert proc.popen.wait(timeout=30) == 0
         proc.lines.get(timeout=10)
@@ -135,3 +135,11 @@ def test_chat_json_into_a_closed_pipe(tmp_path: Path) -> None:
         assert _one_line(err) == "mesh chat: output closed before the end (broken pipe)"
     finally:
         agent.stop()
+
+
+def test_new_agent_with_a_bad_name(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"agents": {"a": offline_agent()}})
+    code, err = _run("new", "agent", "Bad-Name", "--config", str(config))
+    assert code == 2
+    assert _one_line(err).startswith("mesh new: agent name 'Bad-Name': use lowercase")
+    assert not (tmp_path / "Bad-Name").exists()

@@ -66,7 +66,7 @@ import asyncio
 from pathlib import Path
 
 from mesh.agent._serve import build_agent_server
-from mesh.cli._common import without_auth
+from mesh.cli import without_auth
 from mesh.client import AgentClient, create_channel
 from mesh.config import load_config
 from mesh.router import MemoryStore, RouterApp, with_static
