@@ -127,9 +127,30 @@ class ChatStream:
             if event.WhichOneof("kind") in ("final", "error"):
                 return
 
+    async def request_cancel(self, reason: str = "cancelled by the user") -> None:
+        """Ask the server to cancel the turn in flight; it ends it with a final
+        event (``stop_reason`` ``cancelled``) and the stream stays usable."""
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self.call.write(types_pb2.ChatRequest(cancel=types_pb2.Cancel(reason=reason)))
+
     async def close(self) -> None:
+        """Half-close: no more requests from this side."""
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
             await self.call.done_writing()
+
+    async def finish(self, timeout: float = 10.0) -> grpc.StatusCode:
+        """End the call cleanly: half-close, then read to the end so that the server
+        finishes it with OK (a cancel would be audited as CANCELLED). Cancels only
+        when the server does not end it within ``timeout``."""
+        await self.close()
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.call.read() is not grpc.aio.EOF:
+                    pass
+                return await self.call.code()
+        except (TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
+            self.call.cancel()
+            return grpc.StatusCode.CANCELLED
 
     def cancel(self) -> None:
         self.call.cancel()
@@ -172,9 +193,10 @@ class AgentClient:
             )
             async for event in stream.turn(request):
                 result.events.append(event)
-        finally:
-            await stream.close()
+        except BaseException:
             stream.cancel()
+            raise
+        await stream.finish()
         return result
 
     async def info(self, *, timeout: float = 10.0) -> types_pb2.AgentInfo:
