@@ -40,21 +40,29 @@ def create_channel(
     credentials: grpc.ChannelCredentials | None = None,
     own_connection: bool = False,
     options: Sequence[tuple[str, Any]] = (),
+    forward_context: bool = True,
 ) -> grpc.aio.Channel:
     """One channel to ``target`` with the mesh's limits (and interceptors, e.g. token exchange).
+
+    The call context of the call being served (request id, conversation id, hop path,
+    W3C trace context) is written into every outgoing call's metadata, auth on or off
+    (:func:`~mesh.interceptors.context_interceptors`); the router's agent
+    channels turn that off (``forward_context=False``): each turn carries its context
+    in the request.
 
     Channels to the same target share one HTTP/2 connection unless ``own_connection``;
     a client holding more streams than the server allows per connection
     (``server.http2_max_streams_per_connection``) needs several channels that each own one.
     """
+    from mesh.interceptors import context_interceptors
+
     all_options = [*channel_options(settings), *options]
     if own_connection:
         all_options.append(("grpc.use_local_subchannel_pool", 1))
+    chain = [*context_interceptors(), *interceptors] if forward_context else list(interceptors)
     if credentials is not None:
-        return grpc.aio.secure_channel(
-            target, credentials, options=all_options, interceptors=list(interceptors)
-        )
-    return grpc.aio.insecure_channel(target, options=all_options, interceptors=list(interceptors))
+        return grpc.aio.secure_channel(target, credentials, options=all_options, interceptors=chain)
+    return grpc.aio.insecure_channel(target, options=all_options, interceptors=chain)
 
 
 @dataclass
