@@ -145,16 +145,33 @@ def test_message_from_stdin_with_context(tmp_path: Path) -> None:
 
 
 def test_a_successful_chat_is_audited_ok_and_logs_no_warning(tmp_path: Path) -> None:
-    """Through the shipped mesh with auth on: the call ends OK at every hop."""
+    """The demo conversations through the shipped mesh with auth on (a greeting, two
+    TRANSFERs with tools, a parallel CONSULT, a sequence, a CONDITIONAL route by
+    context, an MCP tool, a goodbye), each in a conversation of its own: every call
+    ends OK at every hop and no process logs anything at WARNING or above."""
     mesh, router, env = start_mesh(MESH_YAML, tmp_path / "data")
+    demos = [
+        (["hello"], "[triage] Hello!"),
+        (["show my invoice"], "[billing]"),
+        (["where is my order?"], "[orders]"),
+        (["give me a plan"], "[triage]"),
+        (["brief me on grpc"], "[writer]"),
+        (["--context", "department=finance", "what do I owe?"], "[billing]"),
+        (["define hop budget"], "[researcher]"),
+        (["bye"], "[triage]"),
+    ]
     try:
-        chat = Proc(["chat", "--config", str(MESH_YAML), "--router", router, "hello"], env)
-        assert chat.popen.wait(timeout=60) == 0, "".join(chat.stderr)
-        chat.lines.get(timeout=10)
-        assert "".join(chat.stdout).startswith("[triage] Hello!")
+        for n, (args, expected) in enumerate(demos):
+            base = ["chat", "--config", str(MESH_YAML), "--router", router]
+            chat = Proc([*base, "--conversation", f"demo-{n}", *args], env)
+            assert chat.popen.wait(timeout=60) == 0, "".join(chat.stderr)
+            chat.lines.get(timeout=10)
+            assert expected in "".join(chat.stdout), (args, chat.stdout)
     finally:
         assert mesh.stop() == 0
     logs = "".join(mesh.stderr)
     audited = [line for line in logs.splitlines() if "mesh.v1.RouterService/Chat" in line]
     assert audited and all('"status":"OK"' in line for line in audited), audited
-    assert not [line for line in logs.splitlines() if " WARNING " in line or " ERROR " in line]
+    loud = [line for line in logs.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert not loud, loud
+    assert "Task was destroyed" not in logs and "Traceback" not in logs
