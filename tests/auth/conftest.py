@@ -1,25 +1,30 @@
 """Fixtures for the auth tests: one real embedded STS (HTTPS, dev CA) for the session,
-real grpc.aio servers on 127.0.0.1 port 0, and a log capture that the last test reads."""
+probe servers started with the project's own bootstrap (:class:`mesh.server.MeshServer`)
+on 127.0.0.1 port 0 that report what they saw through ``meshtest.v1.ProbeService``
+(tests/auth/probe/probe.proto), and a log capture that the last test reads."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from mesh import context as ctx
 from mesh.auth.devca import make_client_certificate
+from mesh.auth.server_auth import current_traceparent
 from mesh.auth.sts import TokenService
-from mesh.config import MeshConfig, config_from_dict
+from mesh.config import MeshConfig, ServerSettings, config_from_dict
+from mesh.interceptors import CallContextInterceptor
+from mesh.server import Lifecycle, MeshServer, Service
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tests.auth import probe
 
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 ROUTER_SECRET_ENV = "MESH_TEST_ROUTER_SECRET"
 ROUTER_SECRET = "router-secret-value-0123456789"
 
@@ -112,93 +117,144 @@ def entra_config(config: MeshConfig, sts: TokenService) -> MeshConfig:
     return with_auth(config, exchanger="entra")
 
 
-class InfoAgent(agent_pb2_grpc.AgentServiceServicer):
-    """A tiny real servicer reporting what the interceptor put into the contextvars.
+def seen_now(context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    """A ``meshtest.v1.SeenResponse`` of what this call's context holds now."""
+    principal = ctx.current_principal.get()
+    seen = probe.pb2.SeenResponse(
+        token_present=bool(ctx.current_token.get()),
+        conversation_id=ctx.current_conversation_id.get(),
+        hop_path=list(ctx.current_hop_path.get()),
+        traceparent=current_traceparent.get(),
+    )
+    remaining = context.time_remaining()
+    if remaining is not None:
+        seen.deadline_remaining_s = remaining
+    if principal is not None:
+        seen.authenticated = True
+        seen.subject = principal.subject
+        seen.audience = principal.audience
+        seen.actor_chain.extend(principal.actor_chain)
+        seen.scopes.extend(sorted(principal.scopes))
+        if principal.hops_remaining is not None:
+            seen.hops_remaining = principal.hops_remaining
+    return seen
 
-    ``Info`` answers with name = principal subject, description = audience, skills =
-    actor chain, version = conversation id, required_scopes = hop path. ``Chat``
-    streams one delta per request with ``sub|aud|actors|conversation``. When ``next_hop``
-    is set, Info first calls it (through the client interceptors) and returns its answer
-    prefixed, to test per-hop exchange.
+
+class Probe(agent_pb2_grpc.AgentServiceServicer):
+    """A real servicer that reports what the project's interceptors put into the context.
+
+    ``meshtest.v1.ProbeService/Seen`` answers with a ``SeenResponse``; ``SeenEach`` with
+    one per request of a bidi stream. The agent contract is served too, so that its
+    per-method policy applies: ``Info`` answers the probe's own (honest) card, and each
+    ``Chat``/``Handoff`` request is recorded as a ``SeenResponse`` in :attr:`chats`
+    before the probe answers with a bare event. With ``next_hop``, ``Seen`` forwards to
+    the next hop (through the client interceptors) and answers with what that hop saw.
     """
 
-    def __init__(self, next_hop: Callable[[], Any] | None = None) -> None:
+    def __init__(self, next_hop: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.next_hop = next_hop
+        self.lifecycle = Lifecycle()
+        self.chats: list[Any] = []
+        """What each Chat/Handoff request saw, in order."""
+
+    async def Seen(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802 - gRPC method name
+        if self.next_hop is not None:
+            return await self.next_hop()
+        return seen_now(context)
+
+    async def SeenEach(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async with self.lifecycle.work():
+            async for _ in request_iterator:
+                yield seen_now(context)
 
     async def Info(  # noqa: N802 - gRPC method name
         self, request: agent_pb2.InfoRequest, context: Any
     ) -> agent_pb2.InfoResponse:
-        if self.next_hop is not None:
-            downstream: types_pb2.AgentInfo = await self.next_hop()
-            return agent_pb2.InfoResponse(info=downstream)
-        principal = ctx.current_principal.get()
-        assert principal is not None
-        assert ctx.current_token.get()
-        from mesh.auth.interceptors import current_traceparent
-
-        remaining = context.time_remaining()
         return agent_pb2.InfoResponse(
-            info=types_pb2.AgentInfo(
-                model=types_pb2.ModelInfo(
-                    provider=current_traceparent.get(),
-                    model=f"{remaining:.3f}" if remaining else "",
-                ),
-                name=principal.subject,
-                description=principal.audience,
-                skills=[types_pb2.Skill(name=a) for a in principal.actor_chain],
-                version=ctx.current_conversation_id.get(),
-                required_scopes=list(ctx.current_hop_path.get()),
-            )
+            info=types_pb2.AgentInfo(name="probe", description="a test probe")
         )
+
+    async def _record(
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[types_pb2.ChatEvent]:
+        async with self.lifecycle.work():
+            seq = 0
+            async for _ in request_iterator:
+                self.chats.append(seen_now(context))
+                seq += 1
+                yield types_pb2.ChatEvent(agent="probe", seq=seq)
 
     async def Chat(  # noqa: N802 - gRPC method name
         self, request_iterator: Any, context: Any
     ) -> AsyncIterator[types_pb2.ChatEvent]:
-        seq = 0
-        async for _ in request_iterator:
-            principal = ctx.current_principal.get()
-            assert principal is not None
-            seq += 1
-            text = "|".join(
-                [
-                    principal.subject,
-                    principal.audience,
-                    ",".join(principal.actor_chain),
-                    ctx.current_conversation_id.get(),
-                ]
-            )
-            yield types_pb2.ChatEvent(agent="x", seq=seq, delta=types_pb2.TextDelta(text=text))
+        async for event in self._record(request_iterator, context):
+            yield event
 
     async def Handoff(  # noqa: N802 - gRPC method name
         self, request_iterator: Any, context: Any
     ) -> AsyncIterator[types_pb2.ChatEvent]:
-        async for _ in request_iterator:
-            yield types_pb2.ChatEvent(agent="x", seq=1)
+        async for event in self._record(request_iterator, context):
+            yield event
 
 
 @asynccontextmanager
 async def serve(
-    interceptors: list[grpc.aio.ServerInterceptor], servicer: InfoAgent | None = None
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+    servicer: Probe | None = None,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    extra: Sequence[Service] = (),
 ) -> AsyncIterator[str]:
-    """A real grpc.aio server on 127.0.0.1:0 with health, reflection and the agent."""
-    # Like the mesh's server bootstrap: metadata up to 16 KiB reaches the interceptor.
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[("grpc.so_reuseport", 0), ("grpc.max_metadata_size", 16 * 1024)],
+    """The project's server bootstrap (:class:`MeshServer`: limits, health, reflection) on
+    127.0.0.1:0 serving a probe, with the call-context interceptor first and then
+    ``interceptors`` (the auth ones), as every mesh service chains them."""
+    probe_servicer = servicer or Probe()
+    services = [
+        Service(
+            AGENT_SERVICE,
+            lambda s: agent_pb2_grpc.add_AgentServiceServicer_to_server(probe_servicer, s),
+        ),
+        Service(
+            probe.SERVICE,
+            lambda s: probe.pb2_grpc.add_ProbeServiceServicer_to_server(probe_servicer, s),
+        ),
+        *extra,
+    ]
+    server = MeshServer(
+        ServerSettings(),
+        services,
+        interceptors=[CallContextInterceptor(), *interceptors],
+        lifecycle=probe_servicer.lifecycle,
+        label="probe",
+        server_credentials=credentials,
     )
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(servicer or InfoAgent(), server)
-    health_servicer = health.aio.HealthServicer()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        ["mesh.v1.AgentService", "grpc.health.v1.Health", reflection.SERVICE_NAME], server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    port = await server.start("127.0.0.1", 0)
     try:
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+async def seen(
+    addr: str,
+    metadata: Any = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+) -> Any:
+    """Call the probe's ``Seen`` at ``addr``; its ``SeenResponse``."""
+    channel = (
+        grpc.aio.insecure_channel(addr, interceptors=interceptors, options=options)
+        if credentials is None
+        else grpc.aio.secure_channel(addr, credentials, options, interceptors=interceptors)
+    )
+    async with channel:
+        return await probe.pb2_grpc.ProbeServiceStub(channel).Seen(
+            probe.pb2.SeenRequest(), metadata=metadata, timeout=10
+        )
 
 
 def bearer(token: str) -> tuple[tuple[str, str], ...]:

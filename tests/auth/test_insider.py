@@ -17,7 +17,6 @@ import httpx
 import pytest
 from jose import jwt as jose_jwt
 
-from mesh import context as ctx
 from mesh.auth.exchange import build_exchanger, hop_tokens
 from mesh.auth.interceptors import server_interceptors
 from mesh.auth.jwt import unverified_claims
@@ -26,7 +25,7 @@ from mesh.auth.sts import TokenService, mint_user_token
 from mesh.config import MeshConfig, config_from_dict
 from mesh.errors import MeshError, PermissionDenied
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from tests.auth.conftest import ROUTER_SECRET, InfoAgent, bearer, mesh_dict, serve, with_auth
+from tests.auth.conftest import ROUTER_SECRET, Probe, bearer, mesh_dict, seen, serve, with_auth
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS = "urn:ietf:params:oauth:token-type:access_token"
@@ -290,46 +289,18 @@ async def test_id_tokens_and_bad_claims_are_refused_with_the_real_reason(
 # -- agents take users' tokens only through the router (item 4) -------------------------------
 
 
-class Probe(InfoAgent):
-    """Answers Chat with what the server side saw, as JSON in one text delta."""
-
-    async def Info(  # noqa: N802 - gRPC method name
-        self, request: agent_pb2.InfoRequest, context: Any
-    ) -> agent_pb2.InfoResponse:
-        principal = ctx.current_principal.get()
-        return agent_pb2.InfoResponse(
-            info=types_pb2.AgentInfo(name=principal.subject if principal else "")
-        )
-
-    async def Chat(  # noqa: N802 - gRPC method name
-        self, request_iterator: Any, context: Any
-    ) -> Any:
-        async for _ in request_iterator:
-            principal = ctx.current_principal.get()
-            assert principal is not None
-            seen = {
-                "sub": principal.subject,
-                "aud": principal.audience,
-                "actors": list(principal.actor_chain),
-                "scopes": sorted(principal.scopes),
-                "hops": principal.hops_remaining,
-            }
-            yield types_pb2.ChatEvent(delta=types_pb2.TextDelta(text=json.dumps(seen)))
-            return
-
-
-async def chat_as(addr: str, token: str) -> tuple[grpc.StatusCode, dict[str, Any]]:
-    """One Chat turn; the status and what the agent saw."""
+async def chat_as(addr: str, token: str, probe: Probe) -> tuple[grpc.StatusCode, Any]:
+    """One Chat turn at the probe; the status and what the probe saw (its ``SeenResponse``)."""
     async with grpc.aio.insecure_channel(addr) as channel:
         call = agent_pb2_grpc.AgentServiceStub(channel).Chat(metadata=bearer(token), timeout=10)
         await call.write(types_pb2.ChatRequest(turn=types_pb2.Turn(message="hi")))
         try:
             event = await call.read()
         except grpc.aio.AioRpcError as err:
-            return err.code(), {}
+            return err.code(), None
         assert isinstance(event, types_pb2.ChatEvent)
         call.cancel()
-        return grpc.StatusCode.OK, json.loads(event.delta.text)
+        return grpc.StatusCode.OK, probe.chats[-1]
 
 
 async def test_agents_chat_needs_a_users_token_delegated_by_the_router(
@@ -354,19 +325,21 @@ async def test_agents_chat_needs_a_users_token_delegated_by_the_router(
         },
     )
     assert by_a.status_code == 200, by_a.text  # a's policy lists b as a peer
-    async with serve(server_interceptors(config, "b"), Probe()) as addr:
+    probe = Probe()
+    async with serve(server_interceptors(config, "b"), probe) as addr:
         for name, token in {
             "the router's own app token": router_app["access_token"],
             "a user's token not obtained through the router": direct,
             "a user's token delegated by agent a": by_a.json()["access_token"],
         }.items():
-            code, _ = await chat_as(addr, token)
+            code, _ = await chat_as(addr, token, probe)
             assert code == grpc.StatusCode.PERMISSION_DENIED, name
+        assert probe.chats == []  # no refused turn reached the servicer
         # Info takes the router's own token; Chat takes alice's through the router.
         assert await _info_status(addr, router_app["access_token"]) == (grpc.StatusCode.OK, "")
-        code, seen = await chat_as(addr, await _via_router(config, sts, "b"))
+        code, got = await chat_as(addr, await _via_router(config, sts, "b"), probe)
         assert code == grpc.StatusCode.OK
-        assert seen["sub"] == "alice" and seen["actors"] == ["mesh-router"]
+        assert got.subject == "alice" and list(got.actor_chain) == ["mesh-router"]
 
 
 async def test_named_service_callers_and_their_app_tokens(tmp_path: Path) -> None:
@@ -381,9 +354,10 @@ async def test_named_service_callers_and_their_app_tokens(tmp_path: Path) -> Non
         granted = await _app_token(sts, admin, "mesh-agent-b")
         assert granted.status_code == 200, granted.text
         assert (await _app_token(sts, stepup, "mesh-agent-b")).status_code == 400
-        async with serve(server_interceptors(cfg, "b"), Probe()) as addr:
-            code, seen = await chat_as(addr, granted.json()["access_token"])
-            assert code == grpc.StatusCode.OK and seen["sub"] == "mesh-agent-admin"
+        probe = Probe()
+        async with serve(server_interceptors(cfg, "b"), probe) as addr:
+            code, got = await chat_as(addr, granted.json()["access_token"], probe)
+            assert code == grpc.StatusCode.OK and got.subject == "mesh-agent-admin"
 
 
 # -- the JWKS cache (item 3) -----------------------------------------------------------------
@@ -439,8 +413,7 @@ async def test_a_cancelled_call_does_not_lock_everyone_out(
                 with pytest.raises(asyncio.CancelledError):
                     await first
                 jwks.release.set()
-                info = await stub.Info(agent_pb2.InfoRequest(), metadata=user, timeout=10)
-                assert info.info.name == "alice"
+                assert (await seen(addr, user)).subject == "alice"
                 await asyncio.gather(
                     *(
                         stub.Info(agent_pb2.InfoRequest(), metadata=user, timeout=10)
@@ -576,10 +549,12 @@ async def test_an_agent_can_refuse_a_budget_its_token_does_not_grant(
     router = _creds(config, "router")
     user = mint_user_token(config, "alice")
     got = await _exchange(sts, router, user, "mesh-agent-b", mesh_hops="1")
-    async with serve(server_interceptors(config, "b"), Probe()) as addr:
-        code, seen = await chat_as(addr, got.json()["access_token"])
-    assert code == grpc.StatusCode.OK and seen["hops"] == 1
-    check_hop_budget(seen["hops"], 1)
+    probe = Probe()
+    async with serve(server_interceptors(config, "b"), probe) as addr:
+        code, saw = await chat_as(addr, got.json()["access_token"], probe)
+    assert code == grpc.StatusCode.OK
+    assert saw.HasField("hops_remaining") and saw.hops_remaining == 1
+    check_hop_budget(saw.hops_remaining, 1)
     with pytest.raises(PermissionDenied, match="hop budget exceeded"):
-        check_hop_budget(seen["hops"], 2)
+        check_hop_budget(saw.hops_remaining, 2)
     check_hop_budget(None, 50)  # no budget in the token: the router's limit applies

@@ -25,28 +25,18 @@ from mesh.auth.runtime import client_credential
 from mesh.auth.sts import TokenService, mint, mint_user_token
 from mesh.config import MeshConfig, config_from_dict
 from mesh.errors import Unauthenticated, Unavailable, from_rpc_error
-from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from tests.auth.conftest import InfoAgent, bearer, serve, with_auth
+from mesh.server import Service
+from mesh.v1 import agent_pb2_grpc
+from tests.auth import probe
+from tests.auth.conftest import Probe, bearer, seen, serve, with_auth
 
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
-
-
-async def _info(
-    addr: str,
-    metadata: Any = None,
-    interceptors: list[grpc.aio.ClientInterceptor] | None = None,
-) -> types_pb2.AgentInfo:
-    async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as channel:
-        result = await agent_pb2_grpc.AgentServiceStub(channel).Info(
-            agent_pb2.InfoRequest(), metadata=metadata, timeout=10
-        )
-        return result.info
 
 
 async def test_contextvars_reach_the_servicer(config: MeshConfig, sts: TokenService) -> None:
     async with serve(server_interceptors(config, "router")) as addr:
         token = mint_user_token(config, "alice")
-        info = await _info(
+        got = await seen(
             addr,
             (
                 *bearer(token),
@@ -54,17 +44,18 @@ async def test_contextvars_reach_the_servicer(config: MeshConfig, sts: TokenServ
                 (ctx.MD_HOP_PATH, "triage, billing"),
             ),
         )
-        assert info.name == "alice"
-        assert info.description == "mesh-router"
-        assert info.version == "conv-1"
-        assert list(info.required_scopes) == ["triage", "billing"]
+        assert got.subject == "alice"
+        assert got.audience == "mesh-router"
+        assert got.token_present
+        assert got.conversation_id == "conv-1"
+        assert list(got.hop_path) == ["triage", "billing"]
 
         # Concurrent calls each see their own principal.
         users = [f"user{i}" for i in range(10)]
         results = await asyncio.gather(
-            *(_info(addr, bearer(mint_user_token(config, u))) for u in users)
+            *(seen(addr, bearer(mint_user_token(config, u))) for u in users)
         )
-        assert [r.name for r in results] == users
+        assert [r.subject for r in results] == users
 
 
 async def test_contextvars_in_a_bidi_stream(config: MeshConfig, sts: TokenService) -> None:
@@ -72,19 +63,19 @@ async def test_contextvars_in_a_bidi_stream(config: MeshConfig, sts: TokenServic
         serve(server_interceptors(config, "router")) as addr,
         grpc.aio.insecure_channel(addr) as channel,
     ):
-        call = agent_pb2_grpc.AgentServiceStub(channel).Chat(
+        call = probe.pb2_grpc.ProbeServiceStub(channel).SeenEach(
             metadata=(*bearer(mint_user_token(config, "alice")), (ctx.MD_CONVERSATION_ID, "c9")),
             timeout=10,
         )
-        texts = []
-        for message in ("one", "two"):
-            await call.write(types_pb2.ChatRequest(turn=types_pb2.Turn(message=message)))
-            event = await call.read()
-            assert isinstance(event, types_pb2.ChatEvent)
-            texts.append(event.delta.text)
+        answers = []
+        for _ in ("one", "two"):
+            await call.write(probe.pb2.SeenRequest())
+            answers.append(await call.read())
         await call.done_writing()
         assert await call.code() == grpc.StatusCode.OK
-        assert texts == ["alice|mesh-router||c9"] * 2
+        assert [
+            (a.subject, a.audience, list(a.actor_chain), a.conversation_id) for a in answers
+        ] == [("alice", "mesh-router", [], "c9")] * 2
 
 
 async def test_missing_scope_is_permission_denied(config: MeshConfig, sts: TokenService) -> None:
@@ -92,15 +83,15 @@ async def test_missing_scope_is_permission_denied(config: MeshConfig, sts: Token
         aud = config.auth.audience_for("admin")
         plain = mint_user_token(config, "alice", audience=aud)
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _info(addr, bearer(plain))
+            await seen(addr, bearer(plain))
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "mesh.admin" in (info.value.details() or "")
         scoped = mint_user_token(config, "alice", ["mesh.chat", "mesh.admin"], audience=aud)
-        assert (await _info(addr, bearer(scoped))).name == "alice"
+        assert (await seen(addr, bearer(scoped))).subject == "alice"
         role = mint(
             config, sub="ops", audience=aud, scopes=["mesh.chat"], extra={"roles": ["mesh.admin"]}
         )
-        assert (await _info(addr, bearer(role))).name == "ops"
+        assert (await seen(addr, bearer(role))).subject == "ops"
 
 
 async def test_health_needs_no_token(config: MeshConfig, sts: TokenService) -> None:
@@ -152,10 +143,9 @@ async def test_reflection_exemption(config: MeshConfig, sts: TokenService) -> No
 def _hop(addr: str, interceptors: list[grpc.aio.ClientInterceptor]) -> Callable[[], Any]:
     channel = grpc.aio.insecure_channel(addr, interceptors=interceptors)
 
-    async def call() -> types_pb2.AgentInfo:
+    async def call() -> Any:
         # No timeout here: the incoming call's deadline is propagated by the interceptor.
-        result = await agent_pb2_grpc.AgentServiceStub(channel).Info(agent_pb2.InfoRequest())
-        return result.info
+        return await probe.pb2_grpc.ProbeServiceStub(channel).Seen(probe.pb2.SeenRequest())
 
     return call
 
@@ -166,10 +156,10 @@ async def test_two_hops_exchange_on_behalf_of_the_user(
     """client -> router -> agent a -> agent b: b sees alice, aud b, actors a then router."""
     async with serve(server_interceptors(config, "b")) as b_addr:
         to_b = _hop(b_addr, client_interceptors(config, config.auth.audience_for("b"), service="a"))
-        async with serve(server_interceptors(config, "a"), InfoAgent(next_hop=to_b)) as a_addr:
+        async with serve(server_interceptors(config, "a"), Probe(next_hop=to_b)) as a_addr:
             to_a = _hop(a_addr, client_interceptors(config, config.auth.audience_for("a")))
             async with serve(
-                server_interceptors(config, "router"), InfoAgent(next_hop=to_a)
+                server_interceptors(config, "router"), Probe(next_hop=to_a)
             ) as router_addr:
                 user = mint_user_token(config, "alice")
                 client = client_interceptors(
@@ -177,7 +167,7 @@ async def test_two_hops_exchange_on_behalf_of_the_user(
                 )
                 before = sts.stats["token"]
                 trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-                info = await _info(
+                got = await seen(
                     router_addr,
                     (
                         (ctx.MD_CONVERSATION_ID, "conv-7"),
@@ -186,17 +176,18 @@ async def test_two_hops_exchange_on_behalf_of_the_user(
                     ),
                     client,
                 )
-                assert info.name == "alice"
-                assert info.description == "mesh-agent-b"
-                assert [s.name for s in info.skills] == ["mesh-agent-a", "mesh-router"]
-                assert info.version == "conv-7"  # forwarded on both hops
-                assert list(info.required_scopes) == ["a"]
-                assert info.model.provider == trace
+                assert got.subject == "alice"
+                assert got.audience == "mesh-agent-b"
+                assert list(got.actor_chain) == ["mesh-agent-a", "mesh-router"]
+                assert got.conversation_id == "conv-7"  # forwarded on both hops
+                assert list(got.hop_path) == ["a"]
+                assert got.traceparent == trace
                 # The client's 10 s deadline reached the last hop (minus time spent).
-                assert 0 < float(info.model.model) <= 10
+                assert got.HasField("deadline_remaining_s")
+                assert 0 < got.deadline_remaining_s <= 10
                 used = sts.stats["token"] - before
-                again = await _info(router_addr, None, client)
-                assert again.name == "alice"
+                again = await seen(router_addr, None, client)
+                assert again.subject == "alice"
                 assert sts.stats["token"] - before == used  # all hops served from caches
 
 
@@ -237,7 +228,7 @@ async def test_exchange_failures_fail_the_call_with_mapped_status(
             for exchanger, kind, code in cases:
                 interceptors = client_interceptors(config, "mesh-agent-a", exchanger=exchanger)
                 with pytest.raises(grpc.aio.AioRpcError) as info:
-                    await _info(addr, None, interceptors)
+                    await seen(addr, None, interceptors)
                 assert info.value.code() == code
                 assert isinstance(from_rpc_error(info.value), kind)
                 async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as ch:
@@ -248,7 +239,7 @@ async def test_exchange_failures_fail_the_call_with_mapped_status(
                 mint(config, sub="mesh-router", audience="mesh-router", extra={"idtyp": "app"})
             )
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await _info(addr, None, client_interceptors(config, "mesh-agent-a"))
+                await seen(addr, None, client_interceptors(config, "mesh-agent-a"))
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
         finally:
             ctx.current_token.reset(token)
@@ -301,20 +292,15 @@ async def test_all_four_call_kinds(
     config: MeshConfig, sts: TokenService, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="mesh.audit")
-    server = grpc.aio.server(
-        interceptors=server_interceptors(config, "b"), options=[("grpc.so_reuseport", 0)]
+    kinds = Service(
+        "test.Kinds", lambda s: s.add_generic_rpc_handlers((_generic_server_handler(),))
     )
-    server.add_generic_rpc_handlers((_generic_server_handler(),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with serve(server_interceptors(config, "b"), extra=[kinds]) as addr:
         user = mint_user_token(config, "alice")
         interceptors = client_interceptors(config, "mesh-agent-b")
         ctx_token = ctx.current_token.set(user)
         try:
-            async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{port}", interceptors=interceptors
-            ) as channel:
+            async with grpc.aio.insecure_channel(addr, interceptors=interceptors) as channel:
                 ch: Any = channel  # raw bytes methods: the stubs cannot type them
                 assert await ch.unary_unary("/test.Kinds/UU")(b"", timeout=10) == b"alice"
                 assert [r async for r in ch.unary_stream("/test.Kinds/US")(b"", timeout=10)] == [
@@ -341,7 +327,7 @@ async def test_all_four_call_kinds(
                     assert failed.value.code() == code
         finally:
             ctx.current_token.reset(ctx_token)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+        async with grpc.aio.insecure_channel(addr) as plain:
             ch = plain
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await ch.unary_unary("/test.Kinds/SU")(b"", timeout=10)
@@ -351,8 +337,6 @@ async def test_all_four_call_kinds(
             )
             call = ch.unary_stream("/test.Kinds/US")(b"", timeout=10)
             assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
-    finally:
-        await server.stop(None)
     statuses = {
         (line["method"], line["status"])
         for line in (json.loads(r.getMessage()) for r in caplog.records if r.name == "mesh.audit")
@@ -378,9 +362,9 @@ async def test_audit_line_per_call(
             scopes=["mesh.chat"],
             extra={"act": {"sub": "mesh-agent-a", "act": {"sub": "mesh-router"}}},
         )
-        await _info(addr, (*bearer(token), (ctx.MD_HOP_PATH, "a,b")))
+        await seen(addr, (*bearer(token), (ctx.MD_HOP_PATH, "a,b")))
         with pytest.raises(grpc.aio.AioRpcError):
-            await _info(addr, bearer(token + "x"))
+            await seen(addr, bearer(token + "x"))
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mesh.audit"]
     ok = [line for line in lines if line["status"] == "OK"]
     denied = [line for line in lines if line["status"] == "UNAUTHENTICATED"]
@@ -388,7 +372,7 @@ async def test_audit_line_per_call(
     assert ok[0]["subject"] == "alice"
     assert ok[0]["actors"] == ["mesh-agent-a", "mesh-router"]
     assert ok[0]["hop_path"] == ["a", "b"]
-    assert ok[0]["method"] == "/mesh.v1.AgentService/Info"
+    assert ok[0]["method"] == f"/{probe.SERVICE}/Seen"
     assert denied[0]["subject"] is None and "signature" in denied[0]["reason"]
     assert all(token not in r.getMessage() for r in caplog.records)
 
@@ -415,18 +399,18 @@ async def test_service_calls_as_itself_with_client_credentials(
 
     async with serve(server_interceptors(config, "router")) as addr:
         interceptors = service_interceptors(config, "mesh-router", service="b")
-        info = await _info(addr, None, interceptors)
-        assert info.name == "mesh-agent-b"  # the agent's own identity (app token)
+        got = await seen(addr, None, interceptors)
+        assert got.subject == "mesh-agent-b"  # the agent's own identity (app token)
         before = sts.stats["token"]
-        await _info(addr, None, interceptors)
+        await seen(addr, None, interceptors)
         assert sts.stats["token"] == before  # cached
     entra = with_auth(config, exchanger="entra")
     async with serve(server_interceptors(entra, "router")) as addr:
-        info = await _info(addr, None, service_interceptors(entra, "mesh-router", service="b"))
-        assert info.name == "mesh-agent-b"
+        got = await seen(addr, None, service_interceptors(entra, "mesh-router", service="b"))
+        assert got.subject == "mesh-agent-b"
         # The router may not get an app token for itself: its policy lists the agents only.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await _info(addr, None, service_interceptors(entra, "mesh-router"))
+            await seen(addr, None, service_interceptors(entra, "mesh-router"))
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -449,26 +433,12 @@ async def test_tls_for_grpc_hops(config: MeshConfig, sts: TokenService, client_a
     server_creds = server_credentials(cfg)
     channel_creds = channel_credentials(cfg)
     assert server_creds is not None and channel_creds is not None
-    server = grpc.aio.server(
-        interceptors=server_interceptors(cfg, "router"), options=[("grpc.so_reuseport", 0)]
-    )
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(InfoAgent(), server)
-    port = server.add_secure_port("127.0.0.1:0", server_creds)
-    await server.start()
-    try:
+    async with serve(server_interceptors(cfg, "router"), credentials=server_creds) as addr:
         token = mint_user_token(cfg, "alice")
-        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", channel_creds) as channel:
-            info = await agent_pb2_grpc.AgentServiceStub(channel).Info(
-                agent_pb2.InfoRequest(), metadata=bearer(token), timeout=10
-            )
-        assert info.info.name == "alice"
+        got = await seen(addr, bearer(token), credentials=channel_creds)
+        assert got.subject == "alice"
         if client_auth:  # no client certificate: the handshake fails
             anonymous = grpc.ssl_channel_credentials(sts.ca_file.read_bytes())
-            async with grpc.aio.secure_channel(f"127.0.0.1:{port}", anonymous) as channel:
-                with pytest.raises(grpc.aio.AioRpcError) as failed:
-                    await agent_pb2_grpc.AgentServiceStub(channel).Info(
-                        agent_pb2.InfoRequest(), metadata=bearer(token), timeout=5
-                    )
-                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        await server.stop(None)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await seen(addr, bearer(token), credentials=anonymous)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -28,8 +28,9 @@ from mesh.auth.jwt import TokenValidator, public_jwk, sign
 from mesh.auth.sts import TokenService, mint_user_token
 from mesh.config import MeshConfig
 from mesh.errors import Unauthenticated, from_rpc_error
-from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
-from tests.auth.conftest import bearer, serve, with_auth
+from mesh.v1 import agent_pb2, agent_pb2_grpc
+from tests.auth import probe
+from tests.auth.conftest import bearer, seen, serve, with_auth
 
 FOREIGN_PEM = generate_rsa_private_pem()
 
@@ -163,16 +164,9 @@ async def router_addr(config: MeshConfig, sts: TokenService) -> Any:
         yield addr
 
 
-async def _info(addr: str, metadata: Any = None) -> types_pb2.AgentInfo:
-    async with grpc.aio.insecure_channel(addr) as channel:
-        stub = agent_pb2_grpc.AgentServiceStub(channel)
-        result = await stub.Info(agent_pb2.InfoRequest(), metadata=metadata, timeout=10)
-        return result.info
-
-
 async def _assert_up(addr: str, config: MeshConfig) -> None:
-    info = await _info(addr, bearer(mint_user_token(config, "alice")))
-    assert info.name == "alice"
+    got = await seen(addr, bearer(mint_user_token(config, "alice")))
+    assert got.subject == "alice"
     async with grpc.aio.insecure_channel(addr) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs lack the methods
         reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -186,7 +180,7 @@ async def test_no_token_is_unauthenticated(router_addr: str, config: MeshConfig)
         (("authorization", "Bearer "),),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _info(router_addr, metadata)
+            await seen(router_addr, metadata)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     err = from_rpc_error(info.value)
     assert isinstance(err, Unauthenticated)
@@ -199,7 +193,7 @@ async def test_bad_token_is_unauthenticated(
 ) -> None:
     token = BAD_TOKENS[case](sts)
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await _info(router_addr, bearer(token) if token else (("authorization", "Bearer"),))
+        await seen(router_addr, bearer(token) if token else (("authorization", "Bearer"),))
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
     details = info.value.details() or ""
     assert details
@@ -212,15 +206,14 @@ async def test_bad_token_on_a_bidi_stream(
     router_addr: str, config: MeshConfig, sts: TokenService
 ) -> None:
     async with grpc.aio.insecure_channel(router_addr) as channel:
-        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        stub = probe.pb2_grpc.ProbeServiceStub(channel)
         for token in (_alg_none(sts), _foreign_key_known_kid(sts)):
-            call = stub.Chat(metadata=bearer(token), timeout=10)
+            call = stub.SeenEach(metadata=bearer(token), timeout=10)
             assert await call.code() == grpc.StatusCode.UNAUTHENTICATED  # before writing
-        good = stub.Chat(metadata=bearer(mint_user_token(config, "alice")), timeout=10)
-        await good.write(types_pb2.ChatRequest(turn=types_pb2.Turn(message="hi")))
-        event = await good.read()
-        assert isinstance(event, types_pb2.ChatEvent)
-        assert event.delta.text.startswith("alice|mesh-router|")
+        good = stub.SeenEach(metadata=bearer(mint_user_token(config, "alice")), timeout=10)
+        await good.write(probe.pb2.SeenRequest())
+        got = await good.read()
+        assert (got.subject, got.audience) == ("alice", "mesh-router")
         await good.done_writing()
         assert await good.code() == grpc.StatusCode.OK
 
@@ -286,13 +279,13 @@ async def test_key_rotation_is_picked_up_without_restart(
     cfg = with_auth(config, jwks_refresh_window_s=0)
     async with serve(server_interceptors(cfg, "router")) as addr:
         old = mint_user_token(cfg, "alice")
-        assert (await _info(addr, bearer(old))).name == "alice"
+        assert (await seen(addr, bearer(old))).subject == "alice"
         old_kid = sts.keys.signing_key()[0]
         new_kid = sts.rotate_keys()
         assert new_kid != old_kid
         new = mint_user_token(cfg, "bob")
-        assert (await _info(addr, bearer(new))).name == "bob"  # new kid, same server
-        assert (await _info(addr, bearer(old))).name == "alice"  # old key still published
+        assert (await seen(addr, bearer(new))).subject == "bob"  # new kid, same server
+        assert (await seen(addr, bearer(old))).subject == "alice"  # old key still published
 
 
 def _run_without_loop(coro: Coroutine[Any, Any, Any]) -> Any:
