@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -25,7 +26,9 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mesh import telemetry
 from mesh.config import AgentConfig, MeshConfig
+from mesh.context import current_trace_context
 from mesh.errors import MeshError
 from mesh.providers.base import (
     ChatMessage,
@@ -38,7 +41,7 @@ from mesh.providers.base import (
     ToolSpec,
     UsageReport,
 )
-from mesh.tools import FunctionTool
+from mesh.tools import FunctionTool, ToolOutcome
 
 log = logging.getLogger("mesh.agent")
 
@@ -321,6 +324,7 @@ class AgentRuntime:
                 agent=self.name,
             )
             stream = self.provider.stream(request)
+            model_call = _ModelCall(self, turn.conversation_id)
             try:
                 async for event in stream:
                     if isinstance(event, TextDelta):
@@ -332,9 +336,14 @@ class AgentRuntime:
                     elif isinstance(event, UsageReport):
                         usage_in += event.input_tokens
                         usage_out += event.output_tokens
+                        model_call.usage(event.input_tokens, event.output_tokens)
                     elif isinstance(event, Stop):
                         break
+            except BaseException as err:
+                model_call.failed(err)
+                raise
             finally:
+                model_call.end()
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
@@ -406,7 +415,7 @@ class AgentRuntime:
             return []
         timeout = self.config.limits.tool_timeout_s
         outcomes = await asyncio.gather(
-            *(self.tools[c.name].run(c.arguments, timeout=timeout) for c in calls)
+            *(_traced_tool(self.tools[c.name], c, timeout) for c in calls)
         )
         return [
             ToolReturned(c.id, c.name, o.content, o.is_error)
@@ -441,3 +450,61 @@ class AgentRuntime:
                 answer = future.result()
                 results.append(ToolReturned(call.id, call.name, answer.content, answer.is_error))
         return results
+
+
+class _ModelCall:
+    """Telemetry of one model call: a ``chat`` span (when tracing), duration and tokens."""
+
+    __slots__ = ("agent", "error", "model", "provider", "span", "started")
+
+    def __init__(self, runtime: AgentRuntime, conversation_id: str) -> None:
+        self.agent = runtime.name
+        self.provider = telemetry.tracing.provider_name(runtime.provider.kind)
+        self.model = runtime.provider.model
+        self.started = time.perf_counter()
+        self.error = ""
+        self.span: Any = None
+        if telemetry.state.tracing:
+            self.span = telemetry.tracing.chat_span(
+                self.agent, runtime.provider.kind, self.model, conversation_id
+            )
+
+    def usage(self, input_tokens: int, output_tokens: int) -> None:
+        metrics = telemetry.metrics
+        for kind, count in (("input", input_tokens), ("output", output_tokens)):
+            metrics.token_usage.labels("chat", self.provider, self.model, kind, self.agent).observe(
+                count
+            )
+            metrics.model_tokens.labels(self.agent, self.model, kind).inc(count)
+        if self.span is not None:
+            telemetry.tracing.usage(self.span, input_tokens, output_tokens)
+
+    def failed(self, err: BaseException) -> None:
+        self.error = getattr(err, "reason", "") or type(err).__name__
+        if self.span is not None:
+            telemetry.tracing.fail(self.span, err)
+
+    def end(self) -> None:
+        telemetry.metrics.operation_duration.labels(
+            "chat", self.provider, self.model, self.error
+        ).observe(time.perf_counter() - self.started)
+        if self.span is not None:
+            self.span.end()
+
+
+async def _traced_tool(tool: FunctionTool, call: ToolCallRequest, timeout: float) -> ToolOutcome:
+    """Run one tool call, with an ``execute_tool`` span when tracing."""
+    started = time.perf_counter()
+    if not telemetry.state.tracing:
+        outcome = await tool.run(call.arguments, timeout=timeout)
+    else:
+        span = telemetry.tracing.tool_span(tool.name, call.id, tool.description)
+        current_trace_context.set(telemetry.tracing.carrier(span))  # a tool calling the mesh
+        with telemetry.tracing.scope(span):
+            outcome = await tool.run(call.arguments, timeout=timeout)
+            if outcome.is_error:
+                span.set_attribute("error.type", "tool_error")
+    telemetry.metrics.tool_duration.labels(
+        tool.name, "tool_error" if outcome.is_error else ""
+    ).observe(time.perf_counter() - started)
+    return outcome
