@@ -185,6 +185,9 @@ class _AgentStream(TurnStream[Req, TurnInput]):
         outcome = "error"
         try:
             with telemetry.tracing.scope(span):
+                log.debug(
+                    "turn %s of %s at %s", turn.turn_id, turn.conversation_id, self.runtime.name
+                )
                 async with asyncio.timeout(timeout):
                     async for event in self.runtime.run_turn(turn, self.broker):
                         emitter.emit(event)

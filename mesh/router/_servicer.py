@@ -161,6 +161,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         agent, outcome = target, "error"
         try:
             with telemetry.tracing.scope(span):
+                log.debug("turn %s of %s to %s", state.turn_id, conversation, target)
                 async with asyncio.timeout(budget):
                     final = await s.router.run_turn(state, target)
             agent, outcome = final.agent, "ok"

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from opentelemetry import trace
 
 from mesh.context import current_trace_context
+from mesh.telemetry._setup import state
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -41,8 +42,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if self.service:
-            out["service"] = self.service
+        service = self.service or state.service
+        if service:
+            out["service"] = service
         trace_id, span_id = trace_ids()
         if trace_id:
             out["trace_id"], out["span_id"] = trace_id, span_id
