@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from mesh.client import AgentClient, create_channel
+from tests.meshtest import MESH_YAML, mesh_token, start_mesh, write_config
 
-from ..meshtest import MESH_YAML, mesh_token, start_mesh, write_config
 from .otlp import Receiver, Span
 
 SERVER, CLIENT = 2, 3  # OTLP SpanKind values
