@@ -41,7 +41,7 @@ from mesh.providers.base import (
     ToolSpec,
     UsageReport,
 )
-from mesh.tools import FunctionTool, ToolOutcome
+from mesh.tools import Tool, ToolExecutor, ToolOutcome
 
 log = logging.getLogger("mesh.agent")
 
@@ -198,7 +198,7 @@ class AgentRuntime:
         config: AgentConfig,
         mesh: MeshConfig,
         provider: Provider,
-        tools: Mapping[str, FunctionTool] | None = None,
+        tools: Mapping[str, Tool] | None = None,
         *,
         version: str = "",
     ) -> None:
@@ -410,12 +410,31 @@ class AgentRuntime:
             context=passed,
         )
 
+    @property
+    def tool_executor(self) -> ToolExecutor:
+        """This agent's own bounded executor for sync tools (made on first use)."""
+        executor: ToolExecutor | None = getattr(self, "_tool_executor", None)
+        if executor is None:
+            executor = ToolExecutor(self.config.limits.tool_workers, label=f" of {self.name}")
+            self._tool_executor = executor
+        return executor
+
     async def _run_tools(self, calls: list[ToolCallRequest]) -> list[ToolReturned]:
+        """Run ordinary tools concurrently; whatever a tool raises is an error result."""
         if not calls:
             return []
-        timeout = self.config.limits.tool_timeout_s
+        limits = self.config.limits
+        executor = self.tool_executor
         outcomes = await asyncio.gather(
-            *(_traced_tool(self.tools[c.name], c, timeout) for c in calls)
+            *(
+                _traced_tool(
+                    executor,
+                    self.tools[c.name],
+                    c,
+                    limits.tool_timeouts_s.get(c.name, limits.tool_timeout_s),
+                )
+                for c in calls
+            )
         )
         return [
             ToolReturned(c.id, c.name, o.content, o.is_error)
@@ -492,16 +511,18 @@ class _ModelCall:
             self.span.end()
 
 
-async def _traced_tool(tool: FunctionTool, call: ToolCallRequest, timeout: float) -> ToolOutcome:
+async def _traced_tool(
+    executor: ToolExecutor, tool: Tool, call: ToolCallRequest, timeout: float
+) -> ToolOutcome:
     """Run one tool call, with an ``execute_tool`` span when tracing."""
     started = time.perf_counter()
     if not telemetry.state.tracing:
-        outcome = await tool.run(call.arguments, timeout=timeout)
+        outcome = await executor.run(tool, call.arguments, timeout)
     else:
         span = telemetry.tracing.tool_span(tool.name, call.id, tool.description)
         current_trace_context.set(telemetry.tracing.carrier(span))  # a tool calling the mesh
         with telemetry.tracing.scope(span):
-            outcome = await tool.run(call.arguments, timeout=timeout)
+            outcome = await executor.run(tool, call.arguments, timeout)
             if outcome.is_error:
                 span.set_attribute("error.type", "tool_error")
     telemetry.metrics.tool_duration.labels(

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from opentelemetry import trace
 
 from mesh.context import current_trace_context
+from mesh.logs import scrub
 from mesh.telemetry._setup import state
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -53,4 +54,4 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value if isinstance(value, str | int | float | bool) else str(value)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return scrub(json.dumps(out, ensure_ascii=False))
