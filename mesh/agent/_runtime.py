@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -28,7 +27,6 @@ from typing import Any, Literal
 
 from mesh import telemetry
 from mesh.config import AgentConfig, MeshConfig
-from mesh.context import current_trace_context
 from mesh.errors import MeshError
 from mesh.providers.base import (
     ChatMessage,
@@ -41,7 +39,7 @@ from mesh.providers.base import (
     ToolSpec,
     UsageReport,
 )
-from mesh.tools import Tool, ToolExecutor, ToolOutcome
+from mesh.tools import Tool, ToolExecutor
 
 log = logging.getLogger("mesh.agent")
 
@@ -324,7 +322,7 @@ class AgentRuntime:
                 agent=self.name,
             )
             stream = self.provider.stream(request)
-            model_call = _ModelCall(self, turn.conversation_id)
+            model_call = telemetry.ModelCall(self.name, self.provider, turn.conversation_id)
             try:
                 async for event in stream:
                     if isinstance(event, TextDelta):
@@ -339,11 +337,8 @@ class AgentRuntime:
                         model_call.usage(event.input_tokens, event.output_tokens)
                     elif isinstance(event, Stop):
                         break
-            except BaseException as err:
-                model_call.failed(err)
-                raise
             finally:
-                model_call.end()
+                model_call.end()  # fails the span with the exception in flight, if any
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:
                     await aclose()
@@ -427,7 +422,7 @@ class AgentRuntime:
         executor = self.tool_executor
         outcomes = await asyncio.gather(
             *(
-                _traced_tool(
+                telemetry.traced_tool(
                     executor,
                     self.tools[c.name],
                     c,
@@ -469,63 +464,3 @@ class AgentRuntime:
                 answer = future.result()
                 results.append(ToolReturned(call.id, call.name, answer.content, answer.is_error))
         return results
-
-
-class _ModelCall:
-    """Telemetry of one model call: a ``chat`` span (when tracing), duration and tokens."""
-
-    __slots__ = ("agent", "error", "model", "provider", "span", "started")
-
-    def __init__(self, runtime: AgentRuntime, conversation_id: str) -> None:
-        self.agent = runtime.name
-        self.provider = telemetry.tracing.provider_name(runtime.provider.kind)
-        self.model = runtime.provider.model
-        self.started = time.perf_counter()
-        self.error = ""
-        self.span: Any = None
-        if telemetry.state.tracing:
-            self.span = telemetry.tracing.chat_span(
-                self.agent, runtime.provider.kind, self.model, conversation_id
-            )
-
-    def usage(self, input_tokens: int, output_tokens: int) -> None:
-        metrics = telemetry.metrics
-        for kind, count in (("input", input_tokens), ("output", output_tokens)):
-            metrics.token_usage.labels("chat", self.provider, self.model, kind, self.agent).observe(
-                count
-            )
-            metrics.model_tokens.labels(self.agent, self.model, kind).inc(count)
-        if self.span is not None:
-            telemetry.tracing.usage(self.span, input_tokens, output_tokens)
-
-    def failed(self, err: BaseException) -> None:
-        self.error = getattr(err, "reason", "") or type(err).__name__
-        if self.span is not None:
-            telemetry.tracing.fail(self.span, err)
-
-    def end(self) -> None:
-        telemetry.metrics.operation_duration.labels(
-            "chat", self.provider, self.model, self.error
-        ).observe(time.perf_counter() - self.started)
-        if self.span is not None:
-            self.span.end()
-
-
-async def _traced_tool(
-    executor: ToolExecutor, tool: Tool, call: ToolCallRequest, timeout: float
-) -> ToolOutcome:
-    """Run one tool call, with an ``execute_tool`` span when tracing."""
-    started = time.perf_counter()
-    if not telemetry.state.tracing:
-        outcome = await executor.run(tool, call.arguments, timeout)
-    else:
-        span = telemetry.tracing.tool_span(tool.name, call.id, tool.description)
-        current_trace_context.set(telemetry.tracing.carrier(span))  # a tool calling the mesh
-        with telemetry.tracing.scope(span):
-            outcome = await executor.run(tool, call.arguments, timeout)
-            if outcome.is_error:
-                span.set_attribute("error.type", "tool_error")
-    telemetry.metrics.tool_duration.labels(
-        tool.name, "tool_error" if outcome.is_error else ""
-    ).observe(time.perf_counter() - started)
-    return outcome

@@ -242,6 +242,7 @@ class StreamPool:
         while streams:
             stream = streams.pop()
             if not stream.call.done():
+                telemetry.metrics.agent_streams.labels(endpoint.agent, "reused").inc()
                 return stream
         return None
 
@@ -353,7 +354,6 @@ class StreamPool:
             stream = self._take(endpoint, key)
             while stream is not None:
                 self.reused += 1
-                telemetry.metrics.agent_streams.labels(agent, "reused").inc()
                 try:
                     first = await self._first(stream, request)
                 except MeshError:

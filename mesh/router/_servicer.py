@@ -151,21 +151,28 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             history_dropped=dropped,
         )
         pending.state = state
+        final = await self._run(state, target, budget)
+        return TurnEnd(
+            final=final, last=final.final.stop_reason == types_pb2.STOP_REASON_END_CONVERSATION
+        )
+
+    async def _run(self, state: TurnState, target: str, budget: float) -> types_pb2.ChatEvent:
+        """Run the turn within its budget, in its span (when tracing), counted in metrics."""
         span = None
         if telemetry.state.tracing:
             span = telemetry.tracing.router_turn_span(
-                self.trace, conversation, self.request_id, target
+                self.trace, state.conversation_id, self.request_id, target
             )
-        started = time.perf_counter()
-        state.started = started
+        started = state.started = time.perf_counter()
         agent, outcome = target, "error"
         try:
             with telemetry.tracing.scope(span):
-                log.debug("turn %s of %s to %s", state.turn_id, conversation, target)
+                log.debug("turn %s of %s to %s", state.turn_id, state.conversation_id, target)
                 async with asyncio.timeout(budget):
-                    final = await s.router.run_turn(state, target)
+                    final = await self.s.router.run_turn(state, target)
             agent, outcome = final.agent, "ok"
         except TimeoutError:
+            outcome = "DEADLINE_EXCEEDED"
             raise DeadlineExceeded(f"turn did not finish within {budget:.3g}s") from None
         except MeshError as err:
             outcome = err.reason or err.code.name
@@ -179,9 +186,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             metrics = telemetry.metrics
             metrics.turns.labels("router", agent, outcome).inc()
             metrics.turn_duration.labels("router", agent).observe(time.perf_counter() - started)
-        return TurnEnd(
-            final=final, last=final.final.stop_reason == types_pb2.STOP_REASON_END_CONVERSATION
-        )
+        return final
 
     def _agent(self, pending: _Pending) -> str:
         path = pending.state.path if pending.state is not None else []

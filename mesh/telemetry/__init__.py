@@ -9,6 +9,7 @@
 
 from mesh.telemetry import _metrics as metrics
 from mesh.telemetry import _trace as tracing
+from mesh.telemetry._genai import ModelCall, traced_tool
 from mesh.telemetry._http import MetricsServer
 from mesh.telemetry._logs import JsonFormatter, trace_ids
 from mesh.telemetry._setup import CAPTURE_CONTENT_ENV, configure, shutdown, state, wants_export
@@ -17,11 +18,13 @@ __all__ = [
     "CAPTURE_CONTENT_ENV",
     "JsonFormatter",
     "MetricsServer",
+    "ModelCall",
     "configure",
     "metrics",
     "shutdown",
     "state",
     "trace_ids",
+    "traced_tool",
     "tracing",
     "wants_export",
 ]
