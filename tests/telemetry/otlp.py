@@ -39,7 +39,9 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         self.spans: list[Span] = []
         self._changed = asyncio.Condition()
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        # opentelemetry-proto ships its grpc module without type hints.
+        add = trace_service_pb2_grpc.add_TraceServiceServicer_to_server
+        add(self, self.server)  # type: ignore[no-untyped-call]
         self.port = 0
 
     async def start(self) -> str:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from mesh.client import AgentClient, create_channel
 from tests.meshtest import MESH_YAML, REPO, start_mesh, write_config
@@ -40,7 +41,7 @@ asyncio.run(main())
 """
 
 
-def _probe(extra: dict[str, str]) -> dict[str, object]:
+def _probe(extra: dict[str, str]) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env.update(extra)
     done = subprocess.run(
@@ -53,21 +54,22 @@ def _probe(extra: dict[str, str]) -> dict[str, object]:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    seen: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return seen
 
 
 def test_no_otel_variable_means_no_exporter_and_no_telemetry_thread() -> None:
     off = _probe({})
     assert off["tracing"] is False and off["provider"] is False
     assert off["exporter_loaded"] is False and off["sdk_loaded"] is False
-    assert not [t for t in off["threads"] if "Otel" in t], off["threads"]  # type: ignore[union-attr]
+    assert not [t for t in off["threads"] if "Otel" in t], off["threads"]
     assert off["metrics_port"]  # the metrics endpoint needs no thread either
     # The same probe with an endpoint set does create them: the check above can fail.
     on = _probe(
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_BSP_SCHEDULE_DELAY": "60000"}
     )
     assert on["tracing"] is True and on["exporter_loaded"] is True
-    assert [t for t in on["threads"] if "Otel" in t], on["threads"]  # type: ignore[union-attr]
+    assert [t for t in on["threads"] if "Otel" in t], on["threads"]
 
 
 async def test_every_service_logs_json_lines_with_the_turns_trace_id(tmp_path: Path) -> None:

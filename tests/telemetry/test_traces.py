@@ -24,7 +24,7 @@ SERVER, CLIENT = 2, 3  # OTLP SpanKind values
 
 def small_mesh(auth: bool, slow_ms: float = 0.0) -> dict[str, Any]:
     """The default mesh's triage, billing and orders (nothing else)."""
-    data = yaml.safe_load(MESH_YAML.read_text())
+    data: dict[str, Any] = yaml.safe_load(MESH_YAML.read_text())
     data["agents"] = {
         k: v for k, v in data["agents"].items() if k in ("triage", "billing", "orders")
     }
