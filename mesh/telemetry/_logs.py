@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from datetime import UTC, datetime
+from typing import Any
 
 from opentelemetry import trace
 
@@ -37,12 +38,14 @@ class JsonFormatter(logging.Formatter):
         self.service = service or os.environ.get("OTEL_SERVICE_NAME", "")
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, object] = {
+        out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if record.name == "mesh.audit" and out["message"].startswith("{"):
+            out.update(_audit_fields(out["message"]))  # its fields, not a string in a string
         service = self.service or state.service
         if service:
             out["service"] = service
@@ -55,3 +58,16 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return scrub(json.dumps(out, ensure_ascii=False))
+
+
+def _audit_fields(message: str) -> dict[str, Any]:
+    """An audit line's JSON fields (``event`` becomes the message)."""
+    try:
+        fields = json.loads(message)
+    except ValueError:
+        return {}
+    if not isinstance(fields, dict):
+        return {}
+    fields["message"] = f"audit {fields.pop('event', 'call')}"
+    fields["audit_service"] = fields.pop("service", "")
+    return fields
