@@ -241,9 +241,7 @@ class _AgentStream(TurnStream[Req, TurnInput]):
             request_id=turn.request_id,
             message=turn.message,
         )
-        current_trace_context.set(
-            telemetry.tracing.carrier(span, telemetry.tracing.extract(parent))
-        )
+        current_trace_context.set(telemetry.tracing.carrier(span, parent))
         return span
 
     def cancelled(self, turn: TurnInput) -> RuntimeEvent:

@@ -197,7 +197,7 @@ class Router:
         span = telemetry.tracing.hop_span(
             agent, state.conversation_id, hop.hop_path, hop.hops_remaining, mode, source
         )
-        carrier = telemetry.tracing.carrier(span)
+        carrier = telemetry.tracing.carrier(span, state.trace_context)
         hop.trace_context.clear()
         hop.trace_context.update(carrier)
         with telemetry.tracing.scope(span):

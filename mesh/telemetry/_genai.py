@@ -64,7 +64,8 @@ async def traced_tool(
         outcome = await executor.run(tool, call.arguments, timeout)
     else:
         span = tracing.tool_span(tool.name, call.id, tool.description)
-        current_trace_context.set(tracing.carrier(span))  # a tool calling the mesh
+        incoming = current_trace_context.get({})
+        current_trace_context.set(tracing.carrier(span, incoming))  # a tool calling the mesh
         with tracing.scope(span):
             outcome = await executor.run(tool, call.arguments, timeout)
             if outcome.is_error:

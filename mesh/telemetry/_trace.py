@@ -55,10 +55,14 @@ def extract(carrier: Mapping[str, str]) -> Context:
     return propagate.extract(dict(carrier))
 
 
-def carrier(span: Span, parent: Context | None = None) -> dict[str, str]:
-    """``span``'s W3C headers (with the baggage of ``parent``), for the next hop."""
-    out: dict[str, str] = {}
-    propagate.inject(out, context=trace.set_span_in_context(span, parent))
+def carrier(span: Span, incoming: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``span``'s W3C headers for the next hop; ``incoming``'s baggage passes through."""
+    ctx = span.get_span_context()
+    out = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
+    if ctx.trace_state:
+        out["tracestate"] = ctx.trace_state.to_header()
+    if incoming and (baggage := incoming.get("baggage")):
+        out["baggage"] = baggage
     return out
 
 
