@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+from collections.abc import Iterator
 
 import grpc
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
 from mesh.auth.audit import log_call
@@ -14,25 +17,31 @@ from mesh.context import current_trace_context
 from mesh.telemetry import JsonFormatter
 
 
-def _capture(name: str) -> tuple[logging.Logger, io.StringIO]:
+@contextlib.contextmanager
+def _capture(name: str) -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """``name``'s records, JSON-formatted, into a buffer (the logger restored after)."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter(service="test-service"))
     logger = logging.getLogger(name)
-    logger.handlers = [handler]
-    logger.propagate = False
+    saved = logger.handlers, logger.propagate, logger.level
+    logger.handlers, logger.propagate = [handler], False
     logger.setLevel(logging.INFO)
-    return logger, stream
+    try:
+        yield logger, stream
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
 
 
 def test_lines_carry_the_turns_trace_id_from_its_traceparent() -> None:
-    logger, stream = _capture("mesh.test.json")
-    token = current_trace_context.set({"traceparent": f"00-{'a' * 32}-{'b' * 16}-01"})
-    try:
-        logger.info("turn %s", "t1")
-    finally:
-        current_trace_context.reset(token)
-    logger.info("outside a turn")
+    with _capture("mesh.test.json") as (logger, stream):
+        token = current_trace_context.set({"traceparent": f"00-{'a' * 32}-{'b' * 16}-01"})
+        try:
+            logger.info("turn %s", "t1")
+        finally:
+            current_trace_context.reset(token)
+        logger.info("outside a turn")
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first["message"] == "turn t1" and first["level"] == "INFO"
     assert first["trace_id"] == "a" * 32 and first["span_id"] == "b" * 16
@@ -41,12 +50,9 @@ def test_lines_carry_the_turns_trace_id_from_its_traceparent() -> None:
 
 
 def test_lines_carry_the_current_spans_ids_and_no_token() -> None:
-    logger, stream = _capture("mesh.test.span")
     span = TracerProvider().get_tracer("t").start_span("s")
     jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXZhbHVl"
-    from opentelemetry import trace
-
-    with trace.use_span(span, end_on_exit=True):
+    with _capture("mesh.test.span") as (logger, stream), trace.use_span(span, end_on_exit=True):
         logger.info("got %s", jwt)
     line = json.loads(stream.getvalue())
     context = span.get_span_context()
@@ -56,15 +62,15 @@ def test_lines_carry_the_current_spans_ids_and_no_token() -> None:
 
 
 def test_audit_lines_keep_their_fields_and_are_info_when_allowed() -> None:
-    _logger, stream = _capture("mesh.audit")
-    log_call(
-        service="billing",
-        method="/mesh.v1.AgentService/Chat",
-        code=grpc.StatusCode.OK,
-        principal=None,
-        hop_path=["triage"],
-        request_id="req-1",
-    )
+    with _capture("mesh.audit") as (_logger, stream):
+        log_call(
+            service="billing",
+            method="/mesh.v1.AgentService/Chat",
+            code=grpc.StatusCode.OK,
+            principal=None,
+            hop_path=["triage"],
+            request_id="req-1",
+        )
     line = json.loads(stream.getvalue())
     assert line["level"] == "INFO" and line["message"] == "audit call"
     assert line["status"] == "OK" and line["hop_path"] == ["triage"]
