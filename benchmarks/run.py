@@ -203,6 +203,8 @@ class Bench:
             self.proxy("proxy-uv", a_uv, uv=True)
             self.router("router-uv", base, {"a": a_uv}, uv=True)
         tokens = self._start_auth() if self.args.auth else {}
+        if self.args.tracing:
+            self._start_traced(base)
         self.loadgens["asyncio"] = LoadGenProcess("loadgen", False, self.logs)
         if self.args.uvloop:
             self.loadgens["uvloop"] = LoadGenProcess("loadgen-uv", True, self.logs)
@@ -226,6 +228,14 @@ class Bench:
             cwd=REPO,
         ).stdout.strip()
         return {"router": token}
+
+    def _start_traced(self, base: Path) -> None:
+        """A router and agent exporting every span over OTLP to a local receiver."""
+        sink = self.start("otlp-sink", ["benchmarks.otlp_sink"], "otlp: ")
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": sink.address}
+        argv = ["benchmarks.serve", "agent", "a", "--config", str(base), "--port", "0"]
+        a = self.start("agent-a-traced", argv, "agent a: ", env=env)
+        self.router("router-traced", base, {"a": a}, env=env)
 
     def stop_all(self) -> None:
         for loadgen in self.loadgens.values():
@@ -260,6 +270,9 @@ class Bench:
             servers = ["router-tls", "agent-a-tls"]
             tls = spec("router", "router-tls", servers, metadata=bearer, tls_ca=self.tls_ca)
             grid.append(("router auth+TLS", tls))
+        if "router-traced" in s:
+            servers = ["router-traced", "agent-a-traced", "otlp-sink"]
+            grid.append(("router tracing", spec("router", "router-traced", servers)))
         servers = ["router", "agent-front", "agent-a"]
         grid.append(("transfer", spec("router", "router", servers, agent="front")))
         targets = dict(grid)
@@ -441,6 +454,7 @@ def ratio_pairs() -> list[tuple[str, str, str]]:
             (f"auth/no auth c={c}", f"turns/router auth/{t}", f"turns/router/{t}"),
             (f"auth+TLS/no auth c={c}", f"turns/router auth+TLS/{t}", f"turns/router/{t}"),
             (f"auth+TLS/auth c={c}", f"turns/router auth+TLS/{t}", f"turns/router auth/{t}"),
+            (f"tracing/no tracing c={c}", f"turns/router tracing/{t}", f"turns/router/{t}"),
             (
                 f"router/direct, a new conversation every turn c={c}",
                 f"newconv/router/{t}",
@@ -538,6 +552,7 @@ def targets(
             "holds": None,
         }
     )
+    ratio_target("tracing on/off through the router c=16", "tracing/no tracing c=16", 0.9)
     ratio_target("transfer/direct turns/s c=16", "transfer/direct c=16", 0.4)
     row = summary.get("turns/router/c16")
     cpu = row["cpu_ms_per_turn"].get("router") if row else None
@@ -591,6 +606,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="skip uvloop cases")
     p.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip SQLite cases")
     p.add_argument("--no-redis", dest="redis", action="store_false", help="skip Redis cases")
+    p.add_argument(
+        "--no-tracing", dest="tracing", action="store_false", help="skip the tracing-on cases"
+    )
     p.add_argument(
         "--hold",
         type=int,

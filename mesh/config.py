@@ -77,6 +77,9 @@ class ServerSettings(_Frozen):
     health_port: int | None = Field(default=None, ge=0, le=65535)
     """Also serve ``grpc.health.v1`` alone, in plaintext, on this port (0: any free one):
     for the kubelet's gRPC probes, which cannot speak TLS, when the main port does."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics (``/metrics``) and HTTP probes (``/healthz``, ``/readyz``)
+    in plaintext HTTP on this port (0: any free one); None: no metrics endpoint."""
 
 
 class LimitsConfig(_Frozen):

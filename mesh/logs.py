@@ -104,6 +104,10 @@ def setup_logging(level: str | None = None) -> None:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(ScrubFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    if os.environ.get("MESH_LOG_FORMAT", "text").strip().lower() == "json":
+        from mesh.telemetry import JsonFormatter  # one JSON object per line, with trace ids
+
+        handler.setFormatter(JsonFormatter())
     handler.addFilter(ScrubFilter())
     handler._mesh = True  # type: ignore[attr-defined]  # marks our handler as installed
     root.addHandler(handler)

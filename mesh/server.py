@@ -27,6 +27,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from mesh import telemetry
 from mesh.config import ServerSettings
 from mesh.errors import Draining, IdleTimeout, ResourceExhausted
 
@@ -245,6 +246,9 @@ class MeshServer:
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
         """The bound plaintext health port (0 when there is none)."""
+        self._metrics: telemetry.MetricsServer | None = None
+        self.metrics_port = 0
+        """The bound HTTP metrics port (0 when there is none)."""
         self._stopping: asyncio.Future[None] | None = None
         self._hard_stop: asyncio.Future[None] | None = None
         self._stopped = asyncio.Event()
@@ -272,6 +276,13 @@ class MeshServer:
         self.port = bound
         if self.settings.health_port is not None:
             await self._start_health(host or self.settings.host, self.settings.health_port)
+        telemetry.configure(self.label.replace(" ", "-"))
+        telemetry.metrics.watch_streams(self.label, lambda: self.lifecycle.active)
+        if self.settings.metrics_port is not None:
+            self._metrics = telemetry.MetricsServer(lambda: not self.lifecycle.draining.is_set())
+            self.metrics_port = await self._metrics.start(
+                host or self.settings.host, self.settings.metrics_port
+            )
         await self._server.start()
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -319,6 +330,10 @@ class MeshServer:
         await self._server.stop(0.5)
         if self._health_server is not None:
             await self._health_server.stop(0)
+        if self._metrics is not None:
+            await self._metrics.stop()
+        if telemetry.state.provider is not None:
+            await asyncio.to_thread(telemetry.shutdown)
         self._stopped.set()
 
     def request_stop(self) -> None:
@@ -344,3 +359,5 @@ class MeshServer:
         await self._server.stop(grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
+        if self._metrics is not None:
+            await self._metrics.stop()

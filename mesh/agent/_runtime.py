@@ -20,6 +20,7 @@ from collections.abc import (
 )
 from typing import Any
 
+from mesh import telemetry
 from mesh.agent._turn import (
     AfterTurn,
     BeforeTurn,
@@ -237,6 +238,7 @@ class AgentRuntime:
     ) -> AsyncGenerator[Delta, None]:
         """One model call: yields its text, collects its tool calls and adds its usage."""
         stream = self.provider.stream(request)
+        model_call = telemetry.ModelCall(self.name, self.provider, request.conversation_id)
         try:
             async for event in stream:
                 if isinstance(event, TextDelta):
@@ -247,9 +249,11 @@ class AgentRuntime:
                 elif isinstance(event, UsageReport):
                     usage[0] += event.input_tokens
                     usage[1] += event.output_tokens
+                    model_call.usage(event.input_tokens, event.output_tokens)
                 elif isinstance(event, Stop):
                     break
         finally:
+            model_call.end()  # fails the span with the exception in flight, if any
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -332,9 +336,10 @@ class AgentRuntime:
         executor = self.tool_executor
         outcomes = await asyncio.gather(
             *(
-                executor.run(
+                telemetry.traced_tool(
+                    executor,
                     self.tools[c.name],
-                    c.arguments,
+                    c,
                     limits.tool_timeouts_s.get(c.name, limits.tool_timeout_s),
                 )
                 for c in calls

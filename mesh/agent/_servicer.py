@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import grpc
 
+from mesh import telemetry
 from mesh.agent._runtime import (
     AgentRuntime,
     ConsultAnswer,
@@ -190,13 +192,57 @@ class _AgentStream(TurnStream[Req, TurnInput]):
             current_trace_context.set(dict(turn.trace_context))
         if turn.conversation_id:
             current_conversation_id.set(turn.conversation_id)
+        span = self._span(turn) if telemetry.state.tracing else None
+        started = time.perf_counter()
+        outcome = "error"
         try:
-            async with asyncio.timeout(timeout):
-                async for event in self.runtime.run_turn(turn, self.broker):
-                    emitter.emit(event)
+            with telemetry.tracing.scope(span):
+                log.debug(
+                    "turn %s of %s at %s", turn.turn_id, turn.conversation_id, self.runtime.name
+                )
+                async with asyncio.timeout(timeout):
+                    async for event in self.runtime.run_turn(turn, self.broker):
+                        emitter.emit(event)
+                        if span is not None and isinstance(event, Final):
+                            telemetry.tracing.usage(span, event.input_tokens, event.output_tokens)
+                            telemetry.tracing.output(span, event.content)
+            outcome = "ok"
         except TimeoutError:
+            outcome = "DEADLINE_EXCEEDED"
             raise DeadlineExceeded(f"turn did not finish within {timeout:.3g}s") from None
+        except MeshError as err:
+            outcome = err.reason or err.code.name
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            name = self.runtime.name
+            telemetry.metrics.turns.labels("agent", name, outcome).inc()
+            telemetry.metrics.turn_duration.labels("agent", name).observe(
+                time.perf_counter() - started
+            )
         return TurnEnd()
+
+    def _span(self, turn: TurnInput) -> Any:
+        """This turn's span at the agent; its context is the one the next hop gets."""
+        runtime = self.runtime
+        parent = turn.trace_context or current_trace_context.get({})
+        span = telemetry.tracing.agent_span(
+            parent,
+            runtime.name,
+            runtime.provider.kind,
+            runtime.provider.model,
+            turn.conversation_id,
+            turn.hop_path,
+            mode=turn.mode,
+            source=turn.source_agent,
+            hops_remaining=turn.hops_remaining,
+            request_id=turn.request_id,
+            message=turn.message,
+        )
+        current_trace_context.set(telemetry.tracing.carrier(span, parent))
+        return span
 
     def cancelled(self, turn: TurnInput) -> RuntimeEvent:
         return Final("", 0, 0, "cancelled")

@@ -103,6 +103,8 @@ async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
     print(f"agent {name}: {address}", flush=True)
     if server.health_port:
         print(f"health: {host}:{server.health_port}", flush=True)
+    if server.metrics_port:
+        print(f"metrics: {host}:{server.metrics_port}", flush=True)
     registration = None
     if args.register:
         advertise = args.advertise or address
@@ -169,6 +171,8 @@ async def _run_router(config: MeshConfig, args: argparse.Namespace) -> int:
     print(f"router: {host}:{bound}", flush=True)
     if app.server.health_port:
         print(f"health: {host}:{app.server.health_port}", flush=True)
+    if app.server.metrics_port:
+        print(f"metrics: {host}:{app.server.metrics_port}", flush=True)
     await app.wait()
     return 0
 

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from mesh import telemetry
 from mesh.errors import MeshError, Unavailable, decode_details, from_status
 from mesh.router._pool import AgentPool, Endpoint
 from mesh.v1 import types_pb2
@@ -228,6 +229,7 @@ class StreamPool:
         self.connect_timeout = connect_timeout
         self._idle: dict[Endpoint, dict[str, list[_Stream]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        telemetry.metrics.watch_pool(pool)
         self.opened = 0
         """Agent calls opened (a counter for tests and metrics)."""
         self.reused = 0
@@ -240,6 +242,7 @@ class StreamPool:
         while streams:
             stream = streams.pop()
             if not stream.call.done():
+                telemetry.metrics.agent_streams.labels(endpoint.agent, "reused").inc()
                 return stream
         return None
 
@@ -321,6 +324,7 @@ class StreamPool:
             response_deserializer=None,
         )
         self.opened += 1
+        telemetry.metrics.agent_streams.labels(endpoint.agent, "new").inc()
         return method(metadata=tuple(metadata))
 
     async def _first(self, stream: _Stream, request: types_pb2.ChatRequest) -> bytes | None:

@@ -14,13 +14,16 @@ as the agent serialized them; only finals, handoffs and errors are parsed.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from mesh.convert import message_to_pb
+from mesh import telemetry
+from mesh.convert import MODE_FROM_PB, message_to_pb
 from mesh.errors import MeshError, Unavailable
 from mesh.providers.base import ChatMessage
 from mesh.router._agents import (
+    KIND_DELTA,
     KIND_ERROR,
     KIND_FINAL,
     KIND_HANDOFF,
@@ -65,6 +68,9 @@ class TurnState:
     """The bearer each agent of this turn got (the next hop's ``previous``)."""
     input_tokens: int = 0
     output_tokens: int = 0
+    started: float = 0.0
+    """``time.perf_counter()`` when the turn started (for its metrics)."""
+    first_delta: bool = False
 
     @property
     def path(self) -> list[str]:
@@ -103,6 +109,7 @@ class Router:
         self.core = core
         self.streams = streams
         self.store = store
+        self.store_kind = type(store).__name__.removesuffix("Store").lower() or "store"
         self.token_for = token_for
 
     # -- requests to agents ------------------------------------------------------------
@@ -166,7 +173,7 @@ class Router:
             token = await self.token_for(agent, state.subject_token, previous, state.budget.hops)
             if token is not None:
                 state.tokens[agent] = token
-        traceparent = state.trace_context.get("traceparent", "")
+        traceparent = _hop_of(request).trace_context.get("traceparent", "")
         hop = HopCall(token, state.request_id, traceparent, state.remaining())
         return await self.streams.open(agent, request, hop)
 
@@ -181,7 +188,32 @@ class Router:
         source: str = "",
     ) -> Outcome:
         """Relay one agent's events until its final; runs its CONSULTs concurrently."""
+        if not telemetry.state.tracing:
+            return await self._relay(state, agent, request, stack, source)
+        hop = _hop_of(request)
+        mode = ""
+        if request.HasField("handoff"):
+            mode = MODE_FROM_PB.get(int(request.handoff.mode), "") or ""
+        span = telemetry.tracing.hop_span(
+            agent, state.conversation_id, hop.hop_path, hop.hops_remaining, mode, source
+        )
+        carrier = telemetry.tracing.carrier(span, state.trace_context)
+        hop.trace_context.clear()
+        hop.trace_context.update(carrier)
+        with telemetry.tracing.scope(span):
+            return await self._relay(state, agent, request, stack, source)
+
+    async def _relay(
+        self,
+        state: TurnState,
+        agent: str,
+        request: types_pb2.ChatRequest,
+        stack: list[str],
+        source: str,
+    ) -> Outcome:
         call, data = await self._open(state, agent, request, source)
+        if telemetry.state.tracing:
+            telemetry.tracing.replica(telemetry.tracing.current(), call.address)
         outcome = Outcome(agent)
         reusable = False
         flowed = False
@@ -201,6 +233,11 @@ class Router:
                         self._handoff(state, agent, event, outcome, call, stack, consults)
                     elif kind != KIND_ERROR:  # the status that follows says it once
                         state.emit(data)
+                        if kind == KIND_DELTA and not state.first_delta:
+                            state.first_delta = True
+                            telemetry.metrics.time_to_first_delta.labels("router", agent).observe(
+                                time.perf_counter() - state.started
+                            )
                     flowed = True
                     next_data = await self._read(call, agent, flowed)
                     if next_data is None:
@@ -237,6 +274,11 @@ class Router:
         elif handoff.mode == END:
             outcome.ended = True
             state.emit(event)
+        mode = MODE_FROM_PB.get(int(handoff.mode), "") or ""
+        telemetry.metrics.handoffs.labels(mode, agent, handoff.target).inc()
+        if telemetry.state.tracing:
+            span = telemetry.tracing.current()
+            telemetry.tracing.handoff_event(span, mode, agent, handoff.target)
 
     async def _read(self, call: AgentCall, agent: str, flowed: bool) -> bytes | None:
         try:
@@ -315,11 +357,19 @@ class Router:
         if outcome.ended:
             final.stop_reason = types_pb2.STOP_REASON_END_CONVERSATION
         active = target if plan.sequence else outcome.agent
+        stored = time.perf_counter()
         await self.store.append(
             state.conversation_id,
             [user, ChatMessage("assistant", final.content, agent=outcome.agent)],
             active,
         )
+        took = time.perf_counter() - stored
+        telemetry.metrics.store_commit.labels(self.store_kind).observe(took)
+        if telemetry.state.tracing:
+            span = telemetry.tracing.current()
+            span.set_attribute("mesh.store.latency_ms", round(took * 1000, 3))
+            span.set_attribute("mesh.hop_path", list(state.path))
+            telemetry.tracing.usage(span, state.input_tokens, state.output_tokens)
         return types_pb2.ChatEvent(agent=outcome.agent, final=final)
 
     async def _transfer(self, state: TurnState, outcome: Outcome, user: ChatMessage) -> Outcome:
@@ -340,3 +390,8 @@ class Router:
             history,
         )
         return await self._run_agent(state, handoff.target, request, [], outcome.agent)
+
+
+def _hop_of(request: types_pb2.ChatRequest) -> types_pb2.HopContext:
+    """The per-turn hop context a request to an agent carries."""
+    return request.handoff.hop if request.HasField("handoff") else request.turn.hop

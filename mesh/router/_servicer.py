@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from mesh import telemetry
 from mesh.config import MeshConfig
 from mesh.context import (
     MD_AUTHORIZATION,
@@ -56,6 +58,7 @@ _SOURCES = {
     "registered": types_pb2.ENDPOINT_SOURCE_REGISTERED,
     "dns": types_pb2.ENDPOINT_SOURCE_DNS,
 }
+_REFUSALS = ("HOP_BUDGET_EXCEEDED", "HANDOFF_CYCLE")
 _MESSAGE_OVERHEAD = 64
 """Bytes a history message costs beyond its text (framing, role, agent tag)."""
 
@@ -148,14 +151,42 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             history_dropped=dropped,
         )
         pending.state = state
-        try:
-            async with asyncio.timeout(budget):
-                final = await s.router.run_turn(state, target)
-        except TimeoutError:
-            raise DeadlineExceeded(f"turn did not finish within {budget:.3g}s") from None
+        final = await self._run(state, target, budget)
         return TurnEnd(
             final=final, last=final.final.stop_reason == types_pb2.STOP_REASON_END_CONVERSATION
         )
+
+    async def _run(self, state: TurnState, target: str, budget: float) -> types_pb2.ChatEvent:
+        """Run the turn within its budget, in its span (when tracing), counted in metrics."""
+        span = None
+        if telemetry.state.tracing:
+            span = telemetry.tracing.router_turn_span(
+                self.trace, state.conversation_id, self.request_id, target
+            )
+        started = state.started = time.perf_counter()
+        agent, outcome = target, "error"
+        try:
+            with telemetry.tracing.scope(span):
+                log.debug("turn %s of %s to %s", state.turn_id, state.conversation_id, target)
+                async with asyncio.timeout(budget):
+                    final = await self.s.router.run_turn(state, target)
+            agent, outcome = final.agent, "ok"
+        except TimeoutError:
+            outcome = "DEADLINE_EXCEEDED"
+            raise DeadlineExceeded(f"turn did not finish within {budget:.3g}s") from None
+        except MeshError as err:
+            outcome = err.reason or err.code.name
+            if outcome in _REFUSALS:
+                telemetry.metrics.refusals.labels(outcome).inc()
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics = telemetry.metrics
+            metrics.turns.labels("router", agent, outcome).inc()
+            metrics.turn_duration.labels("router", agent).observe(time.perf_counter() - started)
+        return final
 
     def _agent(self, pending: _Pending) -> str:
         path = pending.state.path if pending.state is not None else []

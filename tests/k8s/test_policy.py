@@ -100,12 +100,18 @@ def test_readiness_names_the_service_and_liveness_the_process(overlay: str) -> N
 
 
 def _health_ports(objects: list[Obj]) -> dict[int, str]:
-    """The plaintext health-only port the overlay turns on (server.health_port), if any."""
+    """The plaintext health-only port the overlay turns on (server.health_port), if any,
+    and the HTTP metrics port (server.metrics_port), if any."""
+    ports: dict[int, str] = {}
     for env in of_kind(objects, "ConfigMap"):
-        value = env.get("data", {}).get("MESH_SERVER__HEALTH_PORT")
-        if env["metadata"]["name"].startswith("mesh-env") and value:
-            return {int(value): "grpc-health"}
-    return {}
+        data = env.get("data", {})
+        if not env["metadata"]["name"].startswith("mesh-env"):
+            continue
+        if value := data.get("MESH_SERVER__HEALTH_PORT"):
+            ports[int(value)] = "grpc-health"
+        if value := data.get("MESH_SERVER__METRICS_PORT"):
+            ports[int(value)] = "metrics"
+    return ports
 
 
 @pytest.mark.parametrize("overlay", ALL)
@@ -231,7 +237,7 @@ def test_every_agent_has_a_deployment_and_a_service_and_nothing_else_does(overla
         assert service["spec"]["clusterIP"] == "None", f"{name}: the Service must be headless"
         assert service["spec"]["selector"] == {"app.kubernetes.io/name": name}
         assert deployments[name]["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
-        (service_port,) = service["spec"]["ports"]
+        (service_port,) = [p for p in service["spec"]["ports"] if p["name"] != "metrics"]
         assert service_port["port"] == port and service_port["targetPort"] == "grpc"
         assert service_port["name"] == "grpc"
         assert declared_ports(container) == {port: "grpc"} | _health_ports(objects)
