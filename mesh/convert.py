@@ -8,12 +8,14 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from mesh.agent._approval import ApprovalAsked
 from mesh.agent._runtime import (
     Delta,
     ErrorInfo,
     Final,
     HandoffRequested,
     Mode,
+    Reflected,
     RuntimeEvent,
     ToolCalled,
     ToolReturned,
@@ -150,6 +152,30 @@ def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:
                     input_tokens=event.input_tokens, output_tokens=event.output_tokens
                 ),
                 stop_reason=STOP_TO_PB.get(event.stop_reason, types_pb2.STOP_REASON_UNSPECIFIED),
+            )
+        )
+    elif isinstance(event, ApprovalAsked):
+        out.approval_request.CopyFrom(
+            types_pb2.ApprovalRequest(
+                approval_id=event.approval_id,
+                call=types_pb2.ToolCall(
+                    id=event.call.id,
+                    name=event.call.name,
+                    arguments=to_struct(event.call.arguments),
+                ),
+                requested_by=event.requested_by,
+                hop_path=list(event.hop_path),
+                timeout_ms=int(event.timeout_s * 1000),
+            )
+        )
+    elif isinstance(event, Reflected):
+        out.reflection.CopyFrom(
+            types_pb2.ReflectionStep(
+                iteration=event.iteration,
+                score=event.score,
+                feedback=event.feedback,
+                draft=event.draft,
+                accepted=event.accepted,
             )
         )
     elif isinstance(event, ErrorInfo):

@@ -25,6 +25,13 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mesh.agent._approval import (
+    ApprovalAsked,
+    approval_key,
+    await_verdicts,
+    denial,
+    new_approval_id,
+)
 from mesh.config import AgentConfig, MeshConfig
 from mesh.errors import MeshError
 from mesh.providers.base import (
@@ -116,7 +123,27 @@ class ErrorInfo:
     reason: str
 
 
-RuntimeEvent = Delta | ToolCalled | ToolReturned | HandoffRequested | Final | ErrorInfo
+@dataclass(frozen=True)
+class Reflected:
+    """A reflection agent scored one draft."""
+
+    iteration: int
+    score: float
+    feedback: str
+    draft: str
+    accepted: bool
+
+
+RuntimeEvent = (
+    Delta
+    | ToolCalled
+    | ToolReturned
+    | HandoffRequested
+    | Final
+    | ErrorInfo
+    | ApprovalAsked
+    | Reflected
+)
 
 #: Runs before a turn: None keeps the turn, a TurnInput replaces it, a Final answers
 #: without the model (its content is streamed as one delta). May be sync or async.
@@ -273,10 +300,20 @@ class AgentRuntime:
 
         With :attr:`hooks`, the before-hooks see the turn first and the after-hooks
         its Final; without, the model turn runs as it is (no extra layer per event).
+        A ``kind: reflection`` agent drafts, scores and revises (:mod:`._reflection`).
         """
-        if not self.hooks:
+        if not self.hooks and self.config.kind == "model":
             return self._model_turn(turn, consults)
         return self._hooked_turn(turn, consults)
+
+    def _body(
+        self, turn: TurnInput, consults: ConsultBroker | None
+    ) -> AsyncGenerator[RuntimeEvent, None]:
+        if self.config.kind == "reflection":
+            from mesh.agent._reflection import reflect
+
+            return reflect(self, turn, consults)
+        return self._model_turn(turn, consults)
 
     async def _hooked_turn(
         self, turn: TurnInput, consults: ConsultBroker | None
@@ -290,7 +327,7 @@ class AgentRuntime:
                 return
             if changed is not None:
                 turn = changed
-        stream = self._model_turn(turn, consults)
+        stream = self._body(turn, consults)
         try:
             async for event in stream:
                 if isinstance(event, Final):
@@ -369,6 +406,25 @@ class AgentRuntime:
             consult_calls = [c for c in handoffs if self._handoff_specs[c.name][1] == "consult"]
             for call in plain:
                 yield ToolCalled(call)
+            gated = [c for c in plain if self._needs_approval(c.name)]
+            if gated:
+                timeout = limits.approval_timeout_s
+                asks: list[tuple[ApprovalAsked, asyncio.Future[ConsultAnswer]]] = []
+                for call in gated:
+                    asked = ApprovalAsked(
+                        new_approval_id(), call, self.name, (*turn.hop_path, self.name), timeout
+                    )
+                    asks.append((asked, broker.expect(approval_key(asked.approval_id))))
+                    yield asked
+                verdicts = await await_verdicts(asks, broker, timeout)
+                for call in gated:
+                    if not verdicts[call.id].approved:
+                        plain.remove(call)
+                        results.append(
+                            ToolReturned(
+                                call.id, call.name, denial(call.name, verdicts[call.id]), True
+                            )
+                        )
             waits: list[tuple[ToolCallRequest, asyncio.Future[ConsultAnswer]]] = []
             for call in consult_calls:
                 waits.append((call, broker.expect(call.id)))
@@ -387,6 +443,10 @@ class AgentRuntime:
                     )
                 )
         yield Final(text, usage_in, usage_out, "tool_rounds_exhausted")
+
+    def _needs_approval(self, tool: str) -> bool:
+        policy = self.config.tool_policies.get(tool)
+        return policy is not None and policy.approval == "required"
 
     def _handoff_event(self, call: ToolCallRequest, turn: TurnInput) -> HandoffRequested:
         target, mode, _spec = self._handoff_specs[call.name]

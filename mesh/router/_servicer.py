@@ -95,6 +95,8 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         self.request_id = current_request_id.get() or uuid.uuid4().hex[:16]
         self.token = current_token.get()
         self.incoming = servicer.trusted_hop_path()
+        self.current: _Pending | None = None
+        self._answers: set[asyncio.Task[None]] = set()
 
     def accept(self, request: types_pb2.ChatRequest, first: bool) -> _Pending | None:
         kind = request.WhichOneof("kind")
@@ -110,10 +112,22 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         if kind == "cancel":
             self.cancel_turn()
             return None
+        if kind == "approval":
+            task = asyncio.ensure_future(self._approve(request.approval))
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
+            return None
         raise InvalidArgument(
-            "clients send `turn` or `cancel`; the other requests are the router's own",
+            "clients send `turn`, `cancel` or `approval`; the other requests are the router's own",
             field="kind",
         )
+
+    async def _approve(self, answer: types_pb2.ApprovalAnswer) -> None:
+        """Pass an approval answer to the agent stream of the turn in flight that asked."""
+        pending = self.current
+        state = pending.state if pending is not None else None
+        if state is None or not await self.s.router.answer_approval(state, answer):
+            log.info("approval answer for unknown request %r ignored", answer.approval_id[:64])
 
     async def produce(self, pending: _Pending, emitter: Emitter) -> TurnEnd:
         s = self.s
@@ -130,7 +144,6 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
                 field="turn.message",
             )
         history, dropped = window_history(history, budget_bytes - size)
-        target = s.router.core.choose(item.agent, item.message, item.context, self.metadata, active)
         remaining = self.context.time_remaining()
         budget = s.config.router.default_deadline_s if remaining is None else remaining
         state = TurnState(
@@ -148,8 +161,10 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             history_dropped=dropped,
         )
         pending.state = state
+        self.current = pending
         try:
             async with asyncio.timeout(budget):
+                target = await s.router.choose(state, item.agent, self.metadata, active)
                 final = await s.router.run_turn(state, target)
         except TimeoutError:
             raise DeadlineExceeded(f"turn did not finish within {budget:.3g}s") from None
