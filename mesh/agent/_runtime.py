@@ -411,9 +411,10 @@ class AgentRuntime:
                 timeout = limits.approval_timeout_s
                 asks: list[tuple[ApprovalAsked, asyncio.Future[ConsultAnswer]]] = []
                 for call in gated:
-                    asked = ApprovalAsked(
-                        new_approval_id(), call, self.name, (*turn.hop_path, self.name), timeout
-                    )
+                    path = turn.hop_path
+                    if not path or path[-1] != self.name:
+                        path = (*path, self.name)
+                    asked = ApprovalAsked(new_approval_id(), call, self.name, path, timeout)
                     asks.append((asked, broker.expect(approval_key(asked.approval_id))))
                     yield asked
                 verdicts = await await_verdicts(asks, broker, timeout)
