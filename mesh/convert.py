@@ -9,13 +9,13 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from mesh.agent._approval import ApprovalAsked
+from mesh.agent._reflection import Reflected
 from mesh.agent._runtime import (
     Delta,
     ErrorInfo,
     Final,
     HandoffRequested,
     Mode,
-    Reflected,
     RuntimeEvent,
     ToolCalled,
     ToolReturned,
@@ -154,7 +154,19 @@ def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:
                 stop_reason=STOP_TO_PB.get(event.stop_reason, types_pb2.STOP_REASON_UNSPECIFIED),
             )
         )
-    elif isinstance(event, ApprovalAsked):
+    elif isinstance(event, ApprovalAsked | Reflected):
+        _orchestration_to_pb(event, out)
+    elif isinstance(event, ErrorInfo):
+        out.error.CopyFrom(
+            types_pb2.ErrorEvent(
+                code=error_code(event.code), message=event.message, reason=event.reason
+            )
+        )
+    return out
+
+
+def _orchestration_to_pb(event: ApprovalAsked | Reflected, out: types_pb2.ChatEvent) -> None:
+    if isinstance(event, ApprovalAsked):
         out.approval_request.CopyFrom(
             types_pb2.ApprovalRequest(
                 approval_id=event.approval_id,
@@ -168,7 +180,7 @@ def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:
                 timeout_ms=int(event.timeout_s * 1000),
             )
         )
-    elif isinstance(event, Reflected):
+    else:
         out.reflection.CopyFrom(
             types_pb2.ReflectionStep(
                 iteration=event.iteration,
@@ -178,10 +190,3 @@ def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:
                 accepted=event.accepted,
             )
         )
-    elif isinstance(event, ErrorInfo):
-        out.error.CopyFrom(
-            types_pb2.ErrorEvent(
-                code=error_code(event.code), message=event.message, reason=event.reason
-            )
-        )
-    return out

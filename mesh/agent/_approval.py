@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from mesh.providers.base import ToolCallRequest
 
 if TYPE_CHECKING:
-    from mesh.agent._runtime import ConsultAnswer, ConsultBroker
+    from mesh.agent._runtime import ConsultAnswer, ConsultBroker, ToolReturned, TurnInput
+    from mesh.config import AgentConfig
 
 _PREFIX = "approval:"
 
@@ -85,3 +86,44 @@ def denial(tool: str, verdict: Verdict) -> str:
     """What the model sees as the result of a denied call."""
     why = f": {verdict.reason}" if verdict.reason else ""
     return f"the user did not approve running {tool}{why}; it did not run"
+
+
+class ApprovalGate:
+    """One tool round's approvals: ask for the gated calls, then settle the verdicts."""
+
+    def __init__(self, config: AgentConfig, turn: TurnInput, broker: ConsultBroker) -> None:
+        self.config = config
+        self.broker = broker
+        path = turn.hop_path
+        self.path = path if path and path[-1] == config.name else (*path, config.name)
+        self.timeout = config.limits.approval_timeout_s
+        self.asks: list[tuple[ApprovalAsked, asyncio.Future[ConsultAnswer]]] = []
+
+    def needs_approval(self, tool: str) -> bool:
+        policy = self.config.tool_policies.get(tool)
+        return policy is not None and policy.approval == "required"
+
+    def ask(self, calls: Sequence[ToolCallRequest]) -> list[ApprovalAsked]:
+        """The approval requests to send, one per call that needs one."""
+        for call in calls:
+            if self.needs_approval(call.name):
+                asked = ApprovalAsked(
+                    new_approval_id(), call, self.config.name, self.path, self.timeout
+                )
+                self.asks.append((asked, self.broker.expect(approval_key(asked.approval_id))))
+        return [asked for asked, _future in self.asks]
+
+    async def denials(self, calls: list[ToolCallRequest]) -> list[ToolReturned]:
+        """Wait for the verdicts; drop denied calls from ``calls``, return their results."""
+        from mesh.agent._runtime import ToolReturned
+
+        if not self.asks:
+            return []
+        verdicts = await await_verdicts(self.asks, self.broker, self.timeout)
+        denied: list[ToolReturned] = []
+        for call in list(calls):
+            verdict = verdicts.get(call.id)
+            if verdict is not None and not verdict.approved:
+                calls.remove(call)
+                denied.append(ToolReturned(call.id, call.name, denial(call.name, verdict), True))
+        return denied

@@ -5,7 +5,7 @@ any turn); the draft is scored against the agent's criteria, by the model with a
 evaluation prompt or by a Python evaluation function (``reflection.evaluator``);
 below ``reflection.threshold`` the model revises with the evaluation's feedback,
 up to ``reflection.max_iterations`` drafts. Each scored draft is a
-:class:`~mesh.agent._runtime.Reflected` event; only the answer (the accepted draft,
+:class:`Reflected` event; only the answer (the accepted draft,
 or the last one) streams as text and ends the turn as its Final. Usage counts every
 model call, the evaluations included. Cancelling the turn closes whichever model
 stream is open, between or during iterations. A draft that hands the turn over
@@ -21,6 +21,7 @@ import inspect
 import re
 import sys
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mesh.errors import ConfigError
@@ -40,6 +41,18 @@ REVISE = (
 )
 _SCORE = re.compile(r"score\s*[:=]?\s*(-?\d+(?:\.\d+)?)(\s*/\s*(\d+))?", re.I)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Reflected:
+    """A reflection agent scored one draft (an event of the turn)."""
+
+    iteration: int
+    score: float
+    feedback: str
+    draft: str
+    accepted: bool
+
 
 Evaluator = Callable[[str, str, str], Any]
 _evaluators: dict[str, Evaluator] = {}
@@ -151,7 +164,7 @@ async def reflect(
     runtime: AgentRuntime, turn: TurnInput, consults: ConsultBroker | None
 ) -> AsyncGenerator[RuntimeEvent, None]:
     """One turn of a reflection agent (see the module docstring)."""
-    from mesh.agent._runtime import Delta, Final, Reflected
+    from mesh.agent._runtime import Delta, Final
 
     config = runtime.config.reflection
     usage = _Usage()

@@ -25,13 +25,8 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mesh.agent._approval import (
-    ApprovalAsked,
-    approval_key,
-    await_verdicts,
-    denial,
-    new_approval_id,
-)
+from mesh.agent._approval import ApprovalAsked, ApprovalGate
+from mesh.agent._reflection import Reflected, reflect
 from mesh.config import AgentConfig, MeshConfig
 from mesh.errors import MeshError
 from mesh.providers.base import (
@@ -123,27 +118,8 @@ class ErrorInfo:
     reason: str
 
 
-@dataclass(frozen=True)
-class Reflected:
-    """A reflection agent scored one draft."""
-
-    iteration: int
-    score: float
-    feedback: str
-    draft: str
-    accepted: bool
-
-
-RuntimeEvent = (
-    Delta
-    | ToolCalled
-    | ToolReturned
-    | HandoffRequested
-    | Final
-    | ErrorInfo
-    | ApprovalAsked
-    | Reflected
-)
+_Events = Delta | ToolCalled | ToolReturned | HandoffRequested | Final | ErrorInfo
+RuntimeEvent = _Events | ApprovalAsked | Reflected
 
 #: Runs before a turn: None keeps the turn, a TurnInput replaces it, a Final answers
 #: without the model (its content is streamed as one delta). May be sync or async.
@@ -300,20 +276,10 @@ class AgentRuntime:
 
         With :attr:`hooks`, the before-hooks see the turn first and the after-hooks
         its Final; without, the model turn runs as it is (no extra layer per event).
-        A ``kind: reflection`` agent drafts, scores and revises (:mod:`._reflection`).
         """
         if not self.hooks and self.config.kind == "model":
             return self._model_turn(turn, consults)
         return self._hooked_turn(turn, consults)
-
-    def _body(
-        self, turn: TurnInput, consults: ConsultBroker | None
-    ) -> AsyncGenerator[RuntimeEvent, None]:
-        if self.config.kind == "reflection":
-            from mesh.agent._reflection import reflect
-
-            return reflect(self, turn, consults)
-        return self._model_turn(turn, consults)
 
     async def _hooked_turn(
         self, turn: TurnInput, consults: ConsultBroker | None
@@ -327,7 +293,8 @@ class AgentRuntime:
                 return
             if changed is not None:
                 turn = changed
-        stream = self._body(turn, consults)
+        body = reflect if self.config.kind == "reflection" else AgentRuntime._model_turn
+        stream = body(self, turn, consults)
         try:
             async for event in stream:
                 if isinstance(event, Final):
@@ -406,26 +373,9 @@ class AgentRuntime:
             consult_calls = [c for c in handoffs if self._handoff_specs[c.name][1] == "consult"]
             for call in plain:
                 yield ToolCalled(call)
-            gated = [c for c in plain if self._needs_approval(c.name)]
-            if gated:
-                timeout = limits.approval_timeout_s
-                asks: list[tuple[ApprovalAsked, asyncio.Future[ConsultAnswer]]] = []
-                for call in gated:
-                    path = turn.hop_path
-                    if not path or path[-1] != self.name:
-                        path = (*path, self.name)
-                    asked = ApprovalAsked(new_approval_id(), call, self.name, path, timeout)
-                    asks.append((asked, broker.expect(approval_key(asked.approval_id))))
-                    yield asked
-                verdicts = await await_verdicts(asks, broker, timeout)
-                for call in gated:
-                    if not verdicts[call.id].approved:
-                        plain.remove(call)
-                        results.append(
-                            ToolReturned(
-                                call.id, call.name, denial(call.name, verdicts[call.id]), True
-                            )
-                        )
+            for asked in (gate := ApprovalGate(self.config, turn, broker)).ask(plain):
+                yield asked
+            results.extend(await gate.denials(plain))
             waits: list[tuple[ToolCallRequest, asyncio.Future[ConsultAnswer]]] = []
             for call in consult_calls:
                 waits.append((call, broker.expect(call.id)))
@@ -444,10 +394,6 @@ class AgentRuntime:
                     )
                 )
         yield Final(text, usage_in, usage_out, "tool_rounds_exhausted")
-
-    def _needs_approval(self, tool: str) -> bool:
-        policy = self.config.tool_policies.get(tool)
-        return policy is not None and policy.approval == "required"
 
     def _handoff_event(self, call: ToolCallRequest, turn: TurnInput) -> HandoffRequested:
         target, mode, _spec = self._handoff_specs[call.name]

@@ -173,6 +173,15 @@ class RoutingCore:
                     return handoff.return_strategy
         return "bubble_up"
 
+    def check_return_cycle(self, waiting: list[str], caller: str, target: str) -> None:
+        """Refuse a TRANSFER to an agent still waiting for a ``return_to_caller``."""
+        if target in waiting:
+            cycle = " > ".join([*waiting, caller, target])
+            raise HandoffCycle(
+                f"return cycle refused: {cycle} ({target} is waiting for control to come back)",
+                metadata={"path": format_hop_path([*waiting, caller, target])},
+            )
+
     def next_active(self, plan: Plan, agent: str, strategy: str, ended: bool) -> str:
         """The conversation's active agent after a turn that ended at ``agent``.
 

@@ -22,9 +22,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
-from mesh.context import format_hop_path
 from mesh.convert import message_to_pb
-from mesh.errors import HandoffCycle, MeshError, Unavailable
+from mesh.errors import MeshError, Unavailable
 from mesh.providers.base import ChatMessage
 from mesh.router._agents import (
     KIND_ERROR,
@@ -36,6 +35,7 @@ from mesh.router._agents import (
     peek_kind,
 )
 from mesh.router._core import HopBudget, Plan, RoutingCore
+from mesh.router._returns import follow
 from mesh.router._routing import BestMatch
 from mesh.router._store import ConversationStore
 from mesh.v1 import types_pb2
@@ -124,13 +124,7 @@ class Router:
         self.store = store
         self.token_for = token_for
         if best_match is None and core.model_routing:
-            config = core.config
-            best_match = BestMatch(
-                config.router.routing,
-                infos or dict,
-                {name: agent.description for name, agent in config.agents.items()}
-                | {name: seq.description for name, seq in config.router.sequences.items()},
-            )
+            best_match = BestMatch.for_config(core.config, infos or dict)
         self.best_match = best_match
 
     # -- routing -----------------------------------------------------------------------
@@ -145,13 +139,10 @@ class Router:
         """The agent or sequence the turn goes to; a routing model's choice is emitted."""
         core = self.core
         chosen = core.choose_by_rules(named, state.message, state.context, metadata, active)
-        if chosen is not None:
-            return chosen
-        default = core.default()
-        if self.best_match is None:
-            return default
+        if chosen is not None or self.best_match is None:
+            return chosen or core.default()
         decision = await self.best_match.decide(
-            state.message, core.candidates(), default, state.remaining()
+            state.message, core.candidates(), core.default(), state.remaining()
         )
         state.input_tokens += decision.input_tokens
         state.output_tokens += decision.output_tokens
@@ -369,7 +360,7 @@ class Router:
                     [*state.history, user],
                 )
                 outcome = await self._run_agent(state, agent, request, [], previous)
-            outcome = await self._follow(state, outcome, user, [])
+            outcome = await follow(self, state, outcome, user, [])
             if outcome.ended or outcome.strategy == "bubble_up":
                 break  # the conversation ended, or a TRANSFER's target took the turn over
         assert outcome is not None and outcome.final is not None
@@ -395,82 +386,6 @@ class Router:
             active,
         )
         return types_pb2.ChatEvent(agent=outcome.agent, final=final)
-
-    async def _follow(
-        self, state: TurnState, outcome: Outcome, user: ChatMessage, waiting: list[str]
-    ) -> Outcome:
-        """Follow TRANSFERs from ``outcome`` by their return strategies until one answers.
-
-        ``waiting`` holds the agents waiting for control to come back
-        (``return_to_caller``), innermost last: handing the turn to one of them is a
-        cycle, refused like a CONSULT cycle.
-        """
-        ending = False
-        while outcome.transfer is not None and not outcome.ended:
-            caller = outcome.agent
-            target = outcome.transfer.target
-            if target in waiting:
-                cycle = " > ".join([*waiting, caller, target])
-                raise HandoffCycle(
-                    f"return cycle refused: {cycle} ({target} is waiting for control to come back)",
-                    metadata={"path": format_hop_path([*waiting, caller, target])},
-                )
-            strategy = self.core.return_strategy(caller, target)
-            answered = await self._transfer(state, outcome, user)
-            if strategy != "return_to_caller":
-                outcome = answered
-                outcome.strategy = strategy
-                ending = ending or strategy == "end_conversation"
-                continue
-            answered = await self._follow(state, answered, user, [*waiting, caller])
-            if answered.ended:
-                return answered
-            outcome = await self._return(state, answered, caller, user, outcome)
-        if ending:
-            outcome.ended = True
-        return outcome
-
-    async def _return(
-        self,
-        state: TurnState,
-        answered: Outcome,
-        caller: str,
-        user: ChatMessage,
-        before: Outcome,
-    ) -> Outcome:
-        """Give control back to ``caller`` with the target's answer (``return_to_caller``)."""
-        assert answered.final is not None and before.final is not None
-        source = answered.agent
-        to = caller
-        self.core.take_handoff(state.budget, source, to, None)
-        reason = f"{source} answered and returned control (return_to_caller)"
-        state.emit(
-            types_pb2.ChatEvent(
-                agent=source,
-                handoff=types_pb2.HandoffEvent(
-                    target=to,
-                    mode=TRANSFER,
-                    reason=reason,
-                    return_strategy=types_pb2.RETURN_STRATEGY_RETURN_TO_CALLER,
-                ),
-            )
-        )
-        history = [*state.history, user]
-        if before.final.content:
-            history.append(ChatMessage("assistant", before.final.content, agent=to))
-        request = self._handoff_turn(
-            state,
-            source,
-            to,
-            TRANSFER,
-            reason,
-            answered.final.content or f"{source} gave no answer",
-            {},
-            history,
-        )
-        outcome = await self._run_agent(state, to, request, [], source)
-        outcome.strategy = "return_to_caller"
-        return outcome
 
     async def _transfer(self, state: TurnState, outcome: Outcome, user: ChatMessage) -> Outcome:
         handoff = outcome.transfer

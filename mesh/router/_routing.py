@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from mesh.config import RoutingConfig
+from mesh.config import MeshConfig, RoutingConfig
 from mesh.providers.base import ChatMessage, ModelRequest, Provider, TextDelta, UsageReport
 from mesh.providers.registry import create_provider
 from mesh.v1 import types_pb2
@@ -106,6 +106,16 @@ class BestMatch:
         self.provider = provider or create_provider(
             config.provider.kind, config.provider.model, config.provider.options, agent="router"
         )
+
+    @classmethod
+    def for_config(
+        cls, config: MeshConfig, infos: Callable[[], Mapping[str, types_pb2.AgentInfo]]
+    ) -> BestMatch:
+        """The routing model of ``router.routing``, over the agents the router knows."""
+        descriptions = {name: agent.description for name, agent in config.agents.items()}
+        for name, sequence in config.router.sequences.items():
+            descriptions[name] = sequence.description
+        return cls(config.router.routing, infos, descriptions)
 
     async def _ask(self, message: str, candidates: Sequence[str]) -> tuple[str, int, int]:
         agents = describe_agents(candidates, self._infos(), self._descriptions)
