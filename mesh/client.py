@@ -40,21 +40,29 @@ def create_channel(
     credentials: grpc.ChannelCredentials | None = None,
     own_connection: bool = False,
     options: Sequence[tuple[str, Any]] = (),
+    forward_context: bool = True,
 ) -> grpc.aio.Channel:
     """One channel to ``target`` with the mesh's limits (and interceptors, e.g. token exchange).
+
+    The call context of the call being served (request id, conversation id, hop path,
+    W3C trace context) is written into every outgoing call's metadata, auth on or off
+    (:func:`~mesh.interceptors.context_interceptors`); the router's agent
+    channels turn that off (``forward_context=False``): each turn carries its context
+    in the request.
 
     Channels to the same target share one HTTP/2 connection unless ``own_connection``;
     a client holding more streams than the server allows per connection
     (``server.http2_max_streams_per_connection``) needs several channels that each own one.
     """
+    from mesh.interceptors import context_interceptors
+
     all_options = [*channel_options(settings), *options]
     if own_connection:
         all_options.append(("grpc.use_local_subchannel_pool", 1))
+    chain = [*context_interceptors(), *interceptors] if forward_context else list(interceptors)
     if credentials is not None:
-        return grpc.aio.secure_channel(
-            target, credentials, options=all_options, interceptors=list(interceptors)
-        )
-    return grpc.aio.insecure_channel(target, options=all_options, interceptors=list(interceptors))
+        return grpc.aio.secure_channel(target, credentials, options=all_options, interceptors=chain)
+    return grpc.aio.insecure_channel(target, options=all_options, interceptors=chain)
 
 
 @dataclass
@@ -127,9 +135,30 @@ class ChatStream:
             if event.WhichOneof("kind") in ("final", "error"):
                 return
 
+    async def request_cancel(self, reason: str = "cancelled by the user") -> None:
+        """Ask the server to cancel the turn in flight; it ends it with a final
+        event (``stop_reason`` ``cancelled``) and the stream stays usable."""
+        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+            await self.call.write(types_pb2.ChatRequest(cancel=types_pb2.Cancel(reason=reason)))
+
     async def close(self) -> None:
+        """Half-close: no more requests from this side."""
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
             await self.call.done_writing()
+
+    async def finish(self, timeout: float = 10.0) -> grpc.StatusCode:
+        """End the call cleanly: half-close, then read to the end so that the server
+        finishes it with OK (a cancel would be audited as CANCELLED). Cancels only
+        when the server does not end it within ``timeout``."""
+        await self.close()
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.call.read() is not grpc.aio.EOF:
+                    pass
+                return await self.call.code()
+        except (TimeoutError, grpc.RpcError, asyncio.InvalidStateError):
+            self.call.cancel()
+            return grpc.StatusCode.CANCELLED
 
     def cancel(self) -> None:
         self.call.cancel()
@@ -172,9 +201,10 @@ class AgentClient:
             )
             async for event in stream.turn(request):
                 result.events.append(event)
-        finally:
-            await stream.close()
+        except BaseException:
             stream.cancel()
+            raise
+        await stream.finish()
         return result
 
     async def info(self, *, timeout: float = 10.0) -> types_pb2.AgentInfo:

@@ -88,6 +88,12 @@ class LimitsConfig(_Frozen):
     """A turn that runs longer is cancelled (the caller's deadline still applies)."""
     tool_timeout_s: float = Field(default=30.0, gt=0)
     """A tool call that runs longer becomes an error result."""
+    tool_timeouts_s: dict[str, float] = Field(default_factory=dict)
+    """Per-tool timeouts (tool name -> seconds), overriding ``tool_timeout_s``."""
+    tool_workers: int = Field(default=8, ge=1, le=256)
+    """Threads this agent's sync tools may hold at once. A sync tool cannot be
+    interrupted: one that timed out keeps its thread until it returns, and a call
+    made while all are held is an error result at once, never a queue."""
     consult_timeout_s: float = Field(default=120.0, gt=0)
     """How long to wait for the router to answer a CONSULT."""
     approval_timeout_s: float = Field(default=60.0, gt=0)
@@ -416,7 +422,10 @@ class MeshConfig(BaseSettings):
     max_hops: int = Field(default=10, ge=0, le=100)
     """Handoffs a turn may take, mesh-wide (agents may set lower)."""
     data_dir: Path = Path(".mesh")
-    """Where the router's SQLite store and the token service's keys live."""
+    """Where the router's SQLite store and the token service's keys live. Relative paths
+    in a mesh file (this one when it is not set: ``.mesh`` beside the file, CA and
+    certificate files) are relative to the file's folder; in the environment, to the
+    current directory."""
     server: ServerSettings = Field(default_factory=ServerSettings)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     router: RouterConfig = Field(default_factory=RouterConfig)
@@ -528,7 +537,42 @@ def load_config(path: str | os.PathLike[str] | None = None) -> MeshConfig:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: the top level must be a mapping, not {type(raw).__name__}")
-    return config_from_dict(raw, source=str(file))
+    return config_from_dict(_resolve_paths(raw, file.resolve().parent), source=str(file))
+
+
+#: File paths a mesh file may hold, as key paths; relative ones are relative to the file.
+_PATH_FIELDS = (
+    ("data_dir",),
+    ("auth", "ca_file"),
+    ("auth", "tls", "cert_file"),
+    ("auth", "tls", "key_file"),
+    ("auth", "tls", "ca_file"),
+)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``raw`` with its relative file paths made absolute against ``base`` (the mesh
+    file's folder), so a mesh file means the same files from any current directory.
+    The data dir defaults to ``.mesh`` beside the file. Tool modules are imported
+    from :attr:`MeshConfig.base_dir`, the same folder."""
+    out = dict(raw)
+    out.setdefault("data_dir", ".mesh")
+    for keys in _PATH_FIELDS:
+        parent: Any = out
+        for key in keys[:-1]:
+            child = parent.get(key) if isinstance(parent, dict) else None
+            if not isinstance(child, dict):
+                break
+            child = dict(child)
+            parent[key] = child
+            parent = child
+        else:
+            value = parent.get(keys[-1]) if isinstance(parent, dict) else None
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                parent[keys[-1]] = str(base / value)
+            elif isinstance(value, str) and value.startswith("~"):
+                parent[keys[-1]] = str(Path(value).expanduser())
+    return out
 
 
 def config_from_dict(raw: dict[str, Any], *, source: str = "<config>") -> MeshConfig:

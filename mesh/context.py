@@ -41,6 +41,8 @@ class Principal:
     """Delegation chain from nested ``act`` claims, outermost (latest) first."""
     claims: Mapping[str, Any] = field(default_factory=dict)
     """All validated claims."""
+    hops_remaining: int | None = None
+    """The hop budget the token grants from this hop on (``mesh_hops``); None: not carried."""
 
 
 current_principal: ContextVar[Principal | None] = ContextVar("mesh_principal", default=None)

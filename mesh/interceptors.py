@@ -229,41 +229,60 @@ def _bounded(value: str | None, limit: int = 128) -> str:
     return value
 
 
-class CallContextClientInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor
-):
-    """Writes the current call context into an outgoing call's metadata, auth on or off.
+def _with_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    """``details`` with the current call context added to its metadata."""
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    present = {key for key, _value in metadata}
+    values = {
+        MD_REQUEST_ID: current_request_id.get(),
+        MD_CONVERSATION_ID: current_conversation_id.get(),
+        MD_HOP_PATH: ",".join(current_hop_path.get()),
+        **current_trace_context.get({}),
+    }
+    for key, value in values.items():
+        if value and key not in present:
+            metadata.add(key, value)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
 
-    The request id, conversation id, hop path and W3C trace context of the call being
-    served travel to the next hop (a tool calling the router through the mesh client).
-    """
 
-    @staticmethod
-    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        present = {key for key, _value in metadata}
-        values = {
-            MD_REQUEST_ID: current_request_id.get(),
-            MD_CONVERSATION_ID: current_conversation_id.get(),
-            MD_HOP_PATH: ",".join(current_hop_path.get()),
-            **current_trace_context.get({}),
-        }
-        for key, value in values.items():
-            if value and key not in present:
-                metadata.add(key, value)
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
+class _ContextUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(
         self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(_with_context(client_call_details), request)
 
-    async def intercept_stream_stream(
-        self,
-        continuation: Any,
-        client_call_details: grpc.aio.ClientCallDetails,
-        request_iterator: Any,
+
+class _ContextUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(_with_context(client_call_details), request)
+
+
+class _ContextStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, requests: Any
+    ) -> Any:
+        return await continuation(_with_context(client_call_details), requests)
+
+
+class _ContextStreamStream(grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, requests: Any
+    ) -> Any:
+        return await continuation(_with_context(client_call_details), requests)
+
+
+def context_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that write the current call context into outgoing metadata,
+    auth on or off: the request id, conversation id, hop path and W3C trace context of
+    the call being served travel to the next hop (a tool calling the router through the
+    mesh client). One object per call kind: grpc.aio files an interceptor under one."""
+    return [
+        _ContextUnaryUnary(),
+        _ContextUnaryStream(),
+        _ContextStreamUnary(),
+        _ContextStreamStream(),
+    ]

@@ -76,6 +76,14 @@ class Lifecycle:
         """Turns ever started."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self.waiting: set[asyncio.Queue[object]] = set()
+        """Inboxes of streams waiting for their next request (see :func:`next_request`)."""
+
+    def start_draining(self) -> None:
+        """Refuse new work from now on, and end every stream that waits idle."""
+        self.draining.set()
+        for inbox in list(self.waiting):
+            inbox.put_nowait(_DRAIN)
 
     @property
     def active(self) -> int:
@@ -126,26 +134,30 @@ class Lifecycle:
         return True
 
 
+_DRAIN = object()
+"""Put into idle streams' inboxes when the drain starts."""
+
+
 async def next_request(inbox: asyncio.Queue[object], lifecycle: Lifecycle, idle: float) -> object:
     """The next item a stream's reader queued.
 
     Raises IdleTimeout when none comes within ``idle`` seconds, and Draining when the
     server starts draining first: an idle stream holds no turn worth waiting for.
+    No task per wait: the drain puts a sentinel into every waiting inbox.
     """
-    getter = asyncio.ensure_future(inbox.get())
-    drained = asyncio.ensure_future(lifecycle.draining.wait())
-    try:
-        done, _ = await asyncio.wait(
-            {getter, drained}, timeout=idle, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        drained.cancel()
-    if getter in done:
-        return getter.result()
-    getter.cancel()
-    if drained in done:
+    if lifecycle.draining.is_set() and inbox.empty():
         raise Draining("server is shutting down; open a new stream to continue")
-    raise IdleTimeout(f"stream idle for {idle:g}s with no request; closed")
+    lifecycle.waiting.add(inbox)
+    try:
+        async with asyncio.timeout(idle):
+            item = await inbox.get()
+    except TimeoutError:
+        raise IdleTimeout(f"stream idle for {idle:g}s with no request; closed") from None
+    finally:
+        lifecycle.waiting.discard(inbox)
+    if item is _DRAIN:
+        raise Draining("server is shutting down; open a new stream to continue")
+    return item
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -290,7 +302,7 @@ class MeshServer:
         """NOT_SERVING now, refuse new work, let in-flight work finish, then stop."""
         grace = self.settings.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.lifecycle.draining.set()
+        self.lifecycle.start_draining()
         log.info(
             "%s draining: %d turns in flight, grace %.1fs",
             self.label,

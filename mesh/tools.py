@@ -10,15 +10,18 @@ never a crash of the turn.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import importlib
 import inspect
 import json
 import re
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Protocol, TypeVar, get_type_hints, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -51,8 +54,126 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
 
 @dataclass(frozen=True)
 class ToolOutcome:
+    """What a tool call gave the model: its text, and whether it is an error."""
+
     content: str
     is_error: bool = False
+
+
+@runtime_checkable
+class Tool(Protocol):
+    """A tool the model may call: function tools, MCP tools, anything with these."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The JSON schema of the arguments."""
+        ...
+
+    @property
+    def spec(self) -> ToolSpec: ...
+
+    async def run(self, arguments: Mapping[str, Any], *, timeout: float) -> ToolOutcome:
+        """Run with validated ``arguments`` within ``timeout`` seconds; failures are
+        error outcomes (the executor also turns anything raised into one)."""
+        ...
+
+
+def _failure(name: str, err: BaseException) -> ToolOutcome:
+    detail = f": {err}" if str(err) else ""
+    return ToolOutcome(f"{name} failed: {type(err).__name__}{detail}", True)
+
+
+_T = TypeVar("_T")
+
+
+class ToolPoolFull(Exception):
+    """Every worker of the agent's tool executor is held by a running sync tool."""
+
+
+class ToolExecutor:
+    """One agent's bounded worker threads for sync tools, and the guard around every call.
+
+    Threads are daemons started per call and counted while they run, so a hung sync
+    tool holds its slot (honestly) until it returns and never blocks the process from
+    exiting. A call made while all ``workers`` slots are held fails at once.
+    """
+
+    def __init__(self, workers: int, *, label: str = "") -> None:
+        self.workers = workers
+        self.label = label
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    @property
+    def busy(self) -> int:
+        """Sync tool calls still running (timed-out ones included)."""
+        return self._busy
+
+    async def call_sync(self, func: Callable[..., _T], kwargs: Mapping[str, Any]) -> _T:
+        """Run ``func(**kwargs)`` on a worker thread; raises :class:`ToolPoolFull`."""
+        with self._lock:
+            if self._busy >= self.workers:
+                raise ToolPoolFull(
+                    f"all {self.workers} tool workers{self.label} are held by sync tools that "
+                    "are still running (a sync tool cannot be interrupted); try again later"
+                )
+            self._busy += 1
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        # The caller's contextvars (principal, call context) as asyncio.to_thread gives them.
+        context = contextvars.copy_context()
+
+        def deliver(result: _T | None, error: BaseException | None) -> None:
+            if future.done():  # the caller gave up (timeout or cancel)
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)  # type: ignore[arg-type]  # result is a _T here
+
+        def work() -> None:
+            result: _T | None = None
+            error: BaseException | None = None
+            try:
+                result = context.run(func, **kwargs)
+            except BaseException as err:  # noqa: BLE001 - SystemExit too: the caller reports it
+                error = err if isinstance(err, Exception) else _Escaped(err)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+            # RuntimeError: the loop has closed, nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver, result, error)
+
+        threading.Thread(target=work, name=f"tool{self.label}", daemon=True).start()
+        return await future
+
+    async def run(self, tool: Tool, arguments: Mapping[str, Any], timeout: float) -> ToolOutcome:
+        """Run any tool; whatever it raises (short of this task's cancellation) is an
+        error outcome."""
+        try:
+            if isinstance(tool, FunctionTool):
+                return await tool.run(arguments, timeout=timeout, executor=self)
+            return await tool.run(arguments, timeout=timeout)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:  # noqa: BLE001 - SystemExit/KeyboardInterrupt included
+            return _failure(tool.name, err)
+
+
+class _Escaped(Exception):
+    """A SystemExit/KeyboardInterrupt raised by a tool, carried as an ordinary error so
+    that it can never unwind the event loop."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
 
 
 class FunctionTool:
@@ -91,11 +212,18 @@ class FunctionTool:
     def spec(self) -> ToolSpec:
         return ToolSpec(self.name, self.description, self.parameters)
 
-    async def run(self, arguments: Mapping[str, Any], *, timeout: float) -> ToolOutcome:
+    async def run(
+        self,
+        arguments: Mapping[str, Any],
+        *,
+        timeout: float,
+        executor: ToolExecutor | None = None,
+    ) -> ToolOutcome:
         """Validate and run; every failure becomes an error outcome.
 
         Cancellation propagates: an async tool is cancelled at once; a sync tool runs
-        in a worker thread, which Python cannot stop, so the turn moves on without it.
+        on a worker thread of ``executor`` (a private one-off executor when None),
+        which Python cannot stop, so the turn moves on without it.
         """
         try:
             parsed = self.args_model.model_validate(dict(arguments))
@@ -111,13 +239,19 @@ class FunctionTool:
                 if self.is_async:
                     result = await self.func(**kwargs)
                 else:
-                    result = await asyncio.to_thread(self.func, **kwargs)
+                    pool = executor or ToolExecutor(1)
+                    result = await pool.call_sync(self.func, kwargs)
         except TimeoutError:
-            return ToolOutcome(f"{self.name} timed out after {timeout:g}s", True)
+            hint = "" if self.is_async else " (a sync tool cannot be interrupted; it runs on)"
+            return ToolOutcome(f"{self.name} timed out after {timeout:g}s{hint}", True)
+        except ToolPoolFull as err:
+            return ToolOutcome(f"{self.name} not run: {err}", True)
+        except _Escaped as err:
+            return _failure(self.name, err.original)
         except asyncio.CancelledError:
             raise
-        except Exception as err:  # noqa: BLE001 - a tool's failure is the model's to see
-            return ToolOutcome(f"{self.name} failed: {type(err).__name__}: {err}", True)
+        except BaseException as err:  # noqa: BLE001 - SystemExit included: the model's to see
+            return _failure(self.name, err)
         return ToolOutcome(_render(result))
 
 

@@ -173,6 +173,7 @@ async def serve_agent(
 ) -> AsyncIterator[tuple[str, MeshServer, AgentRuntime, RecordingProvider]]:
     """An in-process agent server on 127.0.0.1:0 whose provider is recorded."""
     from mesh.agent._serve import build_runtime
+    from mesh.mcp import close_toolset
 
     inner = build_runtime(config, name).provider
     recording = RecordingProvider(inner)
@@ -182,6 +183,7 @@ async def serve_agent(
         yield f"127.0.0.1:{port}", server, runtime, recording
     finally:
         await server.stop(0)
+        await close_toolset(runtime)
 
 
 def free_ports_env(config: MeshConfig, data_dir: Path) -> dict[str, str]:

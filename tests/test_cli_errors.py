@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 from .meshtest import MESH_YAML, Proc, offline_agent, write_config
@@ -55,8 +58,88 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_help_on_every_command() -> None:
-    for command in ([], ["agent"], ["up"], ["chat"], ["info"]):
+    for command in ([], ["agent"], ["up"], ["chat"], ["info"], ["new", "agent"]):
         proc = Proc([*command, "--help"])
         assert proc.popen.wait(timeout=30) == 0
         proc.lines.get(timeout=10)
         assert "usage: mesh" in "".join(proc.stdout)
+
+
+# -- everyday failures through the real binary: one line, non-zero exit -----------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_chat_with_the_router_down(tmp_path: Path) -> None:
+    # Nothing listens on this port: the router is down.
+    port = _free_port()
+    code, err = _run("chat", "--config", str(MESH_YAML), "--router", f"127.0.0.1:{port}", "hi")
+    assert code == 1
+    line = _one_line(err)
+    assert f"cannot reach the router at 127.0.0.1:{port}: is it running?" in line
+
+
+def test_agent_on_a_busy_port() -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        code, err = _run(
+            "agent", "billing", "--config", str(MESH_YAML), "--no-auth", "--port", str(port)
+        )
+    assert code == 1
+    line = [x for x in err.splitlines() if "--no-auth" not in x]
+    assert len(line) == 1 and "Traceback" not in err, err
+    assert f"127.0.0.1:{port} is already in use" in line[0]
+    assert "--port 0" in line[0]
+
+
+def _slow_talker(tmp_path: Path) -> Path:
+    agent = offline_agent(default_reply="word " * 200, chunk_chars=5, delay_ms=5)
+    return write_config(tmp_path, {"agents": {"talker": agent}, "auth": {"enabled": False}})
+
+
+def test_chat_json_into_a_closed_pipe(tmp_path: Path) -> None:
+    """`mesh chat --json ... | head -1`: one line about the closed pipe, exit 141."""
+    config = _slow_talker(tmp_path)
+    agent = Proc(["agent", "talker", "--config", str(config), "--port", "0"])
+    try:
+        address = agent.wait_line("agent talker: ")
+        chat = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "mesh", "chat", "--config", str(config)),
+                *("--target", address, "--json", "talk to me"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert chat.stdout is not None and chat.stderr is not None
+        first = chat.stdout.readline()
+        assert first.startswith("{")
+        chat.stdout.close()  # what `head -1` does after its line
+        code = chat.wait(timeout=60)
+        err = chat.stderr.read()
+        assert code == 141
+        assert _one_line(err) == "mesh chat: output closed before the end (broken pipe)"
+    finally:
+        agent.stop()
+
+
+def test_new_agent_with_a_bad_name(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"agents": {"a": offline_agent()}})
+    code, err = _run("new", "agent", "Bad-Name", "--config", str(config))
+    assert code == 2
+    assert _one_line(err).startswith("mesh new: agent name 'Bad-Name': use lowercase")
+    assert not (tmp_path / "Bad-Name").exists()

@@ -40,7 +40,7 @@ from mesh.providers.base import (
     ToolSpec,
     UsageReport,
 )
-from mesh.tools import FunctionTool
+from mesh.tools import Tool, ToolExecutor
 
 log = logging.getLogger("mesh.agent")
 
@@ -198,7 +198,7 @@ class AgentRuntime:
         config: AgentConfig,
         mesh: MeshConfig,
         provider: Provider,
-        tools: Mapping[str, FunctionTool] | None = None,
+        tools: Mapping[str, Tool] | None = None,
         *,
         version: str = "",
     ) -> None:
@@ -408,12 +408,30 @@ class AgentRuntime:
             context=passed,
         )
 
+    @property
+    def tool_executor(self) -> ToolExecutor:
+        """This agent's own bounded executor for sync tools (made on first use)."""
+        executor: ToolExecutor | None = getattr(self, "_tool_executor", None)
+        if executor is None:
+            executor = ToolExecutor(self.config.limits.tool_workers, label=f" of {self.name}")
+            self._tool_executor = executor
+        return executor
+
     async def _run_tools(self, calls: list[ToolCallRequest]) -> list[ToolReturned]:
+        """Run ordinary tools concurrently; whatever a tool raises is an error result."""
         if not calls:
             return []
-        timeout = self.config.limits.tool_timeout_s
+        limits = self.config.limits
+        executor = self.tool_executor
         outcomes = await asyncio.gather(
-            *(self.tools[c.name].run(c.arguments, timeout=timeout) for c in calls)
+            *(
+                executor.run(
+                    self.tools[c.name],
+                    c.arguments,
+                    limits.tool_timeouts_s.get(c.name, limits.tool_timeout_s),
+                )
+                for c in calls
+            )
         )
         return [
             ToolReturned(c.id, c.name, o.content, o.is_error)

@@ -71,6 +71,15 @@ class ClientConfig(_Frozen):
     """PEM private key path matching ``certificate`` (the service side only)."""
     thumbprint: str = ""
     """SHA-1 thumbprint (hex) of ``certificate``; computed from the certificate when empty."""
+    audiences: list[str] | None = None
+    """Services or audiences it may get delegated (user) tokens for; None: the router
+    may reach every agent, an agent nothing (add its MCP resources and A2A peers)."""
+    app_audiences: list[str] | None = None
+    """Services or audiences it may get its own (client-credentials) tokens for; None:
+    the router every agent (for Info), an agent the router (to register)."""
+    roles: list[str] | None = None
+    """App roles in its client-credentials tokens; None: ``router.discovery.register_role``
+    for an agent (so it can register), nothing for the router."""
 
     @model_validator(mode="after")
     def _key_needs_cert(self) -> ClientConfig:
@@ -183,6 +192,21 @@ class AuthConfig(BaseModel):
     """Exchanged tokens kept in memory per process."""
     allow_unauthenticated_reflection: bool = False
     """Serve ``grpc.reflection`` without a token (grpcurl ``list`` without ``-H``)."""
+    service_callers: dict[str, list[str]] = Field(default_factory=dict)
+    """agent -> services whose own (app) tokens may call its Chat/Handoff; everyone
+    else needs a user's token delegated through the router."""
+    delegates: list[str] = Field(default_factory=lambda: ["router"])
+    """Services whose delegated user tokens agents accept on Chat/Handoff (the actor)."""
+    scopes: dict[str, list[str]] = Field(default_factory=dict)
+    """agent -> the user's scopes it needs; its hop token carries only these (those the
+    user has). Not listed: the agent's ``required_scopes``, else the user's scopes."""
+    access_token_typ: str | None = None
+    """JOSE ``typ`` every access token must carry (RFC 9068 ``at+jwt``); None: ``at+jwt``
+    with the embedded STS, unchecked for other issuers (Entra v2 sets none); "": never."""
+    require_scope_claim: bool = True
+    """Access tokens must carry ``scp``/``scope`` or ``roles`` (ID tokens carry neither)."""
+    assertion_max_lifetime_s: float = Field(default=600.0, gt=0, le=3600)
+    """Longest ``private_key_jwt`` client assertion the embedded STS accepts (RFC 7523)."""
     entra: EntraConfig = Field(default_factory=EntraConfig)
     """Settings of the ``entra`` exchanger."""
     rfc8693: Rfc8693Config = Field(default_factory=Rfc8693Config)
@@ -208,6 +232,13 @@ class AuthConfig(BaseModel):
     def client_for(self, service: str) -> ClientConfig:
         """The client settings of ``service`` (empty settings when not configured)."""
         return self.clients.get(service, ClientConfig())
+
+    @property
+    def token_typ(self) -> str:
+        """The ``typ`` access tokens must carry ("" when unchecked)."""
+        if self.access_token_typ is not None:
+            return self.access_token_typ
+        return "at+jwt" if self.exchanger == "embedded" else ""
 
     def client_id_for(self, service: str) -> str:
         """The client id ``service`` authenticates as (default: its audience)."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -33,8 +35,13 @@ class TlsFiles:
     server_key: Path
 
 
+def _private_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+
+
 def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _private_dir(path.parent)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
@@ -43,10 +50,8 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    # Certificates are public, but the data dir holds user data: 0600 like the rest.
+    _write_private(path, data)
 
 
 def _now() -> dt.datetime:
@@ -99,6 +104,15 @@ def _serves_both(cert_path: Path) -> bool:
     return ExtendedKeyUsageOID.CLIENT_AUTH in usage and ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
+def _issued_by(cert_path: Path, ca_cert: x509.Certificate) -> bool:
+    """The certificate was signed by this CA (a regenerated CA voids the old ones)."""
+    try:
+        x509.load_pem_x509_certificate(cert_path.read_bytes()).verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -107,64 +121,63 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFiles:
-    """Create (once) the dev CA and a server certificate for loopback + ``extra_hosts``.
+_CA_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
 
-    Existing files are reused while valid; the server certificate is reissued when it
-    nears expiry or does not cover a requested host.
-    """
-    hosts = tuple(dict.fromkeys(_HOSTS + tuple(h for h in extra_hosts if h)))
-    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
-    ca_key_path = directory / "ca-key.pem"
-    if _valid(files.ca_cert, ()) and ca_key_path.exists():
-        ca_cert = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+
+def _load_or_create_ca(
+    ca_path: Path, ca_key_path: Path
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, bool]:
+    """The dev CA's key and certificate; ``True`` when they were just created."""
+    if _valid(ca_path, ()) and ca_key_path.exists():
+        ca_cert = x509.load_pem_x509_certificate(ca_path.read_bytes())
         loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):
             raise ValueError(f"{ca_key_path}: not an EC key")
-        ca_key = loaded
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "grpc-agent-mesh dev CA")])
-        ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=_VALID_DAYS * 4))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(ski, critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write_private(ca_key_path, _key_pem(ca_key))
-        _write_public(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
-        files.server_cert.unlink(missing_ok=True)
-    if (
-        _valid(files.server_cert, hosts)
-        and _serves_both(files.server_cert)
-        and files.server_key.exists()
-    ):
-        return files
+        return loaded, ca_cert, False
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "grpc-agent-mesh dev CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=_VALID_DAYS * 4))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(ca_key_path, _key_pem(ca_key))
+    _write_public(ca_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+    return ca_key, ca_cert, True
+
+
+def _issue(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    name: str,
+    hosts: tuple[str, ...],
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A server-and-client certificate for service ``name`` from the dev CA."""
     key = ec.generate_private_key(ec.SECP256R1())
+    usage = x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    )
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh sts")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mesh {name}")]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -172,19 +185,41 @@ def ensure_dev_tls(directory: Path, extra_hosts: tuple[str, ...] = ()) -> TlsFil
         .not_valid_after(_now() + dt.timedelta(days=_VALID_DAYS))
         .add_extension(_san(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(usage, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return cert, key
+
+
+def ensure_dev_tls(
+    directory: Path, extra_hosts: tuple[str, ...] = (), *, name: str = "server"
+) -> TlsFiles:
+    """Create (once) the dev CA and the certificate of service ``name`` (CN ``mesh
+    <name>``, files ``<name>.pem``/``<name>-key.pem``) for loopback, ``name`` and
+    ``extra_hosts``: one certificate per service, so a leaked key names one service.
+
+    Existing files are reused while valid; a certificate is reissued when it nears
+    expiry, does not cover a requested host or was issued by an earlier CA.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", name) or name in ("ca", "ca-key"):
+        raise ValueError(f"not a usable certificate name: {name!r}")
+    hosts = tuple(dict.fromkeys((*_HOSTS, name, *(h for h in extra_hosts if h))))
+    files = TlsFiles(directory / "ca.pem", directory / f"{name}.pem", directory / f"{name}-key.pem")
+    ca_key, ca_cert, created = _load_or_create_ca(files.ca_cert, directory / "ca-key.pem")
+    if (
+        not created
+        and _valid(files.server_cert, hosts)
+        and _issued_by(files.server_cert, ca_cert)
+        and _serves_both(files.server_cert)
+        and files.server_key.exists()
+    ):
+        return files
+    cert, key = _issue(ca_key, ca_cert, name, hosts)
     _write_private(files.server_key, _key_pem(key))
     _write_public(files.server_cert, cert.public_bytes(serialization.Encoding.PEM))
     return files

@@ -88,7 +88,14 @@ async def discover(client: httpx.AsyncClient, issuer: str, field: str) -> str:
 
 
 class JwksCache:
-    """Public signing keys of one issuer, by ``kid``."""
+    """Public signing keys of one issuer, by ``kid``.
+
+    Fetches are single-flight: one task fetches for every waiter, and it is shielded,
+    so a caller that gives up (a cancelled RPC) neither cancels it nor leaves the cache
+    without keys. Only a fetch that failed starts a short backoff
+    (``failure_backoff_s``); an unknown ``kid`` refetches at most once per
+    ``refresh_window_s`` after the last successful fetch.
+    """
 
     def __init__(
         self,
@@ -99,32 +106,26 @@ class JwksCache:
         timeout_s: float = 5.0,
         refresh_window_s: float = 30.0,
         max_age_s: float = 3600.0,
+        failure_backoff_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.issuer = issuer
         self.jwks_url = jwks_url
         self.refresh_window_s = refresh_window_s
         self.max_age_s = max_age_s
+        self.failure_backoff_s = failure_backoff_s
         self._http = LoopClient(verify, timeout_s)
         self._clock = clock
         self._keys: dict[str, dict[str, Any]] = {}
         self._fetched_at: float | None = None
-        self._attempted_at: float | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = asyncio.Lock()
-        #: JWKS fetches made so far (tests assert on it).
+        self._failed_at: float | None = None
+        self._fetch: asyncio.Task[None] | None = None
+        #: JWKS fetches started so far (tests assert on it).
         self.fetch_count = 0
 
     @property
     def kids(self) -> frozenset[str]:
         return frozenset(self._keys)
-
-    def _bind_loop(self) -> None:
-        """The lock belongs to one event loop; make a new one on another."""
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._loop = loop
-            self._lock = asyncio.Lock()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -132,40 +133,61 @@ class JwksCache:
     def _fresh(self, now: float) -> bool:
         return self._fetched_at is not None and now - self._fetched_at <= self.max_age_s
 
+    def _may_fetch(self, now: float) -> bool:
+        if self._failed_at is not None and now - self._failed_at < self.failure_backoff_s:
+            return False
+        if self._fetched_at is None or not self._fresh(now):
+            return True
+        return now - self._fetched_at >= self.refresh_window_s  # an unknown kid
+
+    def _running_fetch(self) -> asyncio.Task[None] | None:
+        task = self._fetch
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            return None
+        return task
+
+    def _start_fetch(self) -> asyncio.Task[None]:
+        self.fetch_count += 1
+        task = asyncio.get_running_loop().create_task(self._refresh(), name="jwks-fetch")
+        task.add_done_callback(_retrieve)
+        self._fetch = task
+        return task
+
     async def key_for(self, kid: str) -> Mapping[str, Any]:
         """The JWK for ``kid``; Unauthenticated when the issuer does not publish it."""
-        if kid in self._keys and self._fresh(self._clock()):
+        now = self._clock()
+        if kid in self._keys and self._fresh(now):
             return self._keys[kid]
-        self._bind_loop()
-        async with self._lock:
-            now = self._clock()
-            if kid in self._keys and self._fresh(now):
-                return self._keys[kid]
-            may_fetch = self._attempted_at is None or (
-                now - self._attempted_at >= self.refresh_window_s
-            )
-            if may_fetch:
-                try:
-                    await self._refresh()
-                except Unavailable:
-                    if kid not in self._keys:
-                        raise
-                    log.warning("JWKS refresh failed; using the cached keys")
-            elif self._fetched_at is None:
-                raise Unavailable("identity provider signing keys unavailable")
+        task = self._running_fetch()
+        if task is None and self._may_fetch(now):
+            task = self._start_fetch()
+        if task is not None:
+            try:
+                await asyncio.shield(task)
+            except Unavailable:
+                if kid not in self._keys:
+                    raise
+                log.warning("JWKS refresh failed; using the cached keys")
+        elif self._fetched_at is None:
+            raise Unavailable("identity provider signing keys unavailable")
         key = self._keys.get(kid)
         if key is None:
             raise Unauthenticated("token signed with an unknown key (kid)")
         return key
 
     async def _refresh(self) -> None:
-        self._attempted_at = self._clock()
-        self.fetch_count += 1
-        client = self._http.get()
-        url = self.jwks_url
-        if not url:
-            url = self.jwks_url = await discover(client, self.issuer, "jwks_uri")
-        body = await fetch_json(client, url, "identity provider JWKS")
+        try:
+            client = self._http.get()
+            url = self.jwks_url
+            if not url:
+                url = self.jwks_url = await discover(client, self.issuer, "jwks_uri")
+            body = await fetch_json(client, url, "identity provider JWKS")
+        except Unavailable:
+            self._failed_at = self._clock()
+            raise
+        except Exception as err:  # noqa: BLE001 - any other failure is the IdP's too
+            self._failed_at = self._clock()
+            raise Unavailable(f"identity provider JWKS failed: {type(err).__name__}") from None
         keys: dict[str, dict[str, Any]] = {}
         raw_keys = body.get("keys")
         for item in raw_keys if isinstance(raw_keys, list) else []:
@@ -173,4 +195,11 @@ class JwksCache:
                 keys[item["kid"]] = item
         self._keys = keys
         self._fetched_at = self._clock()
-        log.debug("fetched %d signing keys from %s", len(keys), url)
+        self._failed_at = None
+        log.debug("fetched %d signing keys", len(keys))
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a fetch's failure as seen (its waiters may all have gone)."""
+    if not task.cancelled():
+        task.exception()

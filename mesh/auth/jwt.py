@@ -22,12 +22,14 @@ import functools
 import json
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from jose import jwk as jose_jwk
+from jose import jws as jose_jws
 from jose import jwt as jose_jwt
-from jose.exceptions import ExpiredSignatureError, JOSEError, JWTClaimsError
+from jose.exceptions import JOSEError
 
 from mesh.context import Principal
 from mesh.errors import Unauthenticated
@@ -124,7 +126,14 @@ def principal_from_claims(claims: Mapping[str, Any], audience: str) -> Principal
         scopes=scopes_of(claims),
         actor_chain=actor_chain(claims),
         claims=dict(claims),
+        hops_remaining=hops_of(claims),
     )
+
+
+def hops_of(claims: Mapping[str, Any]) -> int | None:
+    """The remaining hop budget a delegated token carries (``mesh_hops``), if any."""
+    value = claims.get(HOPS_CLAIM)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def is_app_only(claims: Mapping[str, Any]) -> bool:
@@ -150,6 +159,47 @@ def _as_list(value: object) -> list[object]:
     return value if isinstance(value, list) else [value]
 
 
+@dataclass(frozen=True)
+class TokenProfile:
+    """What an access token of one issuer must look like (RFC 8725 §3.11, RFC 9068)."""
+
+    typ: str = ""
+    """Required JOSE ``typ`` (``at+jwt``; ``application/`` prefix allowed); "" = unchecked."""
+    require_scope_claim: bool = True
+    """An access token carries ``scp``/``scope`` or ``roles`` (an ID token carries neither)."""
+
+
+#: Claims only ID tokens carry (OIDC Core §2, §3.1.3.6, §3.3.2.11).
+ID_TOKEN_CLAIMS = ("nonce", "at_hash", "c_hash", "s_hash", "auth_time")
+#: The remaining hop budget a delegated token carries (narrowing delegation).
+HOPS_CLAIM = "mesh_hops"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_access_token_shape(
+    header: Mapping[str, Any], claims: Mapping[str, Any], profile: TokenProfile
+) -> None:
+    """Refuse ID tokens and other non-access tokens, and a malformed hop budget."""
+    typ = header.get("typ")
+    if profile.typ:
+        want = profile.typ.lower()
+        got = typ.lower().removeprefix("application/") if isinstance(typ, str) else ""
+        if got != want:
+            raise Unauthenticated(f"not an access token (typ must be {profile.typ})")
+    if any(name in claims for name in ID_TOKEN_CLAIMS):
+        raise Unauthenticated("an ID token is not an access token")
+    if profile.require_scope_claim and not any(k in claims for k in ("scp", "scope", "roles")):
+        raise Unauthenticated("not an access token (no scp or roles claim)")
+    hops = claims.get(HOPS_CLAIM)
+    if hops is not None and (not isinstance(hops, int) or isinstance(hops, bool) or hops < 0):
+        raise Unauthenticated(f"token claims invalid: {HOPS_CLAIM} is not a non-negative integer")
+    if "act" in claims and not isinstance(claims["act"], Mapping):
+        raise Unauthenticated("token claims invalid: act is not an object")
+
+
 class TokenValidator:
     """Validates bearer tokens for one audience against one issuer's keys."""
 
@@ -162,6 +212,7 @@ class TokenValidator:
         algorithms: Sequence[str] = SUPPORTED_ALGORITHMS,
         leeway_s: float = 30.0,
         max_token_bytes: int = 8192,
+        profile: TokenProfile | None = None,
         clock: Any = time.time,
     ) -> None:
         bad = set(algorithms) - set(SUPPORTED_ALGORITHMS)
@@ -175,10 +226,10 @@ class TokenValidator:
         self.algorithms = tuple(algorithms)
         self.leeway_s = leeway_s
         self.max_token_bytes = max_token_bytes
+        self.profile = profile or TokenProfile()
         self._clock = clock
 
-    async def validate(self, token: str) -> dict[str, Any]:
-        """The token's claims if it is valid for this service, else Unauthenticated."""
+    def _header(self, token: str) -> tuple[dict[str, Any], str, str]:
         check_shape(token, self.max_token_bytes)
         header = unverified_header(token)
         alg = header.get("alg")
@@ -190,52 +241,46 @@ class TokenValidator:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid or len(kid) > 256:
             raise Unauthenticated("token has no usable key id (kid)")
-        jwk = await self.keys.key_for(kid)
+        return header, alg, kid
+
+    async def validate(self, token: str) -> dict[str, Any]:
+        """The token's claims if it is valid for this service, else Unauthenticated."""
+        header, alg, kid = self._header(token)
+        return self._verify(token, header, alg, await self.keys.key_for(kid))
+
+    def validate_sync(
+        self, token: str, key_for: Callable[[str], Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """:meth:`validate` with a synchronous key lookup (the STS's own keys)."""
+        header, alg, kid = self._header(token)
+        return self._verify(token, header, alg, key_for(kid))
+
+    def _verify(
+        self, token: str, header: Mapping[str, Any], alg: str, jwk: Mapping[str, Any]
+    ) -> dict[str, Any]:
         _check_key_matches(jwk, alg)
-        try:
-            key = jose_jwk.construct(dict(jwk), algorithm=alg)
-            claims = jose_jwt.decode(
-                token,
-                key,
-                algorithms=[alg],
-                audience=self.audience,
-                issuer=self.issuer,
-                options={
-                    "require_exp": True,
-                    "require_aud": True,
-                    "require_iss": True,
-                    "require_sub": True,
-                    "verify_at_hash": False,
-                    "leeway": self.leeway_s,
-                },
-            )
-        except ExpiredSignatureError:
-            raise Unauthenticated("token expired") from None
-        except JWTClaimsError as err:
-            raise Unauthenticated(f"token claims invalid: {redact(str(err))}") from None
-        except JOSEError:
-            raise Unauthenticated("token signature verification failed") from None
-        except Exception:  # noqa: BLE001 - a hostile token must never crash the caller
-            raise Unauthenticated("token could not be verified") from None
-        self._check_claims(claims)
+        claims = verified_payload(token, jwk, alg, "token")
+        self.check_claims(claims)
+        check_access_token_shape(header, claims, self.profile)
         return claims
 
-    def _check_claims(self, claims: Mapping[str, Any]) -> None:
-        # jose already checked these, but its checks are lenient about types; be exact.
+    def check_claims(self, claims: Mapping[str, Any]) -> None:
+        """Registered claims, exactly: each missing one is named, types are strict."""
+        for name in REQUIRED_CLAIMS:
+            if name not in claims:
+                raise Unauthenticated(f"token claims invalid: missing {name}")
+        for name in ("exp", "nbf", "iat"):
+            if name in claims and not _is_number(claims[name]):
+                raise Unauthenticated(f"token claims invalid: {name} is not a number")
         if claims.get("iss") != self.issuer:
             raise Unauthenticated("token claims invalid: wrong issuer")
-        if self.audience not in _as_list(claims.get("aud")):
+        aud = claims.get("aud")
+        if not all(isinstance(a, str) for a in _as_list(aud)) or self.audience not in _as_list(aud):
             raise Unauthenticated("token claims invalid: wrong audience")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise Unauthenticated("token claims invalid: empty subject")
         now = self._clock()
-        for name in ("exp", "nbf", "iat"):
-            value = claims.get(name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int | float)
-            ):
-                raise Unauthenticated(f"token claims invalid: {name} is not a number")
         if float(claims["exp"]) < now - self.leeway_s:
             raise Unauthenticated("token expired")
         nbf = claims.get("nbf")
@@ -244,6 +289,27 @@ class TokenValidator:
         iat = claims.get("iat")
         if iat is not None and float(iat) > now + self.leeway_s:
             raise Unauthenticated("token issued in the future (iat)")
+
+
+def verified_payload(
+    token: str, jwk: Mapping[str, Any] | str, alg: str, what: str
+) -> dict[str, Any]:
+    """The payload of ``token`` once its signature verifies with ``jwk`` (no claim checks:
+    python-jose's are lenient, the callers check every claim themselves)."""
+    try:
+        key = jose_jwk.construct(dict(jwk) if isinstance(jwk, Mapping) else jwk, algorithm=alg)
+        payload = jose_jws.verify(token, key, algorithms=[alg])
+    except JOSEError:
+        raise Unauthenticated(f"{what} signature verification failed") from None
+    except Exception:  # noqa: BLE001 - a hostile token must never crash the caller
+        raise Unauthenticated(f"{what} could not be verified") from None
+    try:
+        claims = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise Unauthenticated(f"malformed {what}: payload is not JSON") from None
+    if not isinstance(claims, dict):
+        raise Unauthenticated(f"malformed {what}: payload is not a JSON object")
+    return claims
 
 
 # -- signing (the embedded token service and ``mesh token``) -----------------------------
@@ -292,15 +358,17 @@ def verify_client_assertion(
     *,
     public_pem: str,
     client_id: str,
-    audiences: Iterable[str],
+    token_endpoint: str,
     thumbprints: Iterable[str] = (),
+    max_lifetime_s: float = 600.0,
     max_bytes: int = 16384,
     leeway_s: float = 30.0,
+    clock: Callable[[], float] = time.time,
 ) -> dict[str, Any]:
-    """Verify a ``private_key_jwt`` client assertion (RFC 7523) with the client's
-    registered certificate key: RS256 only, ``iss == sub == client_id``, ``aud`` one of
-    ``audiences`` (the token endpoint), ``exp`` required; if the header names a
-    certificate thumbprint (``x5t``/``x5t#S256``) it must be the registered one."""
+    """Verify a ``private_key_jwt`` client assertion (RFC 7523 §3) with the client's
+    registered certificate key: RS256 only, ``iss == sub == client_id``, ``aud`` the token
+    endpoint, ``exp`` at most ``max_lifetime_s`` ahead, a ``jti`` (the caller remembers it
+    until ``exp`` to refuse replays); a named thumbprint must be the registered one."""
     check_shape(assertion, max_bytes)
     header = unverified_header(assertion)
     if header.get("alg") != "RS256":
@@ -311,31 +379,28 @@ def verify_client_assertion(
     }  # msal keeps the padding
     if named and allowed and not named & allowed:
         raise Unauthenticated("client assertion names an unregistered certificate")
-    aud_list = list(audiences)
-    try:
-        claims = jose_jwt.decode(
-            assertion,
-            jose_jwk.construct(public_pem, algorithm="RS256"),
-            algorithms=["RS256"],
-            options={
-                "verify_aud": False,
-                "require_exp": True,
-                "require_iss": True,
-                "require_sub": True,
-                "verify_at_hash": False,
-                "leeway": leeway_s,
-            },
-            issuer=client_id,
-            subject=client_id,
-        )
-    except ExpiredSignatureError:
-        raise Unauthenticated("client assertion expired") from None
-    except JOSEError:
-        raise Unauthenticated("client assertion invalid") from None
-    except Exception:  # noqa: BLE001
-        raise Unauthenticated("client assertion could not be verified") from None
-    if not set(map(str, _as_list(claims.get("aud")))) & set(aud_list):
+    claims = verified_payload(assertion, public_pem, "RS256", "client assertion")
+    for name in ("iss", "sub", "aud", "exp", "jti"):
+        if name not in claims:
+            raise Unauthenticated(f"client assertion invalid: missing {name}")
+    if claims["iss"] != client_id or claims["sub"] != client_id:
+        raise Unauthenticated("client assertion invalid: iss and sub must be the client id")
+    if token_endpoint not in _as_list(claims["aud"]):
         raise Unauthenticated("client assertion audience is not this token endpoint")
+    jti = claims["jti"]
+    if not isinstance(jti, str) or not 8 <= len(jti) <= 256:
+        raise Unauthenticated("client assertion invalid: jti must be a string of 8-256 chars")
+    exp, now = claims["exp"], clock()
+    if not _is_number(exp) or any(
+        k in claims and not _is_number(claims[k]) for k in ("iat", "nbf")
+    ):
+        raise Unauthenticated("client assertion invalid: exp/iat/nbf must be numbers")
+    if float(exp) < now - leeway_s:
+        raise Unauthenticated("client assertion expired")
+    if float(exp) > now + max_lifetime_s + leeway_s:
+        raise Unauthenticated(f"client assertion lives too long (over {max_lifetime_s:.0f} s)")
+    if "nbf" in claims and float(claims["nbf"]) > now + leeway_s:
+        raise Unauthenticated("client assertion not yet valid (nbf)")
     return claims
 
 
@@ -348,12 +413,17 @@ def thumbprint_b64(der: bytes, *, sha256: bool = False) -> str:
 
 
 __all__ = [
+    "HOPS_CLAIM",
+    "ID_TOKEN_CLAIMS",
     "REQUIRED_CLAIMS",
     "SUPPORTED_ALGORITHMS",
     "KeyProvider",
+    "TokenProfile",
     "TokenValidator",
     "actor_chain",
+    "check_access_token_shape",
     "check_shape",
+    "hops_of",
     "is_app_only",
     "principal_from_claims",
     "public_jwk",
@@ -363,5 +433,6 @@ __all__ = [
     "thumbprint_b64",
     "unverified_claims",
     "unverified_header",
+    "verified_payload",
     "verify_client_assertion",
 ]

@@ -8,6 +8,7 @@ which credentials a service presents.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import ssl
 from dataclasses import dataclass
@@ -15,17 +16,40 @@ from pathlib import Path
 
 from mesh.auth.devca import certificate_der, sha1_thumbprint_hex
 from mesh.auth.jwt import thumbprint_b64
+from mesh.auth.policy import client_services
 from mesh.config import MeshConfig
 from mesh.errors import ConfigError
 
 #: Where ``mesh sts`` writes its bound URL (port 0) for ``mesh token`` and services.
 URL_FILE = "url"
-DEV_SECRET_FILE = "client-secret"  # noqa: S105
+CLIENTS_DIR = "clients"
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) and make it 0700: it holds keys and secrets."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, data: str) -> None:
+    """Write ``data`` to ``path`` atomically with mode 0600."""
+    private_dir(path.parent)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(data)
+    os.replace(tmp, path)
 
 
 def sts_dir(config: MeshConfig) -> Path:
-    """The embedded STS's state folder: signing keys, dev CA, dev client secret."""
+    """The embedded STS's state folder: signing keys, dev CA, per-client dev secrets."""
     return Path(config.data_dir) / "sts"
+
+
+def embedded_sts(config: MeshConfig) -> bool:
+    """The embedded STS is the identity provider (whichever protocol talks to it)."""
+    return config.auth.exchanger == "embedded" or not config.auth.issuer
 
 
 def resolve_issuer(config: MeshConfig) -> str:
@@ -47,7 +71,7 @@ def ca_path(config: MeshConfig) -> Path | None:
     STS's dev CA when it is the issuer; else None (the system store)."""
     if config.auth.ca_file:
         return Path(config.auth.ca_file)
-    if config.auth.exchanger == "embedded" or not config.auth.issuer:
+    if embedded_sts(config):
         return sts_dir(config) / "tls" / "ca.pem"  # the embedded STS's dev CA
     return None
 
@@ -63,23 +87,30 @@ def ssl_context(config: MeshConfig) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(path))
 
 
-def dev_client_secret(config: MeshConfig) -> str:
-    """The embedded STS's development client secret, created on first use (mode 0600).
+def secret_env_name(service: str) -> str:
+    """The environment variable ``mesh up`` hands ``service``'s own dev secret in."""
+    return "MESH_CLIENT_SECRET_" + re.sub(r"[^A-Z0-9]", "_", service.upper())
 
-    Used by every service that names no ``secret_env`` and no certificate, and only
-    with the embedded STS.
-    """
-    path = sts_dir(config) / DEV_SECRET_FILE
+
+def _secret_file(config: MeshConfig, client_id: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", client_id)
+    return sts_dir(config) / CLIENTS_DIR / f"{safe}.secret"
+
+
+def dev_client_secret(config: MeshConfig, service: str) -> str:
+    """``service``'s own development client secret for the embedded STS, created on first
+    use in ``<data_dir>/sts/clients`` (dir 0700, file 0600): one per client, so that one
+    leaked secret does not authenticate every other service."""
+    path = _secret_file(config, config.auth.client_id_for(service))
     try:
         return path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_urlsafe(32)
-    tmp = path.with_name(f"{DEV_SECRET_FILE}.{os.getpid()}.tmp")
+    private_dir(path.parent)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(value)
+        out.write(secrets.token_urlsafe(32))
     try:
         os.link(tmp, path)  # first writer wins; others read its secret
     except FileExistsError:
@@ -87,6 +118,17 @@ def dev_client_secret(config: MeshConfig) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return path.read_text(encoding="utf-8").strip()
+
+
+def child_env(config: MeshConfig, service: str) -> dict[str, str]:
+    """Environment for a ``mesh up`` child running ``service``: its own dev secret only
+    (nothing when it has configured credentials or the issuer is not the embedded STS)."""
+    client = config.auth.client_for(service)
+    if not config.auth.enabled or not embedded_sts(config):
+        return {}
+    if client.private_key or (client.secret_env and os.environ.get(client.secret_env)):
+        return {}
+    return {secret_env_name(service): dev_client_secret(config, service)}
 
 
 @dataclass(frozen=True, repr=False)
@@ -129,10 +171,11 @@ def client_credential(config: MeshConfig, service: str) -> ClientCredential:
         value = os.environ.get(client.secret_env)
         if value:
             return ClientCredential(client_id, secret=value)
-        if config.auth.exchanger != "embedded":
+        if not embedded_sts(config):
             raise ConfigError(f"{where}.secret_env: ${client.secret_env} is not set")
-    if config.auth.exchanger == "embedded":
-        return ClientCredential(client_id, secret=dev_client_secret(config))
+    if embedded_sts(config):
+        handed = os.environ.get(secret_env_name(service))
+        return ClientCredential(client_id, secret=handed or dev_client_secret(config, service))
     raise ConfigError(f"{where}: needs secret_env or certificate + private_key")
 
 
@@ -151,9 +194,8 @@ def registered_clients(config: MeshConfig) -> dict[str, RegisteredClient]:
     STS client: by the named secret, by certificate, else by the dev secret."""
     from mesh.auth.devca import certificate_public_pem
 
-    services = ["router", *config.agents, *config.auth.clients]
     out: dict[str, RegisteredClient] = {}
-    for service in dict.fromkeys(services):
+    for service in client_services(config):
         client = config.auth.client_for(service)
         client_id = config.auth.client_id_for(service)
         found: list[str] = []
@@ -169,7 +211,7 @@ def registered_clients(config: MeshConfig) -> dict[str, RegisteredClient]:
             der = certificate_der(cert)
             thumbs = (thumbprint_b64(der), thumbprint_b64(der, sha256=True))
         if not found and public_pem is None:
-            found.append(dev_client_secret(config))
+            found.append(dev_client_secret(config, service))
         out[client_id] = RegisteredClient(client_id, tuple(found), public_pem, thumbs)
     return out
 

@@ -35,7 +35,11 @@ def agent_channel_factory(config: MeshConfig) -> Callable[[str, str, str], grpc.
         if credentials is not None and server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         return create_channel(
-            address, settings=config.server, credentials=credentials, options=options
+            address,
+            settings=config.server,
+            credentials=credentials,
+            options=options,
+            forward_context=False,
         )
 
     return make

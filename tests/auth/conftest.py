@@ -67,7 +67,8 @@ def mesh_dict(data_dir: Path, **auth: Any) -> dict[str, Any]:
         "sts": {"port": 0, "step_up_audiences": ["mesh-agent-stepup"]},
         "clients": {
             "router": {"secret_env": ROUTER_SECRET_ENV},
-            "a": {"certificate": str(cert), "private_key": str(key)},
+            # a may reach b on a user's behalf (a peer it calls); nothing else.
+            "a": {"certificate": str(cert), "private_key": str(key), "audiences": ["b"]},
         },
     }
     body.update(auth)

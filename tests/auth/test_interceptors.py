@@ -422,8 +422,12 @@ async def test_service_calls_as_itself_with_client_credentials(
         assert sts.stats["token"] == before  # cached
     entra = with_auth(config, exchanger="entra")
     async with serve(server_interceptors(entra, "router")) as addr:
-        info = await _info(addr, None, service_interceptors(entra, "mesh-router"))
-        assert info.name == "mesh-router"
+        info = await _info(addr, None, service_interceptors(entra, "mesh-router", service="b"))
+        assert info.name == "mesh-agent-b"
+        # The router may not get an app token for itself: its policy lists the agents only.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _info(addr, None, service_interceptors(entra, "mesh-router"))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 @pytest.mark.parametrize("client_auth", [False, True])

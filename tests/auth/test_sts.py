@@ -20,7 +20,7 @@ from mesh.auth.exchange import (
     build_exchanger,
 )
 from mesh.auth.jwt import unverified_claims
-from mesh.auth.runtime import ClientCredential, client_credential
+from mesh.auth.runtime import ClientCredential, client_credential, dev_client_secret
 from mesh.auth.sts import GRANT_JWT_BEARER, TokenService, mint, mint_user_token
 from mesh.config import MeshConfig
 from mesh.errors import Unauthenticated, Unavailable
@@ -234,7 +234,7 @@ async def test_token_exchange_rules(config: MeshConfig, sts: TokenService) -> No
     assert (await _post(sts, base, ("mesh-router", "wrong"))).json()["error"] == "invalid_client"
     assert (await _post(sts, base)).status_code == 401
     # The subject token was issued to the router; agent b may not exchange it.
-    b_creds = ("mesh-agent-b", (sts.config.data_dir / "sts" / "client-secret").read_text())
+    b_creds = ("mesh-agent-b", dev_client_secret(sts.config, "b"))
     refused = await _post(sts, base, b_creds)
     assert refused.json()["error"] == "invalid_grant"
     unknown = await _post(sts, {**base, "audience": "nobody"}, creds)

@@ -46,5 +46,5 @@ async def test_no_token_or_secret_in_any_log_line(config: MeshConfig, sts: Token
     assert any(line.startswith("msal") for line in lines), "the capture saw no msal line"
     leaks = [line[:200] for line in lines if JWT_LIKE.search(line)]
     assert not leaks
-    secrets = (ROUTER_SECRET, dev_client_secret(config))
+    secrets = (ROUTER_SECRET, *(dev_client_secret(config, s) for s in ("b", "admin", "stepup")))
     assert not [line[:200] for line in lines if any(s in line for s in secrets)]

@@ -1,0 +1,117 @@
+"""``mesh up`` supervises real processes: they die with it, and it says what failed."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+from pathlib import Path
+
+from .meshtest import Proc, offline_agent, write_config
+
+
+def _config(tmp_path: Path, **agents: dict[str, object]) -> Path:
+    agents = agents or {"alpha": offline_agent(), "beta": offline_agent()}
+    return write_config(tmp_path, {"agents": agents, "auth": {"enabled": False}})
+
+
+def _up(config: Path, tmp_path: Path, agents: tuple[str, ...] = ("alpha", "beta")) -> Proc:
+    env = {f"MESH_AGENTS__{a.upper()}__PORT": "0" for a in agents}
+    env["MESH_DATA_DIR"] = str(tmp_path / "data")
+    return Proc(["up", "--config", str(config), "--router-port", "0"], env)
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _wait_gone(pids: list[int], timeout: float = 60.0) -> list[int]:
+    """Wait (on pidfds, no polling) until every pid has exited; returns those still alive."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            continue
+    try:
+        pending = set(fds)
+        while pending:
+            ready, _, _ = select.select(list(pending), [], [], timeout)
+            if not ready:
+                break
+            pending -= set(ready)
+        return [fds[fd] for fd in pending]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _running(proc: Proc) -> list[int]:
+    proc.wait_line("mesh up: running", timeout=90)
+    children = _children(proc.popen.pid)
+    assert len(children) == 3  # two agents and the router
+    return children
+
+
+def test_sigkill_of_mesh_up_leaves_no_child(tmp_path: Path) -> None:
+    proc = _up(_config(tmp_path), tmp_path)
+    children = _running(proc)
+    proc.popen.kill()  # SIGKILL: no handler runs in mesh up
+    proc.popen.wait()
+    # The kernel's parent-death signal stops them (they drain and exit).
+    assert _wait_gone(children) == []
+
+
+def test_sighup_stops_every_child(tmp_path: Path) -> None:
+    proc = _up(_config(tmp_path), tmp_path)
+    children = _running(proc)
+    proc.signal(signal.SIGHUP)  # the terminal closed
+    assert proc.popen.wait(timeout=60) == 0
+    assert _wait_gone(children) == []
+
+
+def test_a_child_that_exits_is_named_with_its_code_and_output(tmp_path: Path) -> None:
+    proc = _up(_config(tmp_path), tmp_path)
+    alpha, beta, router = _running(proc)
+    os.kill(beta, signal.SIGKILL)
+    assert proc.popen.wait(timeout=60) == 1
+    assert _wait_gone([alpha, router]) == []
+    err = "".join(proc.stderr)
+    assert "mesh up: agent beta exited with code -9 while the mesh was running" in err
+    assert "its last lines:\n    agent beta: 127.0.0.1:" in err
+    assert "Traceback" not in err
+
+
+def test_a_child_failing_at_start_is_reported(tmp_path: Path) -> None:
+    broken = offline_agent()
+    broken["tools"] = ["no_such_module:tool"]
+    proc = _up(
+        _config(tmp_path, alpha=offline_agent(), broken=broken), tmp_path, ("alpha", "broken")
+    )
+    assert proc.popen.wait(timeout=60) == 1
+    err = "".join(proc.stderr)
+    assert "mesh up: agent broken exited with code 2 before it was ready; its last lines:" in err
+    assert "cannot import 'no_such_module'" in err
+    assert "Traceback" not in err
+
+
+def test_a_taken_port_is_named_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        agent = {**offline_agent(), "port": port}
+        config = _config(tmp_path, alpha=agent)
+        proc = Proc(["up", "--config", str(config), "--router-port", "0"])
+        assert proc.popen.wait(timeout=60) == 1
+    proc.lines.get(timeout=10)
+    err = [line for line in "".join(proc.stderr).splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert (
+        f"port {port} on 127.0.0.1, for agent alpha (agents.alpha.port), is already in use"
+        in err[0]
+    )
+    assert "ss -ltnp" in err[0]
+    assert proc.stdout == []  # nothing was started
