@@ -8,8 +8,10 @@ the tests see it ran only when approved.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +32,7 @@ from .meshtest import (
     offline_agent,
     serve_agent,
     serve_router,
+    tool_path,
 )
 
 REFUND_RULE = {"contains": "refund", "tool": "issue_refund", "arguments": {"invoice_id": "INV-7"}}
@@ -229,3 +232,46 @@ async def test_the_default_mesh_returns_to_triage_and_asks_before_cancelling() -
     final = events[-1]
     assert final.agent == "triage" and list(final.final.hop_path) == ["triage", "orders", "triage"]
     assert final.final.content == "Triage again: orders has answered. Anything else?"
+
+
+async def test_grpcurl_answers_an_approval_on_the_same_stream() -> None:
+    """A grpcurl user types the approval JSON into the open Chat stream."""
+    async with mesh_of(_mesh()) as (router, _providers):
+        proc = await asyncio.create_subprocess_exec(
+            tool_path("grpcurl"),
+            "-plaintext",
+            "-max-time",
+            "30",
+            "-d",
+            "@",
+            router,
+            "mesh.v1.RouterService/Chat",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b'{"turn": {"conversation_id": "g1", "message": "refund INV-7"}}\n')
+        await proc.stdin.drain()
+        seen = ""
+        decoder = json.JSONDecoder()
+        events: list[dict[str, Any]] = []
+        while not any("approval_request" in e for e in events):
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            assert line, "grpcurl ended before the approval request"
+            seen += line.decode()
+            with contextlib.suppress(ValueError):
+                event, _end = decoder.raw_decode(seen.strip())
+                events.append(event)
+                seen = ""
+        approval_id = events[-1]["approval_request"]["approval_id"]
+        answer = {"approval": {"approval_id": approval_id, "approved": True}}
+        proc.stdin.write(json.dumps(answer).encode() + b"\n")
+        await proc.stdin.drain()
+        proc.stdin.close()
+        rest, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+    tail = rest.decode()
+    assert '"content": "refunded INV-7"' in tail
+    assert '"content": "payer: issue_refund: refunded INV-7"' in tail
+    assert orch_tools.RAN == ["INV-7"]
