@@ -29,6 +29,28 @@ from mesh.v1 import types_pb2
 _YES = {"y", "yes"}
 
 
+async def _stdin_line() -> str:
+    """The next line of stdin, waiting on the event loop (no thread is left blocked on
+    stdin after a timeout, to swallow the next line typed at the chat prompt)."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return await asyncio.to_thread(sys.stdin.readline)
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+    return sys.stdin.readline()
+
+
 def describe_request(event: types_pb2.ChatEvent) -> str:
     """The question shown to the person: who asks to run which tool with what."""
     asked = event.approval_request
@@ -56,11 +78,10 @@ async def ask_approval(
     stream = out if out is not None else sys.stderr
     stream.write(describe_request(event))
     stream.flush()
-    read = readline if readline is not None else sys.stdin.readline
     timeout = asked.timeout_ms / 1000 if asked.timeout_ms else None
     try:
         async with asyncio.timeout(timeout):
-            line = await asyncio.to_thread(read)
+            line = await (_stdin_line() if readline is None else asyncio.to_thread(readline))
     except TimeoutError:
         line = ""
         reason = "no answer at the terminal in time"
