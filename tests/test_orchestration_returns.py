@@ -241,3 +241,13 @@ async def test_handing_back_to_an_agent_waiting_for_its_return_is_a_cycle() -> N
     assert isinstance(err, HandoffCycle)
     assert "a > b > a" in err.message and "waiting" in err.message
     assert len(providers["a"].requests) == 1  # a never ran again
+
+
+async def test_info_lists_each_targets_return_strategy() -> None:
+    config = three("return_to_caller")
+    async with serve_agent(config, "a") as (address, _server, _runtime, _provider):
+        async with create_channel(address) as channel:
+            info = await AgentClient(channel).info()
+    (target,) = info.handoff_targets
+    assert target.agent == "b"
+    assert target.return_strategy == RETURN.RETURN_STRATEGY_RETURN_TO_CALLER
