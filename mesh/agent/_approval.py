@@ -8,7 +8,7 @@ router to the client, and waits for the person's answer on the same stream
 ``limits.approval_timeout_s``: the tool does not run and the model sees the denial
 as the tool's result.
 
-Answers arrive through the turn's :class:`~mesh.agent._runtime.ConsultBroker` under
+Answers arrive through the turn's :class:`~mesh.agent._turn.ConsultBroker` under
 a key of their own (:func:`approval_key`), so approvals and CONSULT answers share
 one matching mechanism and one request stream.
 """
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from mesh.providers.base import ToolCallRequest
 
 if TYPE_CHECKING:
-    from mesh.agent._runtime import ConsultAnswer, ConsultBroker, ToolReturned, TurnInput
+    from mesh.agent._turn import ConsultAnswer, ConsultBroker, ToolReturned, TurnInput
     from mesh.config import AgentConfig
 
 _PREFIX = "approval:"
@@ -115,7 +115,7 @@ class ApprovalGate:
 
     async def denials(self, calls: list[ToolCallRequest]) -> list[ToolReturned]:
         """Wait for the verdicts; drop denied calls from ``calls``, return their results."""
-        from mesh.agent._runtime import ToolReturned
+        from mesh.agent._turn import ToolReturned
 
         if not self.asks:
             return []

@@ -28,7 +28,8 @@ from mesh.errors import ConfigError
 from mesh.providers.base import ChatMessage, ModelRequest, TextDelta, UsageReport
 
 if TYPE_CHECKING:
-    from mesh.agent._runtime import AgentRuntime, ConsultBroker, RuntimeEvent, TurnInput
+    from mesh.agent._runtime import AgentRuntime
+    from mesh.agent._turn import ConsultBroker, RuntimeEvent, TurnInput
 
 EVALUATE_SYSTEM = (
     "You evaluate a draft answer against criteria. Reply with a first line "
@@ -164,7 +165,7 @@ async def reflect(
     runtime: AgentRuntime, turn: TurnInput, consults: ConsultBroker | None
 ) -> AsyncGenerator[RuntimeEvent, None]:
     """One turn of a reflection agent (see the module docstring)."""
-    from mesh.agent._runtime import Delta, Final
+    from mesh.agent._turn import Delta, Final
 
     config = runtime.config.reflection
     usage = _Usage()
