@@ -36,6 +36,7 @@ from mesh._config_load import (
     resolve_config_path,
 )
 from mesh._config_mcp import McpHttpConfig, McpServerConfig, McpStdioConfig
+from mesh._config_orch import ReflectionConfig, ReturnStrategyName, ToolPolicy
 from mesh.auth.config import AuthConfig
 from mesh.errors import ConfigError
 from mesh.matching import TextCondition
@@ -104,7 +105,6 @@ class LimitsConfig(_Frozen):
 
 
 HandoffModeName = Literal["transfer", "consult"]
-ReturnStrategyName = Literal["bubble_up", "return_to_caller", "continue_chain", "end_conversation"]
 
 
 class HandoffConfig(_Frozen):
@@ -126,28 +126,6 @@ class HandoffConfig(_Frozen):
     ``bubble_up`` (the target keeps the conversation), ``return_to_caller`` (back to
     this agent, which finishes the turn), ``continue_chain`` (the target's answer feeds
     the sequence's next step) or ``end_conversation``."""
-
-
-class ToolPolicy(_Frozen):
-    """How the agent may use one tool (function or MCP, by the name the model sees)."""
-
-    approval: Literal["never", "required"] = "never"
-    """``required``: the turn pauses and the person at the client approves or denies
-    each call (``limits.approval_timeout_s``; no answer is a denial)."""
-
-
-class ReflectionConfig(_Frozen):
-    """Draft, self-evaluate, revise (agents of ``kind: reflection``)."""
-
-    criteria: str = "The answer is correct, complete and directly answers the request."
-    """What a good answer meets; the evaluation prompt scores drafts against it."""
-    evaluator: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    """A Python evaluation function ``module:function(answer, request, criteria)``
-    returning a score in [0, 1] or ``(score, feedback)``; None: the model evaluates."""
-    threshold: float = Field(default=0.8, ge=0.0, le=1.0)
-    """A draft scoring at least this is the answer."""
-    max_iterations: int = Field(default=3, ge=1, le=20)
-    """Drafts at most (the last one is the answer when none reaches the threshold)."""
 
 
 class SkillConfig(_Frozen):

@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
-from mesh.config import MeshConfig, ReturnStrategyName
+from mesh._config_orch import ReturnStrategyName
+from mesh.config import MeshConfig
 from mesh.context import format_hop_path
 from mesh.errors import AgentNotFound, HandoffCycle, HandoffNotAllowed, HopBudgetExceeded
 
