@@ -36,6 +36,7 @@ from mesh._config_load import (
     resolve_config_path,
 )
 from mesh._config_mcp import McpHttpConfig, McpServerConfig, McpStdioConfig
+from mesh._config_orch import ReflectionConfig, ReturnStrategyName, ToolPolicy
 from mesh.auth.config import AuthConfig
 from mesh.errors import ConfigError
 from mesh.matching import TextCondition
@@ -101,6 +102,9 @@ class LimitsConfig(_Frozen):
     made while all are held is an error result at once, never a queue."""
     consult_timeout_s: float = Field(default=120.0, gt=0)
     """How long to wait for the router to answer a CONSULT."""
+    approval_timeout_s: float = Field(default=60.0, gt=0)
+    """How long a tool marked ``approval: required`` waits for the person's answer
+    (no answer in time is a denial)."""
 
 
 HandoffModeName = Literal["transfer", "consult"]
@@ -108,6 +112,8 @@ HandoffModeName = Literal["transfer", "consult"]
 
 class HandoffConfig(_Frozen):
     """An agent this one may hand over to, and how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     target: str
     modes: list[HandoffModeName] = Field(
@@ -118,6 +124,11 @@ class HandoffConfig(_Frozen):
     """Shown to the model in the tool description."""
     pass_context: list[str] = Field(default_factory=list)
     """Context keys handed to the target; nothing else travels."""
+    return_strategy: ReturnStrategyName = Field(default="bubble_up", alias="return")
+    """Where control goes after a TRANSFER to this target (``return:`` in the file):
+    ``bubble_up`` (the target keeps the conversation), ``return_to_caller`` (back to
+    this agent, which finishes the turn), ``continue_chain`` (the target's answer feeds
+    the sequence's next step) or ``end_conversation``."""
 
 
 class SkillConfig(_Frozen):
@@ -172,6 +183,12 @@ class AgentConfig(_Frozen):
     """Processes ``mesh up`` starts for this agent."""
     mcp_servers: list[McpServerConfig] = Field(default_factory=list)
     """MCP servers whose tools this agent uses (stdio, sse or streamable_http)."""
+    tool_policies: dict[str, ToolPolicy] = Field(default_factory=dict)
+    """Per tool name (function or MCP): ``{approval: required}`` asks the person first."""
+    kind: Literal["model", "reflection"] = "model"
+    """``reflection``: every answer is drafted, scored and revised (see ``reflection``)."""
+    reflection: ReflectionConfig = Field(default_factory=ReflectionConfig)
+    """Settings of a ``kind: reflection`` agent."""
 
     @field_validator("tools")
     @classmethod
@@ -269,6 +286,18 @@ class StoreConfig(_Frozen):
     """Forget a conversation this long after its last turn (Redis only)."""
 
 
+class RoutingConfig(_Frozen):
+    """How the router picks an agent when no CONDITIONAL route matches."""
+
+    strategy: Literal["default", "best_match"] = "default"
+    """``best_match``: a model picks the agent from the agents' Info (description,
+    skills) before the turn runs; ``default``: the default agent."""
+    provider: ProviderConfig = Field(default_factory=ProviderConfig)
+    """The routing model (``kind``, ``model`` and the provider's options)."""
+    timeout_s: float = Field(default=10.0, gt=0)
+    """The decision's own deadline; past it the turn goes to the default agent."""
+
+
 class RouterConfig(_Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=50050, ge=0, le=65535)
@@ -276,6 +305,8 @@ class RouterConfig(_Frozen):
     """The agent (a triage agent) that gets turns no rule picks."""
     routes: list[RouteRule] = Field(default_factory=list)
     sequences: dict[str, SequenceConfig] = Field(default_factory=dict)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    """Model-chosen routing (``strategy: best_match``) after the CONDITIONAL routes."""
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -358,6 +389,10 @@ class MeshConfig(BaseSettings):
                     raise ValueError(
                         f"agents.{agent.name}.handoffs: an agent cannot hand to itself"
                     )
+        if self.router.routing.strategy == "best_match" and not self.router.default_agent:
+            raise ValueError(
+                "router.routing: best_match needs router.default_agent to fall back on"
+            )
         if self.router.default_agent and self.router.default_agent not in routable:
             raise ValueError(f"router.default_agent: unknown agent {self.router.default_agent!r}")
         for i, route in enumerate(self.router.routes):
@@ -404,8 +439,11 @@ __all__ = [
     "McpStdioConfig",
     "MeshConfig",
     "ProviderConfig",
+    "ReflectionConfig",
     "RouterConfig",
+    "RoutingConfig",
     "ServerSettings",
+    "ToolPolicy",
     "config_from_dict",
     "load_config",
     "resolve_config_path",

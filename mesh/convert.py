@@ -8,6 +8,8 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
+from mesh.agent._approval import ApprovalAsked
+from mesh.agent._reflection import Reflected
 from mesh.agent._runtime import (
     Delta,
     ErrorInfo,
@@ -152,6 +154,8 @@ def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:
                 stop_reason=STOP_TO_PB.get(event.stop_reason, types_pb2.STOP_REASON_UNSPECIFIED),
             )
         )
+    elif isinstance(event, ApprovalAsked | Reflected):
+        _orchestration_to_pb(event, out)
     elif isinstance(event, ErrorInfo):
         out.error.CopyFrom(
             types_pb2.ErrorEvent(
@@ -159,3 +163,30 @@ def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:
             )
         )
     return out
+
+
+def _orchestration_to_pb(event: ApprovalAsked | Reflected, out: types_pb2.ChatEvent) -> None:
+    if isinstance(event, ApprovalAsked):
+        out.approval_request.CopyFrom(
+            types_pb2.ApprovalRequest(
+                approval_id=event.approval_id,
+                call=types_pb2.ToolCall(
+                    id=event.call.id,
+                    name=event.call.name,
+                    arguments=to_struct(event.call.arguments),
+                ),
+                requested_by=event.requested_by,
+                hop_path=list(event.hop_path),
+                timeout_ms=int(event.timeout_s * 1000),
+            )
+        )
+    else:
+        out.reflection.CopyFrom(
+            types_pb2.ReflectionStep(
+                iteration=event.iteration,
+                score=event.score,
+                feedback=event.feedback,
+                draft=event.draft,
+                accepted=event.accepted,
+            )
+        )

@@ -21,6 +21,8 @@ from collections.abc import (
 from typing import Any
 
 from mesh import telemetry
+from mesh.agent._approval import ApprovalGate
+from mesh.agent._reflection import reflect
 from mesh.agent._turn import (
     AfterTurn,
     BeforeTurn,
@@ -164,7 +166,7 @@ class AgentRuntime:
         With :attr:`hooks`, the before-hooks see the turn first and the after-hooks
         its Final; without, the model turn runs as it is (no extra layer per event).
         """
-        if not self.hooks:
+        if not self.hooks and self.config.kind == "model":
             return self._model_turn(turn, consults)
         return self._hooked_turn(turn, consults)
 
@@ -180,7 +182,8 @@ class AgentRuntime:
                 return
             if changed is not None:
                 turn = changed
-        stream = self._model_turn(turn, consults)
+        body = reflect if self.config.kind == "reflection" else AgentRuntime._model_turn
+        stream = body(self, turn, consults)
         try:
             async for event in stream:
                 if isinstance(event, Final):
@@ -288,6 +291,9 @@ class AgentRuntime:
         consult_calls = [c for c in handoffs if self._handoff_specs[c.name][1] == "consult"]
         for call in plain:
             yield ToolCalled(call)
+        for asked in (gate := ApprovalGate(self.config, turn, broker)).ask(plain):
+            yield asked
+        results.extend(await gate.denials(plain))
         waits: list[tuple[ToolCallRequest, asyncio.Future[ConsultAnswer]]] = []
         for call in consult_calls:
             waits.append((call, broker.expect(call.id)))

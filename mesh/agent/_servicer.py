@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from mesh import telemetry
+from mesh.agent._approval import approval_key
 from mesh.agent._runtime import (
     AgentRuntime,
     ConsultAnswer,
@@ -49,6 +50,13 @@ from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 log = logging.getLogger("mesh.agent")
 
 Req = TypeVar("Req", agent_pb2.HandoffRequest, types_pb2.ChatRequest)
+
+_RETURN_PB: dict[str, types_pb2.ReturnStrategy.ValueType] = {
+    "bubble_up": types_pb2.RETURN_STRATEGY_BUBBLE_UP,
+    "return_to_caller": types_pb2.RETURN_STRATEGY_RETURN_TO_CALLER,
+    "continue_chain": types_pb2.RETURN_STRATEGY_CONTINUE_CHAIN,
+    "end_conversation": types_pb2.RETURN_STRATEGY_END_CONVERSATION,
+}
 
 __all__ = ["AgentServicer", "abort_with", "agent_info", "parse_chat_turn", "parse_handoff"]
 
@@ -154,6 +162,18 @@ class _AgentStream(TurnStream[Req, TurnInput]):
                 answer.call_id, ConsultAnswer(answer.content, answer.is_error, answer.agent)
             ):
                 log.info("consult answer for unknown call %r ignored", answer.call_id[:64])
+            return None
+        if kind == "approval":
+            if first:
+                raise InvalidArgument(
+                    f"the first request must carry `{self.opening}`", field=self.opening
+                )
+            approval = request.approval
+            verdict = ConsultAnswer(approval.reason, not approval.approved)
+            if not self.broker.resolve(approval_key(approval.approval_id), verdict):
+                log.info(
+                    "approval answer for unknown request %r ignored", approval.approval_id[:64]
+                )
             return None
         if kind == "cancel":
             if first:
@@ -311,7 +331,10 @@ def agent_info(runtime: AgentRuntime) -> types_pb2.AgentInfo:
         model=types_pb2.ModelInfo(provider=runtime.provider.kind, model=runtime.provider.model),
         handoff_targets=[
             types_pb2.HandoffTarget(
-                agent=h.target, modes=modes[h.target], description=h.description
+                agent=h.target,
+                modes=modes[h.target],
+                description=h.description,
+                return_strategy=_RETURN_PB[h.return_strategy],
             )
             for h in config.handoffs
         ],

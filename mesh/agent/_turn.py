@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mesh.agent._approval import ApprovalAsked
+from mesh.agent._reflection import Reflected
 from mesh.providers.base import ChatMessage, ToolCallRequest
 
 Mode = Literal["transfer", "consult", "end_conversation"]
@@ -82,7 +84,9 @@ class ErrorInfo:
     reason: str
 
 
-RuntimeEvent = Delta | ToolCalled | ToolReturned | HandoffRequested | Final | ErrorInfo
+_Events = Delta | ToolCalled | ToolReturned | HandoffRequested | Final | ErrorInfo
+RuntimeEvent = _Events | ApprovalAsked | Reflected
+"""Everything a turn yields (approval requests and reflection scores included)."""
 
 #: Runs before a turn: None keeps the turn, a TurnInput replaces it, a Final answers
 #: without the model (its content is streamed as one delta). May be sync or async.

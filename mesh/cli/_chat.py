@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import json_format
 
+from mesh._approval_prompt import ask_approval
 from mesh.cli._common import (
     EXIT_USAGE,
     Caller,
@@ -95,6 +96,13 @@ class Renderer:
         elif kind == "error":
             code = error_code_name(event.error.code)
             print(f"\nerror {code}: {event.error.message}", file=sys.stderr)
+        elif kind == "routing":
+            fallback = " (fallback)" if event.routing.fallback else ""
+            print(f"  (routed to {event.routing.agent}{fallback}: {event.routing.reason})")
+        elif kind == "reflection":
+            step = event.reflection
+            verdict = "accepted" if step.accepted else "revising"
+            print(f"\n  ~ draft {step.iteration} scored {step.score:.2f}, {verdict}", flush=True)
 
 
 @dataclass
@@ -149,6 +157,9 @@ class Session:
                     answer.append(event.delta.text)
                 elif kind == "error":
                     ok = False
+                elif kind == "approval_request":  # a tool waits for the person's yes/no
+                    verdict = await ask_approval(event)
+                    await stream.send(types_pb2.ChatRequest(approval=verdict))
         except BaseException:
             stream.cancel()
             raise

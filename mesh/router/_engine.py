@@ -3,19 +3,24 @@
 One turn: the routing core picks the agent (or sequence); the engine hands it the
 history and relays its events. A TRANSFER moves the turn to the target; a CONSULT
 runs the target concurrently and writes its answer back into the caller's open
-stream; a sequence runs its steps in order. Every handoff is checked by the core
-before anything is forwarded. The finished turn is stored before its final event
+stream; a sequence runs its steps in order. What happens once a TRANSFER's target
+has answered is the target's return strategy (:meth:`Router._follow`). Every
+handoff, and every return of control, is checked by the core before anything is
+forwarded. The finished turn is stored before its final event
 is sent, so an acknowledged turn survives a router restart.
 
 Events the router only forwards (text deltas, tool calls and results) are relayed
-as the agent serialized them; only finals, handoffs and errors are parsed.
+as the agent serialized them; only finals, handoffs, errors and approval requests
+are parsed. An approval request remembers the agent stream that asked, so the
+client's answer on its Chat stream goes back to exactly that stream (the agent may
+be a TRANSFER's target or a CONSULT's, several hops from the client).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from mesh import telemetry
@@ -32,13 +37,23 @@ from mesh.router._agents import (
     HopCall,
     peek_kind,
 )
-from mesh.router._core import HopBudget, RoutingCore
+from mesh.router._core import HopBudget, Plan, RoutingCore
+from mesh.router._returns import follow
+from mesh.router._routing import BestMatch
 from mesh.router._store import ConversationStore
 from mesh.v1 import types_pb2
 
 TRANSFER = types_pb2.HANDOFF_MODE_TRANSFER
 CONSULT = types_pb2.HANDOFF_MODE_CONSULT
 END = types_pb2.HANDOFF_MODE_END_CONVERSATION
+KIND_APPROVAL = 18
+"""ChatEvent field number of ``approval_request`` (see types.proto and peek_kind)."""
+STRATEGY_PB: dict[str, types_pb2.ReturnStrategy.ValueType] = {
+    "bubble_up": types_pb2.RETURN_STRATEGY_BUBBLE_UP,
+    "return_to_caller": types_pb2.RETURN_STRATEGY_RETURN_TO_CALLER,
+    "continue_chain": types_pb2.RETURN_STRATEGY_CONTINUE_CHAIN,
+    "end_conversation": types_pb2.RETURN_STRATEGY_END_CONVERSATION,
+}
 
 Emit = Callable[[types_pb2.ChatEvent | bytes], None]
 TokenFor = Callable[[str, str | None, str | None, int], Awaitable[str | None]]
@@ -71,6 +86,8 @@ class TurnState:
     started: float = 0.0
     """``time.perf_counter()`` when the turn started (for its metrics)."""
     first_delta: bool = False
+    approvals: dict[str, AgentCall] = field(default_factory=dict)
+    """Open approval requests of this turn -> the agent stream that asked."""
 
     @property
     def path(self) -> list[str]:
@@ -86,6 +103,9 @@ class Outcome:
     final: types_pb2.FinalMessage | None = None
     transfer: types_pb2.HandoffEvent | None = None
     ended: bool = False
+    strategy: str = ""
+    """How control last reached this agent's answer: the return strategy of the
+    TRANSFER that led here ("" when the agent started its step itself)."""
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -105,12 +125,49 @@ class Router:
         store: ConversationStore,
         *,
         token_for: TokenFor | None = None,
+        infos: Callable[[], Mapping[str, types_pb2.AgentInfo]] | None = None,
+        best_match: BestMatch | None = None,
     ) -> None:
         self.core = core
         self.streams = streams
         self.store = store
         self.store_kind = type(store).__name__.removesuffix("Store").lower() or "store"
         self.token_for = token_for
+        if best_match is None and core.model_routing:
+            best_match = BestMatch.for_config(core.config, infos or dict)
+        self.best_match = best_match
+
+    # -- routing -----------------------------------------------------------------------
+
+    async def choose(
+        self,
+        state: TurnState,
+        named: str,
+        metadata: Mapping[str, str],
+        active: str,
+    ) -> str:
+        """The agent or sequence the turn goes to; a routing model's choice is emitted."""
+        core = self.core
+        chosen = core.choose_by_rules(named, state.message, state.context, metadata, active)
+        if chosen is not None or self.best_match is None:
+            return chosen or core.default()
+        decision = await self.best_match.decide(
+            state.message, core.candidates(), core.default(), state.remaining()
+        )
+        state.input_tokens += decision.input_tokens
+        state.output_tokens += decision.output_tokens
+        state.emit(types_pb2.ChatEvent(agent="router", routing=decision.to_pb()))
+        return decision.agent
+
+    # -- approvals ---------------------------------------------------------------------
+
+    async def answer_approval(self, state: TurnState, answer: types_pb2.ApprovalAnswer) -> bool:
+        """Pass a client's approval answer to the agent stream that asked; False if none."""
+        call = state.approvals.pop(answer.approval_id, None)
+        if call is None:
+            return False
+        await call.send(types_pb2.ChatRequest(approval=answer))
+        return True
 
     # -- requests to agents ------------------------------------------------------------
 
@@ -231,6 +288,10 @@ class Router:
                     if kind == KIND_HANDOFF:
                         event = types_pb2.ChatEvent.FromString(data)
                         self._handoff(state, agent, event, outcome, call, stack, consults)
+                    elif kind == KIND_APPROVAL:
+                        asked = types_pb2.ChatEvent.FromString(data).approval_request
+                        state.approvals[asked.approval_id] = call
+                        state.emit(data)
                     elif kind != KIND_ERROR:  # the status that follows says it once
                         state.emit(data)
                         if kind == KIND_DELTA and not state.first_delta:
@@ -246,6 +307,8 @@ class Router:
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
         finally:
+            for approval_id in [k for k, v in state.approvals.items() if v is call]:
+                del state.approvals[approval_id]
             call.finish(reusable)
         if outcome.final is None:
             raise Unavailable(f"agent {agent} ended its stream without a final event")
@@ -270,6 +333,7 @@ class Router:
         elif handoff.mode == TRANSFER:
             self.core.check_handoff(state.budget, agent, handoff.target, None)
             outcome.transfer = handoff
+            handoff.return_strategy = STRATEGY_PB[self.core.return_strategy(agent, handoff.target)]
             state.emit(event)
         elif handoff.mode == END:
             outcome.ended = True
@@ -339,14 +403,21 @@ class Router:
                     agent,
                     TRANSFER,
                     f"step {index + 1} of sequence {target}",
-                    outcome.final.content,
+                    outcome.final.content or f"{previous} gave no answer",
                     {},
                     [*state.history, user],
                 )
                 outcome = await self._run_agent(state, agent, request, [], previous)
-            while outcome.transfer is not None:
-                outcome = await self._transfer(state, outcome, user)
+            outcome = await follow(self, state, outcome, user, [])
+            if outcome.ended or outcome.strategy == "bubble_up":
+                break  # the conversation ended, or a TRANSFER's target took the turn over
         assert outcome is not None and outcome.final is not None
+        return await self._finish(state, plan, outcome, user)
+
+    async def _finish(
+        self, state: TurnState, plan: Plan, outcome: Outcome, user: ChatMessage
+    ) -> types_pb2.ChatEvent:
+        assert outcome.final is not None
         final = types_pb2.FinalMessage()
         final.CopyFrom(outcome.final)
         final.usage.input_tokens = state.input_tokens
@@ -356,7 +427,7 @@ class Router:
         final.history_dropped = state.history_dropped
         if outcome.ended:
             final.stop_reason = types_pb2.STOP_REASON_END_CONVERSATION
-        active = target if plan.sequence else outcome.agent
+        active = self.core.next_active(plan, outcome.agent, outcome.strategy, outcome.ended)
         stored = time.perf_counter()
         await self.store.append(
             state.conversation_id,

@@ -117,7 +117,11 @@ class RouterApp:
         )
         core = RoutingCore(config, lambda: self.pool.endpoints)
         self.router = Router(
-            core, self.streams, self.store, token_for=tokens.for_hop if tokens else None
+            core,
+            self.streams,
+            self.store,
+            token_for=tokens.for_hop if tokens else None,
+            infos=lambda: self.pool.infos,
         )
         self.lifecycle = Lifecycle(config.server.max_concurrent_streams)
         servicer = RouterServicer(config, self.router, self.pool, self.lifecycle)

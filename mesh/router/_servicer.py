@@ -98,6 +98,8 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         self.request_id = current_request_id.get() or uuid.uuid4().hex[:16]
         self.token = current_token.get()
         self.incoming = servicer.trusted_hop_path()
+        self.current: _Pending | None = None
+        self._answers: set[asyncio.Task[None]] = set()
 
     def accept(self, request: types_pb2.ChatRequest, first: bool) -> _Pending | None:
         kind = request.WhichOneof("kind")
@@ -113,10 +115,22 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         if kind == "cancel":
             self.cancel_turn()
             return None
+        if kind == "approval":
+            task = asyncio.ensure_future(self._approve(request.approval))
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
+            return None
         raise InvalidArgument(
-            "clients send `turn` or `cancel`; the other requests are the router's own",
+            "clients send `turn`, `cancel` or `approval`; the other requests are the router's own",
             field="kind",
         )
+
+    async def _approve(self, answer: types_pb2.ApprovalAnswer) -> None:
+        """Pass an approval answer to the agent stream of the turn in flight that asked."""
+        pending = self.current
+        state = pending.state if pending is not None else None
+        if state is None or not await self.s.router.answer_approval(state, answer):
+            log.info("approval answer for unknown request %r ignored", answer.approval_id[:64])
 
     async def produce(self, pending: _Pending, emitter: Emitter) -> TurnEnd:
         s = self.s
@@ -133,7 +147,6 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
                 field="turn.message",
             )
         history, dropped = window_history(history, budget_bytes - size)
-        target = s.router.core.choose(item.agent, item.message, item.context, self.metadata, active)
         remaining = self.context.time_remaining()
         budget = s.config.router.default_deadline_s if remaining is None else remaining
         state = TurnState(
@@ -151,24 +164,29 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             history_dropped=dropped,
         )
         pending.state = state
-        final = await self._run(state, target, budget)
+        self.current = pending
+        final = await self._run(state, item.agent, active, budget)
         return TurnEnd(
             final=final, last=final.final.stop_reason == types_pb2.STOP_REASON_END_CONVERSATION
         )
 
-    async def _run(self, state: TurnState, target: str, budget: float) -> types_pb2.ChatEvent:
-        """Run the turn within its budget, in its span (when tracing), counted in metrics."""
+    async def _run(
+        self, state: TurnState, named: str, active: str, budget: float
+    ) -> types_pb2.ChatEvent:
+        """Route and run the turn within its budget, in its span (when tracing), counted in
+        metrics."""
         span = None
-        if telemetry.state.tracing:
-            span = telemetry.tracing.router_turn_span(
-                self.trace, state.conversation_id, self.request_id, target
-            )
         started = state.started = time.perf_counter()
-        agent, outcome = target, "error"
+        agent, outcome = named or "router", "error"
         try:
-            with telemetry.tracing.scope(span):
-                log.debug("turn %s of %s to %s", state.turn_id, state.conversation_id, target)
-                async with asyncio.timeout(budget):
+            async with asyncio.timeout(budget):
+                target = agent = await self.s.router.choose(state, named, self.metadata, active)
+                if telemetry.state.tracing:
+                    span = telemetry.tracing.router_turn_span(
+                        self.trace, state.conversation_id, self.request_id, target
+                    )
+                with telemetry.tracing.scope(span):
+                    log.debug("turn %s of %s to %s", state.turn_id, state.conversation_id, target)
                     final = await self.s.router.run_turn(state, target)
             agent, outcome = final.agent, "ok"
         except TimeoutError:

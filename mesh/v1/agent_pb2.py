@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mesh.v1 import types_pb2 as mesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/v1/agent.proto\x12\x07mesh.v1\x1a\x13mesh/v1/types.proto\"\x96\x01\n\x0eHandoffRequest\x12\'\n\x07handoff\x18\x01 \x01(\x0b\x32\x14.mesh.v1.HandoffTurnH\x00\x12\x30\n\x0e\x63onsult_result\x18\x02 \x01(\x0b\x32\x16.mesh.v1.ConsultResultH\x00\x12!\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x0f.mesh.v1.CancelH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"0\n\x0cInfoResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.mesh.v1.AgentInfo2\xb5\x01\n\x0c\x41gentService\x12\x34\n\x04\x43hat\x12\x14.mesh.v1.ChatRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12:\n\x07Handoff\x12\x17.mesh.v1.HandoffRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12\x33\n\x04Info\x12\x14.mesh.v1.InfoRequest\x1a\x15.mesh.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/v1/agent.proto\x12\x07mesh.v1\x1a\x13mesh/v1/types.proto\"\xc3\x01\n\x0eHandoffRequest\x12\'\n\x07handoff\x18\x01 \x01(\x0b\x32\x14.mesh.v1.HandoffTurnH\x00\x12\x30\n\x0e\x63onsult_result\x18\x02 \x01(\x0b\x32\x16.mesh.v1.ConsultResultH\x00\x12!\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x0f.mesh.v1.CancelH\x00\x12+\n\x08\x61pproval\x18\x04 \x01(\x0b\x32\x17.mesh.v1.ApprovalAnswerH\x00\x42\x06\n\x04kind\"\r\n\x0bInfoRequest\"0\n\x0cInfoResponse\x12 \n\x04info\x18\x01 \x01(\x0b\x32\x12.mesh.v1.AgentInfo2\xb5\x01\n\x0c\x41gentService\x12\x34\n\x04\x43hat\x12\x14.mesh.v1.ChatRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12:\n\x07Handoff\x12\x17.mesh.v1.HandoffRequest\x1a\x12.mesh.v1.ChatEvent(\x01\x30\x01\x12\x33\n\x04Info\x12\x14.mesh.v1.InfoRequest\x1a\x15.mesh.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mesh.v1.agent_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HANDOFFREQUEST']._serialized_start=54
-  _globals['_HANDOFFREQUEST']._serialized_end=204
-  _globals['_INFOREQUEST']._serialized_start=206
-  _globals['_INFOREQUEST']._serialized_end=219
-  _globals['_INFORESPONSE']._serialized_start=221
-  _globals['_INFORESPONSE']._serialized_end=269
-  _globals['_AGENTSERVICE']._serialized_start=272
-  _globals['_AGENTSERVICE']._serialized_end=453
+  _globals['_HANDOFFREQUEST']._serialized_end=249
+  _globals['_INFOREQUEST']._serialized_start=251
+  _globals['_INFOREQUEST']._serialized_end=264
+  _globals['_INFORESPONSE']._serialized_start=266
+  _globals['_INFORESPONSE']._serialized_end=314
+  _globals['_AGENTSERVICE']._serialized_start=317
+  _globals['_AGENTSERVICE']._serialized_end=498
 # @@protoc_insertion_point(module_scope)

@@ -26,6 +26,7 @@ class HandoffRequest(_message.Message):
     HANDOFF_FIELD_NUMBER: _builtins.int
     CONSULT_RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def handoff(self) -> _types_pb2.HandoffTurn:
         """The conversation handed over (the first request)."""
@@ -38,18 +39,23 @@ class HandoffRequest(_message.Message):
     def cancel(self) -> _types_pb2.Cancel:
         """Stops the turn in flight."""
 
+    @_builtins.property
+    def approval(self) -> _types_pb2.ApprovalAnswer:
+        """A person's answer to an `approval_request` event of this turn."""
+
     def __init__(
         self,
         *,
         handoff: _types_pb2.HandoffTurn | None = ...,
         consult_result: _types_pb2.ConsultResult | None = ...,
         cancel: _types_pb2.Cancel | None = ...,
+        approval: _types_pb2.ApprovalAnswer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["handoff", "consult_result", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["handoff", "consult_result", "cancel", "approval"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 

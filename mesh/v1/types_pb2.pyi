@@ -52,6 +52,48 @@ HANDOFF_MODE_END_CONVERSATION: HandoffMode.ValueType  # 3
 """The conversation ends here."""
 Global___HandoffMode: _TypeAlias = HandoffMode  # noqa: Y015
 
+class _ReturnStrategy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReturnStrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReturnStrategy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETURN_STRATEGY_UNSPECIFIED: _ReturnStrategy.ValueType  # 0
+    """Not set; read as RETURN_STRATEGY_BUBBLE_UP."""
+    RETURN_STRATEGY_BUBBLE_UP: _ReturnStrategy.ValueType  # 1
+    """The target answers the user and keeps the conversation (a plain TRANSFER;
+    inside a sequence the sequence ends with the target's answer).
+    """
+    RETURN_STRATEGY_RETURN_TO_CALLER: _ReturnStrategy.ValueType  # 2
+    """Control comes back to the handing agent, which sees the target's answer and
+    finishes the turn; the target's output streams to the user as it happens.
+    """
+    RETURN_STRATEGY_CONTINUE_CHAIN: _ReturnStrategy.ValueType  # 3
+    """The target's answer goes on to the next step of the sequence the turn is in."""
+    RETURN_STRATEGY_END_CONVERSATION: _ReturnStrategy.ValueType  # 4
+    """The conversation ends once the target has answered."""
+
+class ReturnStrategy(_ReturnStrategy, metaclass=_ReturnStrategyEnumTypeWrapper):
+    """Where control goes once a TRANSFER's target has answered (per handoff target in
+    the mesh file: `return:`).
+    """
+
+RETURN_STRATEGY_UNSPECIFIED: ReturnStrategy.ValueType  # 0
+"""Not set; read as RETURN_STRATEGY_BUBBLE_UP."""
+RETURN_STRATEGY_BUBBLE_UP: ReturnStrategy.ValueType  # 1
+"""The target answers the user and keeps the conversation (a plain TRANSFER;
+inside a sequence the sequence ends with the target's answer).
+"""
+RETURN_STRATEGY_RETURN_TO_CALLER: ReturnStrategy.ValueType  # 2
+"""Control comes back to the handing agent, which sees the target's answer and
+finishes the turn; the target's output streams to the user as it happens.
+"""
+RETURN_STRATEGY_CONTINUE_CHAIN: ReturnStrategy.ValueType  # 3
+"""The target's answer goes on to the next step of the sequence the turn is in."""
+RETURN_STRATEGY_END_CONVERSATION: ReturnStrategy.ValueType  # 4
+"""The conversation ends once the target has answered."""
+Global___ReturnStrategy: _TypeAlias = ReturnStrategy  # noqa: Y015
+
 class _StopReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -658,6 +700,7 @@ class ChatRequest(_message.Message):
     CONSULT_RESULT_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
     HANDOFF_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def turn(self) -> Global___Turn:
         """Opens a turn (the first request of a stream must be one)."""
@@ -677,6 +720,12 @@ class ChatRequest(_message.Message):
         request of AgentService.Handoff.
         """
 
+    @_builtins.property
+    def approval(self) -> Global___ApprovalAnswer:
+        """A person's answer to an `approval_request` event (clients send it to the
+        router, which passes it to the agent that asked).
+        """
+
     def __init__(
         self,
         *,
@@ -684,16 +733,165 @@ class ChatRequest(_message.Message):
         consult_result: Global___ConsultResult | None = ...,
         cancel: Global___Cancel | None = ...,
         handoff: Global___HandoffTurn | None = ...,
+        approval: Global___ApprovalAnswer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval", "cancel", b"cancel", "consult_result", b"consult_result", "handoff", b"handoff", "kind", b"kind", "turn", b"turn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn", "consult_result", "cancel", "handoff"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["turn", "consult_result", "cancel", "handoff", "approval"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ChatRequest: _TypeAlias = ChatRequest  # noqa: Y015
+
+@_typing.final
+class ApprovalAnswer(_message.Message):
+    """A person's approve/deny for a tool call an agent paused on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    APPROVED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """The approval_id of the ApprovalRequest this answers."""
+    approved: _builtins.bool
+    """True: the tool runs. False: the model sees a denial as the tool's result."""
+    reason: _builtins.str
+    """Why (shown to the model with a denial)."""
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        approved: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "approved", b"approved", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalAnswer: _TypeAlias = ApprovalAnswer  # noqa: Y015
+
+@_typing.final
+class ApprovalRequest(_message.Message):
+    """An agent asks the person at the client whether a tool may run; the turn waits
+    for an ApprovalAnswer (no answer within timeout_ms is a denial).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    APPROVAL_ID_FIELD_NUMBER: _builtins.int
+    CALL_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    HOP_PATH_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    approval_id: _builtins.str
+    """Names this request; the answer carries it back."""
+    requested_by: _builtins.str
+    """The agent that asked (the tool's owner)."""
+    timeout_ms: _builtins.int
+    """Milliseconds the agent waits for an answer before it denies."""
+    @_builtins.property
+    def call(self) -> Global___ToolCall:
+        """The tool call waiting for approval."""
+
+    @_builtins.property
+    def hop_path(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The agents this turn had passed through when the agent asked."""
+
+    def __init__(
+        self,
+        *,
+        approval_id: _builtins.str = ...,
+        call: Global___ToolCall | None = ...,
+        requested_by: _builtins.str = ...,
+        hop_path: _abc.Iterable[_builtins.str] | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_id", b"approval_id", "call", b"call", "hop_path", b"hop_path", "requested_by", b"requested_by", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApprovalRequest: _TypeAlias = ApprovalRequest  # noqa: Y015
+
+@_typing.final
+class ReflectionStep(_message.Message):
+    """One draft-evaluate round of a reflection agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITERATION_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
+    DRAFT_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    iteration: _builtins.int
+    """1 for the first draft."""
+    score: _builtins.float
+    """The evaluation's score of this draft, from 0 to 1."""
+    feedback: _builtins.str
+    """What the evaluation said (the revision works from it)."""
+    draft: _builtins.str
+    """The draft that was scored."""
+    accepted: _builtins.bool
+    """True when the score reached the agent's threshold (this draft is the answer)."""
+    def __init__(
+        self,
+        *,
+        iteration: _builtins.int = ...,
+        score: _builtins.float = ...,
+        feedback: _builtins.str = ...,
+        draft: _builtins.str = ...,
+        accepted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "draft", b"draft", "feedback", b"feedback", "iteration", b"iteration", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReflectionStep: _TypeAlias = ReflectionStep  # noqa: Y015
+
+@_typing.final
+class RoutingDecision(_message.Message):
+    """Which agent the router's routing model chose for a turn, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FALLBACK_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    """The agent (or sequence) the turn goes to."""
+    reason: _builtins.str
+    """The routing model's reason, or why the router fell back."""
+    fallback: _builtins.bool
+    """True when the model's answer was unusable (unknown agent, error, timeout)
+    and the turn went to the default agent.
+    """
+    strategy: _builtins.str
+    """The routing strategy that decided (`best_match`)."""
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        fallback: _builtins.bool = ...,
+        strategy: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "fallback", b"fallback", "reason", b"reason", "strategy", b"strategy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RoutingDecision: _TypeAlias = RoutingDecision  # noqa: Y015
 
 @_typing.final
 class TextDelta(_message.Message):
@@ -749,6 +947,7 @@ class HandoffEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     CONTEXT_FIELD_NUMBER: _builtins.int
+    RETURN_STRATEGY_FIELD_NUMBER: _builtins.int
     call_id: _builtins.str
     """Identifies this request; a CONSULT answer carries it back."""
     target: _builtins.str
@@ -759,6 +958,10 @@ class HandoffEvent(_message.Message):
     """Why the agent hands over."""
     message: _builtins.str
     """What the target is asked (CONSULT) or the message it takes over with (TRANSFER)."""
+    return_strategy: Global___ReturnStrategy.ValueType
+    """TRANSFER only: where control goes once the target has answered (the router
+    fills it in from the mesh file on the events it relays).
+    """
     @_builtins.property
     def context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Context keys the sender chose to pass on; nothing else travels."""
@@ -772,10 +975,11 @@ class HandoffEvent(_message.Message):
         reason: _builtins.str = ...,
         message: _builtins.str = ...,
         context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        return_strategy: Global___ReturnStrategy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "context", b"context", "message", b"message", "mode", b"mode", "reason", b"reason", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "context", b"context", "message", b"message", "mode", b"mode", "reason", b"reason", "return_strategy", b"return_strategy", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -897,6 +1101,9 @@ class ChatEvent(_message.Message):
     HANDOFF_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ROUTING_FIELD_NUMBER: _builtins.int
+    REFLECTION_FIELD_NUMBER: _builtins.int
+    APPROVAL_REQUEST_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """The agent that produced this event."""
     seq: _builtins.int
@@ -929,6 +1136,18 @@ class ChatEvent(_message.Message):
     def error(self) -> Global___ErrorEvent:
         """The turn failed; the stream ends with the same status."""
 
+    @_builtins.property
+    def routing(self) -> Global___RoutingDecision:
+        """The router's routing model chose the agent for this turn."""
+
+    @_builtins.property
+    def reflection(self) -> Global___ReflectionStep:
+        """A reflection agent scored a draft."""
+
+    @_builtins.property
+    def approval_request(self) -> Global___ApprovalRequest:
+        """A tool waits for the person's approval (answer with ChatRequest.approval)."""
+
     def __init__(
         self,
         *,
@@ -942,12 +1161,15 @@ class ChatEvent(_message.Message):
         handoff: Global___HandoffEvent | None = ...,
         final: Global___FinalMessage | None = ...,
         error: Global___ErrorEvent | None = ...,
+        routing: Global___RoutingDecision | None = ...,
+        reflection: Global___ReflectionStep | None = ...,
+        approval_request: Global___ApprovalRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "error", b"error", "final", b"final", "handoff", b"handoff", "kind", b"kind", "tool_call", b"tool_call", "tool_result", b"tool_result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval_request", b"approval_request", "delta", b"delta", "error", b"error", "final", b"final", "handoff", b"handoff", "kind", b"kind", "reflection", b"reflection", "routing", b"routing", "tool_call", b"tool_call", "tool_result", b"tool_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "conversation_id", b"conversation_id", "delta", b"delta", "error", b"error", "final", b"final", "handoff", b"handoff", "kind", b"kind", "seq", b"seq", "tool_call", b"tool_call", "tool_result", b"tool_result", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approval_request", b"approval_request", "conversation_id", b"conversation_id", "delta", b"delta", "error", b"error", "final", b"final", "handoff", b"handoff", "kind", b"kind", "reflection", b"reflection", "routing", b"routing", "seq", b"seq", "tool_call", b"tool_call", "tool_result", b"tool_result", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["delta", "tool_call", "tool_result", "handoff", "final", "error"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["delta", "tool_call", "tool_result", "handoff", "final", "error", "routing", "reflection", "approval_request"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -1014,10 +1236,13 @@ class HandoffTarget(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     MODES_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
+    RETURN_STRATEGY_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """The target agent."""
     description: _builtins.str
     """What the target is for."""
+    return_strategy: Global___ReturnStrategy.ValueType
+    """Where control goes after a TRANSFER to this target."""
     @_builtins.property
     def modes(self) -> _containers.RepeatedScalarFieldContainer[Global___HandoffMode.ValueType]:
         """The modes allowed."""
@@ -1028,10 +1253,11 @@ class HandoffTarget(_message.Message):
         agent: _builtins.str = ...,
         modes: _abc.Iterable[Global___HandoffMode.ValueType] | None = ...,
         description: _builtins.str = ...,
+        return_strategy: Global___ReturnStrategy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "description", b"description", "modes", b"modes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "description", b"description", "modes", b"modes", "return_strategy", b"return_strategy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
