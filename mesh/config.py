@@ -210,6 +210,30 @@ class McpServerConfig(_Frozen):
         return "sse" if self.sse is not None else "streamable_http"
 
 
+class A2aRemoteConfig(_Frozen):
+    """A remote agent reached over the Agent2Agent protocol (no local process)."""
+
+    url: str = Field(pattern=r"^https?://")
+    """The agent's base URL (its card is at ``<url>/.well-known/agent-card.json``)."""
+    audience: str = ""
+    """The audience of the token it takes (default: ``auth.audience_for(name)``); set,
+    it becomes ``auth.audiences.<name>``, so every hop exchanges for it."""
+    timeout_s: float = Field(default=300.0, gt=0)
+    """The longest one turn at the remote agent may take."""
+
+
+class A2aEdgeConfig(_Frozen):
+    """``mesh a2a``: the router's agents served over the Agent2Agent protocol."""
+
+    enabled: bool = False
+    """Run the A2A edge inside ``mesh up``."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8770, ge=0, le=65535)
+    """JSON-RPC (HTTP) port (0: any free port)."""
+    public_url: str = ""
+    """The base URL clients reach the edge at (default: ``http://host:port``)."""
+
+
 class AgentConfig(_Frozen):
     """One agent of the mesh."""
 
@@ -234,6 +258,9 @@ class AgentConfig(_Frozen):
     """Processes ``mesh up`` starts for this agent."""
     mcp_servers: list[McpServerConfig] = Field(default_factory=list)
     """MCP servers whose tools this agent uses (stdio, sse or streamable_http)."""
+    a2a: A2aRemoteConfig | None = None
+    """A remote A2A agent: the router hands off to it over A2A (``mesh up`` starts
+    nothing for it)."""
 
     @field_validator("tools")
     @classmethod
@@ -377,6 +404,8 @@ class MeshConfig(BaseSettings):
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     router: RouterConfig = Field(default_factory=RouterConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    a2a: A2aEdgeConfig = Field(default_factory=A2aEdgeConfig)
+    """The A2A edge (``mesh a2a``)."""
     source: str = Field(default="", exclude=True)
     """The file this came from (set by :func:`load_config`)."""
 
@@ -391,6 +420,28 @@ class MeshConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the file (passed as init kwargs).
         return (env_settings, init_settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a2a_audiences(cls, value: object) -> object:
+        """A remote A2A agent's ``a2a.audience`` is its audience everywhere."""
+        if not isinstance(value, dict) or not isinstance(value.get("agents"), dict):
+            return value
+        extra = {
+            name: body["a2a"]["audience"]
+            for name, body in value["agents"].items()
+            if isinstance(body, dict)
+            and isinstance(body.get("a2a"), dict)
+            and body["a2a"].get("audience")
+        }
+        if not extra:
+            return value
+        auth = value.get("auth")
+        auth = dict(auth) if isinstance(auth, dict) else {}
+        audiences = dict(auth.get("audiences") or {})
+        for name, audience in extra.items():
+            audiences.setdefault(name, audience)
+        return {**value, "auth": {**auth, "audiences": audiences}}
 
     @field_validator("agents", mode="before")
     @classmethod
