@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 from a2a.auth.user import User
+from a2a.extensions.common import HTTP_EXTENSION_HEADER, get_requested_extensions
 from a2a.helpers import new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
@@ -111,13 +112,20 @@ class MeshUser(User):
 
 
 class _CallContexts(ServerCallContextBuilder):
-    """The SDK's call context: the user and the validated token, never the headers."""
+    """The SDK's call context: the user, the validated token and the headers but the
+    token's (the SDK reads the ``A2A-Version`` header from them)."""
 
     def build(self, request: Request) -> ServerCallContext:
         scope = request.scope
         return ServerCallContext(
             user=MeshUser(str(scope.get("mesh_subject", ""))),
-            state={_STATE_TOKEN: scope.get("mesh_token")},
+            state={
+                _STATE_TOKEN: scope.get("mesh_token"),
+                "headers": {k: v for k, v in request.headers.items() if k != "authorization"},
+            },
+            requested_extensions=get_requested_extensions(
+                request.headers.getlist(HTTP_EXTENSION_HEADER)
+            ),
         )
 
 
