@@ -29,6 +29,7 @@ from a2a.types import (
     StreamResponse,
     TaskState,
 )
+from google.protobuf.json_format import MessageToDict
 
 from mesh.auth.sts import TokenService, mint_user_token
 from mesh.config import MeshConfig, config_from_dict
@@ -169,7 +170,7 @@ async def test_card_streamed_transfer_and_a_continued_conversation(tmp_path: Pat
     assert flow.client_credentials.token_url.startswith("https://127.0.0.1:")
     # the TRANSFER streamed: a handoff status, then billing's deltas, then completed
     notes = [
-        dict(e.status_update.status.message.metadata["mesh"])
+        MessageToDict(e.status_update.status.message.metadata)["mesh"]
         for e in first
         if e.HasField("status_update") and e.status_update.status.message.parts
     ]
