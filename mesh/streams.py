@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -116,6 +117,12 @@ class TurnStream(Generic[Req, TurnT]):
             self._cancel_requested = True
             self.turn_task.cancel()
 
+    @staticmethod
+    async def _fail(err: MeshError, context: grpc.aio.ServicerContext[Any, Any] | None) -> None:
+        if context is not None:
+            await abort_with(context, err)
+        raise err
+
     async def _read(self, requests: AsyncIterator[Req]) -> None:
         first = True
         try:
@@ -128,6 +135,13 @@ class TurnStream(Generic[Req, TurnT]):
             self.inbox.put_nowait(err)
         finally:
             self.inbox.put_nowait(_EOF)
+
+    def _turn_done(self, turn: TurnT, task: asyncio.Task[None]) -> None:
+        """A turn task cancelled before it ever ran (a cancel right behind its turn)
+        never reaches its own handler: end the turn here so the stream goes on."""
+        if task.cancelled() and self._cancel_requested:
+            self._cancel_requested = False
+            self.out.put_nowait(TurnEnd(final=self.cancelled(turn)))
 
     async def _turn(self, turn: TurnT) -> None:
         try:
@@ -145,7 +159,14 @@ class TurnStream(Generic[Req, TurnT]):
             end = TurnEnd(error=MeshError("internal error"))
         self.out.put_nowait(end)
 
-    async def run(self, requests: AsyncIterator[Req]) -> AsyncIterator[Event]:
+    async def run(
+        self,
+        requests: AsyncIterator[Req],
+        context: grpc.aio.ServicerContext[Any, Any] | None = None,
+    ) -> AsyncIterator[Event]:
+        """The stream's events; a failure ends the call with its status (``context``),
+        sent while the reader still reads: cancelling a server-side read in flight can
+        lose the status (the client would wait out its deadline)."""
         reader = asyncio.ensure_future(self._read(requests))
         served = False
         try:
@@ -156,11 +177,12 @@ class TurnStream(Generic[Req, TurnT]):
                 if item is _EOF:
                     return
                 if isinstance(item, MeshError):
-                    raise item
+                    await self._fail(item, context)
                 turn: TurnT = item  # type: ignore[assignment]  # the inbox holds accepted turns
                 self.lifecycle.turn_started()
                 try:
                     self.turn_task = asyncio.ensure_future(self._turn(turn))
+                    self.turn_task.add_done_callback(partial(self._turn_done, turn))
                     while True:
                         event = await self.out.get()
                         if isinstance(event, TurnEnd):
@@ -174,7 +196,7 @@ class TurnStream(Generic[Req, TurnT]):
                     failure = self.failed(turn, event.error)
                     if failure is not None:
                         yield self.stamp(failure, turn)
-                    raise event.error
+                    await self._fail(event.error, context)
                 if event.final is not None:
                     yield self.stamp(event.final, turn)
                 if event.last or self.one_turn:
@@ -204,7 +226,7 @@ async def serve_stream(
         await abort_with(context, err)
     try:
         async with stream.lifecycle.work():
-            async for event in stream.run(requests):
+            async for event in stream.run(requests, context):
                 yield event
     except MeshError as err:
         if on_error is not None:

@@ -238,9 +238,8 @@ async def test_three_hops_narrow_at_every_agent_with_hop_tokens(three_hops: Mesh
 
 async def test_three_hop_turns_through_the_router(three_hops: MeshConfig) -> None:
     """The same through the real router: TRANSFER triage -> billing, then a CONSULT
-    billing -> orders. Audience and actor chain hold today; the narrowed scopes and the
-    hop budget need the router to call ``hop_tokens(...).for_hop(..., scopes=hop_scopes(),
-    hops_remaining=hops_claim_for())`` (the lead wires it; then drop the xfail)."""
+    billing -> orders. Every agent's token has exactly its own audience, the scopes it
+    declared, the chain of actors in order and the remaining hop budget."""
     config = three_hops
     user = mint_user_token(config, "alice", USER_SCOPES, 600)
     metadata = [("authorization", f"Bearer {user}")]
@@ -267,5 +266,6 @@ async def test_three_hop_turns_through_the_router(three_hops: MeshConfig) -> Non
     assert actors[1][0] == "mesh-router" and "mesh-agent-triage" in actors[1]
     assert actors[2][:2] == ["mesh-router", "mesh-agent-billing"]
     narrowed = [(s["scopes"], s["hops"] is not None) for s in SEEN]
-    if narrowed != [(sorted(DECLARED[n]), True) for n in ("triage", "billing", "orders")]:
-        pytest.xfail("the router does not pass scopes/hops to hop_tokens yet (lead)")
+    assert narrowed == [(sorted(DECLARED[n]), True) for n in ("triage", "billing", "orders")]
+    hops = [int(str(s["hops"])) for s in SEEN]
+    assert hops[0] >= hops[1] >= hops[2]  # the budget only shrinks along the chain

@@ -376,3 +376,22 @@ async def test_list_agents_reports_endpoints() -> None:
     assert (
         entry.info.name == "echo" and entry.endpoints[0].health == types_pb2.ENDPOINT_HEALTH_SERVING
     )
+
+
+async def test_a_cancel_right_behind_its_turn_never_hangs_the_stream() -> None:
+    """A cancel that arrives before the turn's task first runs still ends the turn."""
+    config = mesh_config({"echo": offline_agent()}, router={"default_agent": "echo"})
+    async with serve_agent(config, "echo") as (address, _s, _r, _p):
+        async with serve_router(config, {"echo": [address]}) as (router, _app):
+            async with create_channel(router) as channel:
+                for agent in ["nobody", ""] * 10:
+                    call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=20)
+                    await call.write(turn_request("hi", agent=agent))
+                    await call.write(types_pb2.ChatRequest(cancel=types_pb2.Cancel(reason="x")))
+                    await call.done_writing()
+                    kinds = []
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        async for event in call:
+                            kinds.append(event.WhichOneof("kind"))
+                    assert await call.code() in (grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND)
+                    assert kinds and kinds[-1] in ("final", "error"), kinds

@@ -125,7 +125,7 @@ def test_mesh_chat_and_agents_commands(mesh: Mesh) -> None:
     listing = json.loads("".join(agents.stdout))
     names = {a["info"]["name"] for a in listing["agents"]}
     assert names == {"triage", "billing", "orders", "researcher", "writer"}
-    assert all(a["endpoints"][0]["health"] == "SERVING" for a in listing["agents"])
+    assert all(a["endpoints"][0]["health"] == "ENDPOINT_HEALTH_SERVING" for a in listing["agents"])
 
 
 async def test_end_conversation_closes_the_stream(mesh: Mesh) -> None:

@@ -75,7 +75,7 @@ def build_agent_server(
         interceptors=[*server_interceptors(config, name), *extra_interceptors],
         lifecycle=lifecycle,
         label=f"agent {name}",
-        server_credentials=server_credentials(config),
+        server_credentials=server_credentials(config, name),
     )
     if runtime.config.mcp_servers:
         from mesh.mcp import bind_server
@@ -84,12 +84,11 @@ def build_agent_server(
     return server, runtime
 
 
-def server_credentials(config: MeshConfig) -> grpc.ServerCredentials | None:
-    """TLS server credentials when the auth config asks for them."""
-    tls = getattr(config.auth, "tls", None)
-    if tls is None or not getattr(tls, "enabled", False):
+def server_credentials(config: MeshConfig, service: str) -> grpc.ServerCredentials | None:
+    """TLS server credentials of ``service`` (its own certificate) when the auth config
+    asks for TLS."""
+    if not config.auth.tls.enabled:
         return None
-    from mesh.auth.interceptors import server_credentials as make
+    from mesh.auth.tls import server_credentials as make
 
-    creds: grpc.ServerCredentials | None = make(config)
-    return creds
+    return make(config, service)

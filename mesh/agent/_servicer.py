@@ -30,6 +30,7 @@ from mesh.context import (
     check_conversation_id,
     current_conversation_id,
     current_hop_path,
+    current_principal,
     current_request_id,
     current_trace_context,
 )
@@ -110,6 +111,17 @@ def parse_handoff(request: agent_pb2.HandoffRequest) -> TurnInput:
     return parse_handoff_turn(request.handoff)
 
 
+def _within_budget(turn: TurnInput) -> TurnInput:
+    """Refuse a turn that asks for more handoffs than the caller's token grants (its
+    ``mesh_hops`` claim), so a bypassed router cannot buy a longer chain."""
+    principal = current_principal.get()
+    if principal is not None and principal.hops_remaining is not None:
+        from mesh.auth.policy import check_hop_budget
+
+        check_hop_budget(principal.hops_remaining, turn.hops_remaining or 0)
+    return turn
+
+
 class _AgentStream(TurnStream[Req, TurnInput]):
     """One Chat or Handoff call at an agent."""
 
@@ -156,12 +168,12 @@ class _AgentStream(TurnStream[Req, TurnInput]):
                     field="kind",
                 )
             assert isinstance(request, agent_pb2.HandoffRequest)
-            return parse_handoff(request)
+            return _within_budget(parse_handoff(request))
         assert isinstance(request, types_pb2.ChatRequest)
         if kind == "turn":
-            return parse_chat_turn(request)
+            return _within_budget(parse_chat_turn(request))
         if kind == "handoff":
-            return parse_handoff_turn(request.handoff)
+            return _within_budget(parse_handoff_turn(request.handoff))
         raise InvalidArgument("the request carries no `turn`", field="turn")
 
     async def produce(self, turn: TurnInput, emitter: Emitter) -> TurnEnd:

@@ -111,9 +111,16 @@ class Supervisor:
         self.stopping = True
         self.wake.set()
 
-    def spawn(self, label: str, argv: list[str], ready_prefix: str) -> Child:
+    def spawn(self, label: str, argv: list[str], ready_prefix: str, service: str = "") -> Child:
+        env = None
+        if service and self.config.auth.enabled:
+            from mesh.auth.runtime import child_env
+
+            # Each child gets its own client secret, and only its own.
+            env = {**os.environ, **child_env(self.config, service)}
         popen = subprocess.Popen(
             [sys.executable, "-m", "mesh", *argv, *self.config_arg],
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -254,12 +261,16 @@ def cmd_up(args: argparse.Namespace) -> int:
                 label = f"agent {name}" + (
                     f" (replica {replica + 1})" if agent.replicas > 1 else ""
                 )
-                child = sup.spawn(label, ["agent", name, "--port", str(port)], f"agent {name}: ")
+                argv = ["agent", name, "--port", str(port)]
+                child = sup.spawn(label, argv, f"agent {name}: ", service=name)
                 line = sup.wait_ready(child)
                 lines.append(line)
                 static += ["--static", f"{name}={line.split(': ', 1)[1]}"]
         router = sup.spawn(
-            "the router", ["router", "--port", str(router_port), *static], "router: "
+            "the router",
+            ["router", "--port", str(router_port), *static],
+            "router: ",
+            service="router",
         )
         address = sup.wait_ready(router).split(": ", 1)[1]
         if config.a2a.enabled:

@@ -38,8 +38,9 @@ CONSULT = types_pb2.HANDOFF_MODE_CONSULT
 END = types_pb2.HANDOFF_MODE_END_CONVERSATION
 
 Emit = Callable[[types_pb2.ChatEvent | bytes], None]
-TokenFor = Callable[[str, str | None, str], Awaitable[str | None]]
-"""(agent, the caller's token, the handing agent or "") -> the bearer for that agent."""
+TokenFor = Callable[[str, str | None, str | None, int], Awaitable[str | None]]
+"""(agent, the caller's token, the token the handing agent held or None, hops used so far)
+-> the bearer for that agent."""
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TurnState:
     subject_token: str | None = None
     """The caller's validated bearer (None with auth off); exchanged per hop."""
     history_dropped: int = 0
+    tokens: dict[str, str] = field(default_factory=dict)
+    """The bearer each agent of this turn got (the next hop's ``previous``)."""
     input_tokens: int = 0
     output_tokens: int = 0
 
@@ -159,7 +162,10 @@ class Router:
     ) -> tuple[AgentCall, bytes]:
         token = None
         if self.token_for is not None:
-            token = await self.token_for(agent, state.subject_token, source)
+            previous = state.tokens.get(source) if source else None
+            token = await self.token_for(agent, state.subject_token, previous, state.budget.hops)
+            if token is not None:
+                state.tokens[agent] = token
         traceparent = state.trace_context.get("traceparent", "")
         hop = HopCall(token, state.request_id, traceparent, state.remaining())
         return await self.streams.open(agent, request, hop)

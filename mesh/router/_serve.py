@@ -31,7 +31,7 @@ def agent_channel_factory(config: MeshConfig) -> Callable[[str, str, str], grpc.
         if config.auth.enabled:
             from mesh.auth import interceptors as auth
 
-            credentials = auth.channel_credentials(config)
+            credentials = auth.channel_credentials(config, "router")
         options: list[tuple[str, str]] = []
         if credentials is not None and server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
@@ -59,40 +59,42 @@ def with_static(config: MeshConfig, static: Mapping[str, Sequence[str]]) -> Mesh
 
 
 class _HopTokens:
-    """The bearer for each hop: the caller's token exchanged for the next agent.
-
-    With the embedded STS or RFC 8693, a handoff from agent A re-exchanges the token
-    A held, so the next agent's token nests ``act`` through A (router > A > router).
-    Entra's OBO cannot take a token issued to another app; there the hop path in the
-    audit log records the chain. The router's own calls (Info) carry its
-    client-credentials token.
+    """The bearer for each hop, narrowed: the user's token exchanged for exactly the next
+    agent's audience, with only the scopes that agent declares (intersected with the
+    user's) and the turn's remaining hop budget as a claim; the token the handing agent
+    held goes along as ``previous`` so the ``act`` chain records it (router > A > ...).
+    Entra's OBO carries neither; there the hop path in the audit log records the chain.
+    The router's own calls (Info) carry its client-credentials token.
     """
 
     def __init__(self, config: MeshConfig) -> None:
-        from mesh.auth.exchange import ClientCredentialsSource, exchanger_for
+        from mesh.auth.exchange import hop_tokens
 
         self.config = config
-        self.exchanger = exchanger_for(config, "router")
-        self.through_source = config.auth.exchanger != "entra"
-        self._own: dict[str, ClientCredentialsSource] = {}
-        self._source_type = ClientCredentialsSource
+        self.tokens = hop_tokens(config, "router")
+        self.narrowing = config.auth.exchanger != "entra"
 
-    async def for_hop(self, agent: str, subject: str | None, source: str) -> str | None:
+    async def for_hop(
+        self, agent: str, subject: str | None, previous: str | None, hops_used: int
+    ) -> str | None:
+        from mesh.auth.policy import hop_scopes, hops_claim_for
+
         if subject is None:
             return None
-        audience_for = self.config.auth.audience_for
-        if source and self.through_source:
-            subject = await self.exchanger.token_for(subject, audience_for(source))
-        return await self.exchanger.token_for(subject, audience_for(agent))
+        audience = self.config.auth.audience_for(agent)
+        if not self.narrowing:
+            return await self.tokens.for_hop(subject, audience)
+        return await self.tokens.for_hop(
+            subject,
+            audience,
+            scopes=hop_scopes(self.config, agent),
+            hops_remaining=hops_claim_for(self.config, agent, hops_used),
+            previous=previous,
+        )
 
     async def own(self, agent: str) -> tuple[tuple[str, str], ...]:
-        audience = self.config.auth.audience_for(agent)
-        source = self._own.get(audience)
-        if source is None:
-            source = self._own[audience] = self._source_type(
-                self.exchanger.inner, audience, self.config.auth.exchange_skew_s
-            )
-        return (("authorization", f"Bearer {await source.token()}"),)
+        token = await self.tokens.service_token(self.config.auth.audience_for(agent))
+        return (("authorization", f"Bearer {token}"),)
 
 
 class RouterApp:
@@ -131,7 +133,7 @@ class RouterApp:
             interceptors=server_interceptors(config, "router"),
             lifecycle=self.lifecycle,
             label="router",
-            server_credentials=server_credentials(config),
+            server_credentials=server_credentials(config, "router"),
         )
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:
