@@ -232,6 +232,8 @@ class A2aEdgeConfig(_Frozen):
     """JSON-RPC (HTTP) port (0: any free port)."""
     public_url: str = ""
     """The base URL clients reach the edge at (default: ``http://host:port``)."""
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    """Also serve A2A's gRPC binding on this port (0: any free port; None: JSON-RPC only)."""
 
 
 class AgentConfig(_Frozen):

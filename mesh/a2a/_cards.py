@@ -53,6 +53,8 @@ class CardBook:
         self.link = link
         self.infos: dict[str, types_pb2.AgentInfo] = {}
         self.token_url = ""
+        self.grpc_address = ""
+        """host:port of the gRPC binding ("" when the edge serves JSON-RPC only)."""
         self.issuer = ""
 
     async def describe(self, name: str, token: str | None) -> None:
@@ -105,6 +107,15 @@ class CardBook:
             default_output_modes=["text/plain"],
             skills=skills,
         )
+        if self.grpc_address:
+            card.supported_interfaces.append(
+                AgentInterface(
+                    url=self.grpc_address,
+                    protocol_binding=TransportProtocol.GRPC.value,
+                    tenant=name,
+                    protocol_version="1.0",
+                )
+            )
         if self.config.auth.enabled:
             self._security(card)
         return card

@@ -113,6 +113,7 @@ async def serve_edge(
     port: int,
     timeout_s: float,
     public_url: str = "",
+    grpc_port: int | None = None,
     on_bound: Callable[[str], None] = lambda url: None,
 ) -> None:
     """Serve the edge until SIGTERM/SIGINT (then stop gracefully and return)."""
@@ -135,13 +136,24 @@ async def serve_edge(
     await edge.cards.discover_issuer()
     if not config.auth.enabled:
         await asyncio.gather(*(edge.cards.describe(n, None) for n in config.agents))
+    grpc_server = None
+    if grpc_port is not None:
+        from mesh.a2a._grpc import build_grpc_server
+
+        grpc_server = build_grpc_server(config, edge.handlers)
+        bound_grpc = await grpc_server.start(host, grpc_port)
+        edge.cards.grpc_address = f"{host}:{bound_grpc}"
     server_class = _uvicorn_server()
     web = server_class(uvicorn.Config(edge.app, log_level="warning", lifespan="off"))
     on_bound(url)
+    if grpc_server is not None:
+        on_bound(f"grpc://{edge.cards.grpc_address}")
     try:
         await web.serve(sockets=[sock])
     finally:
         sock.close()
+        if grpc_server is not None:
+            await grpc_server.stop(config.server.grace_period_s)
         await edge.aclose()
 
 

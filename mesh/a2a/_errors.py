@@ -110,12 +110,25 @@ _FROM_HTTP: dict[int, type[MeshError]] = {
 }
 
 
+_FROM_GRPC: dict[grpc.StatusCode, type[MeshError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.UNIMPLEMENTED: RemoteUnsupported,
+}
+
+
 def from_a2a_error(err: BaseException, agent: str) -> MeshError:
     """The mesh error for what the A2A client raised talking to remote ``agent``."""
     where = f"A2A agent {agent}"
     if isinstance(err, A2AClientTimeoutError):
         return DeadlineExceeded(f"{where} timed out")
     cause = err.__cause__
+    if isinstance(cause, grpc.aio.AioRpcError):  # the gRPC binding: a mesh-like status
+        code: grpc.StatusCode = cause.code()
+        grpc_kind = _FROM_GRPC.get(code, Unavailable)
+        return grpc_kind(f"{where} refused the call: {code.name}", metadata={"agent": agent})
     if isinstance(cause, httpx.HTTPStatusError):
         status = cause.response.status_code
         kind = _FROM_HTTP.get(status, Unavailable)

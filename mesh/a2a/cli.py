@@ -22,6 +22,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--router", help="HOST:PORT of the router (default: from the config)")
     p.add_argument("--host", help="address to bind (default: a2a.host)")
     p.add_argument("--port", type=int, help="port, 0 = any free (default: a2a.port)")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve A2A over gRPC here, 0 = any (default: a2a.grpc_port)",
+    )
     p.add_argument("--public-url", help="base URL the cards advertise (default: a2a.public_url)")
     p.add_argument("--timeout", type=float, default=300.0, help="deadline of one task, seconds")
     p.set_defaults(func=cmd_a2a)
@@ -44,7 +49,10 @@ def cmd_a2a(args: argparse.Namespace) -> int:
             port=edge.port if args.port is None else args.port,
             timeout_s=args.timeout,
             public_url=args.public_url or edge.public_url,
-            on_bound=lambda url: print(f"a2a: {url}", flush=True),
+            grpc_port=edge.grpc_port if args.grpc_port is None else args.grpc_port,
+            on_bound=lambda url: print(
+                f"a2a-grpc: {url[7:]}" if url.startswith("grpc://") else f"a2a: {url}", flush=True
+            ),
         )
     )
     return 0

@@ -15,9 +15,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
-from a2a.client import A2ACardResolver, A2AClientError, Client, ClientConfig, ClientFactory
+from a2a.client import (
+    A2ACardResolver,
+    A2AClientError,
+    Client,
+    ClientCallContext,
+    ClientConfig,
+    ClientFactory,
+)
 from a2a.types import (
     AgentCard,
     CancelTaskRequest,
@@ -85,13 +93,14 @@ class Mesh:
         self.config = config
         self.url = url
         self.records = records
+        self.grpc = ""
 
     def token(self, ttl_s: int = 600) -> str:
         return mint_user_token(self.config, "alice", ["mesh.chat"], ttl_s, audience=EDGE_AUDIENCE)
 
 
 @contextlib.asynccontextmanager
-async def running_edge(tmp_path: Path) -> AsyncIterator[Mesh]:
+async def running_edge(tmp_path: Path, *extra: str) -> AsyncIterator[Mesh]:
     data = mesh_data(tmp_path)
     path = write_config(tmp_path, data)
     config = config_from_dict(data, source=str(path))
@@ -104,11 +113,14 @@ async def running_edge(tmp_path: Path) -> AsyncIterator[Mesh]:
                 static[name] = [addr]
                 records[name] = rec
             router, _app = await stack.enter_async_context(serve_router(config, static))
-            args = ["a2a", "--config", str(path), "--router", router, "--port", "0"]
+            args = ["a2a", "--config", str(path), "--router", router, "--port", "0", *extra]
             proc = Proc(args)
             try:
                 url = await asyncio.to_thread(proc.wait_line, "a2a: ")
-                yield Mesh(config, url, records)
+                mesh = Mesh(config, url, records)
+                if extra:
+                    mesh.grpc = await asyncio.to_thread(proc.wait_line, "a2a-grpc: ")
+                yield mesh
             except BaseException:
                 proc.stop()
                 raise
@@ -255,3 +267,37 @@ async def test_bad_tokens_are_refused_and_the_edge_stays_up(tmp_path: Path) -> N
         assert ('error="invalid_token"' in challenge) == (token is not None), kind
         assert raw[kind].json()["error"]["data"]["reason"] == "UNAUTHENTICATED", kind
     assert final_state(after) == TaskState.TASK_STATE_COMPLETED  # the server stayed up
+
+
+async def test_the_grpc_binding(tmp_path: Path) -> None:
+    """The same agents over A2A's gRPC binding: the card lists it with the agent as
+    tenant; the SDK's gRPC transport streams a TRANSFER; no token is UNAUTHENTICATED."""
+    async with running_edge(tmp_path, "--grpc-port", "0") as mesh:
+        async with httpx.AsyncClient(timeout=30) as http:
+            card = await A2ACardResolver(http, f"{mesh.url}/agents/triage").get_agent_card()
+        channels: list[grpc.aio.Channel] = []
+
+        def channel(url: str) -> grpc.aio.Channel:
+            channels.append(grpc.aio.insecure_channel(url))
+            return channels[-1]
+
+        config = ClientConfig(
+            streaming=True, supported_protocol_bindings=["GRPC"], grpc_channel_factory=channel
+        )
+        client = ClientFactory(config).create(card)
+        auth = ClientCallContext(service_parameters={"authorization": f"Bearer {mesh.token()}"})
+        events = [e async for e in client.send_message(user_message("my invoice?"), context=auth)]
+        with pytest.raises(A2AClientError) as refused:
+            async for _ in client.send_message(user_message("my invoice?")):
+                pass
+        stored = await client.get_task(GetTaskRequest(id=events[0].task.id), context=auth)
+        for ch in channels:
+            await ch.close()
+    grpc_interface = [i for i in card.supported_interfaces if i.protocol_binding == "GRPC"]
+    assert grpc_interface[0].url == mesh.grpc and grpc_interface[0].tenant == "triage"
+    assert re.fullmatch(r"billing, turn \d+: my invoice\?", "".join(answer_chunks(events)))
+    assert final_state(events) == TaskState.TASK_STATE_COMPLETED
+    assert stored.status.state == TaskState.TASK_STATE_COMPLETED
+    cause = refused.value.__cause__
+    assert isinstance(cause, grpc.aio.AioRpcError)
+    assert cause.code() == grpc.StatusCode.UNAUTHENTICATED
