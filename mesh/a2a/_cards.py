@@ -158,7 +158,10 @@ class CardBook:
                 )
             )
         if self.token_url:
-            flow = ClientCredentialsOAuthFlow(token_url=self.token_url, scopes={})
+            scopes = {s: f"the mesh's {s} scope" for s in self.config.auth.sts.default_scopes}
+            flow = ClientCredentialsOAuthFlow(
+                token_url=self.token_url, scopes=scopes or {"mesh.chat": "talk to the mesh"}
+            )
             card.security_schemes[f"{SCHEME}-oauth2"].CopyFrom(
                 SecurityScheme(
                     oauth2_security_scheme=OAuth2SecurityScheme(
