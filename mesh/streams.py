@@ -9,7 +9,8 @@ final; the stream stays open for the next turn.
 Drain: a stream refused because the server drains reads its first request before
 the refusal (grpc/grpc#36066: a client still writing would see INTERNAL instead of
 UNAVAILABLE); a turn in flight when the drain starts finishes and the stream then
-ends OK; a stream idle when the drain starts ends UNAVAILABLE (``DRAINING``).
+ends OK, as does an idle stream that has carried turns (a router's pooled stream);
+a stream that never carried a turn ends UNAVAILABLE (``DRAINING``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from mesh.errors import MeshError
+from mesh.errors import Draining, MeshError
 from mesh.server import Lifecycle, next_request
 
 log = logging.getLogger("mesh.streams")
@@ -173,7 +174,12 @@ class TurnStream(Generic[Req, TurnT]):
             while True:
                 if served and self.lifecycle.draining.is_set():
                     return  # the turn in flight at the drain is done: end OK
-                item = await next_request(self.inbox, self.lifecycle, self.idle_timeout)
+                try:
+                    item = await next_request(self.inbox, self.lifecycle, self.idle_timeout)
+                except Draining:
+                    if served:
+                        return  # every turn it carried is done: end OK, nothing was lost
+                    raise
                 if item is _EOF:
                     return
                 if isinstance(item, MeshError):

@@ -13,16 +13,9 @@ import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from mesh.mcp._tools import (
-    McpServerConnection,
-    McpTool,
-    McpToolset,
-    MetaProvider,
-    render_result,
-    reserved_names,
-    schema_problem,
-    tool_name,
-)
+from mesh.mcp._schema import render_result, schema_problem, tool_name
+from mesh.mcp._tools import McpServerConnection, McpTool, MetaProvider
+from mesh.mcp._toolset import McpToolset, reserved_names
 
 if TYPE_CHECKING:
     from mesh.agent._runtime import AgentRuntime

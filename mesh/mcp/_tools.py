@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import re
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, MutableMapping
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
-import anyio
 import httpx2
 import mcp_types
-from jsonschema import Draft202012Validator, SchemaError
+from jsonschema import Draft202012Validator
 from jsonschema import ValidationError as SchemaValidationError
 from mcp import Client, StdioServerParameters, stdio_client
 from mcp.client.sse import sse_client
@@ -42,8 +38,10 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
-from mesh.config import McpHttpConfig, McpServerConfig, MeshConfig
+from mesh.config import McpServerConfig, MeshConfig
 from mesh.context import current_token
+from mesh.mcp._schema import render_result, schema_problem
+from mesh.mcp._transport import _BEARER, _BearerAuth, _describe, _headers, _watched
 from mesh.providers.base import ToolSpec
 from mesh.tools import ToolOutcome
 
@@ -51,128 +49,9 @@ log = logging.getLogger("mesh.mcp")
 
 State = Literal["connecting", "ready", "down", "closed"]
 
-#: The bearer token the next HTTP request to an MCP server carries (set per call; the
-#: SDK carries the sender's context into the task that makes the request).
-_BEARER: ContextVar[str | None] = ContextVar("mesh_mcp_bearer", default=None)
 
 #: Trace-context seam: returns extra ``_meta`` for a tools/call (W3C traceparent etc.).
 MetaProvider = Callable[[], Mapping[str, Any] | None]
-
-_TOOL_NAME_RE = re.compile(r"[^A-Za-z0-9_-]")
-
-
-class _BearerAuth(httpx2.Auth):
-    """Puts the per-call token (if any) on each request; never logs it."""
-
-    def auth_flow(
-        self, request: httpx2.Request
-    ) -> Generator[httpx2.Request, httpx2.Response, None]:
-        token = _BEARER.get()
-        if token:
-            request.headers["Authorization"] = f"Bearer {token}"
-        yield request
-
-
-class _WatchedRead:
-    """The transport's read stream, noting when it ends (the server went away)."""
-
-    def __init__(self, inner: Any, ended: asyncio.Event) -> None:
-        self._inner = inner
-        self._ended = ended
-
-    @property
-    def last_context(self) -> Any:
-        return getattr(self._inner, "last_context", None)
-
-    async def receive(self) -> Any:
-        try:
-            return await self._inner.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._ended.set()
-            raise
-
-    def __aiter__(self) -> _WatchedRead:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def aclose(self) -> None:
-        self._ended.set()
-        await self._inner.aclose()
-
-    async def __aenter__(self) -> _WatchedRead:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-
-@contextlib.asynccontextmanager
-async def _watched(transport: Any, ended: asyncio.Event) -> AsyncIterator[tuple[Any, Any]]:
-    try:
-        async with transport as (read, write):
-            yield _WatchedRead(read, ended), write
-    finally:
-        ended.set()
-
-
-def tool_name(raw: str) -> str:
-    """A model-safe tool name (``[A-Za-z0-9_-]``, at most 64 characters)."""
-    return _TOOL_NAME_RE.sub("_", raw)[:64] or "tool"
-
-
-def schema_problem(schema: object) -> str | None:
-    """Why ``schema`` cannot be an arguments schema, or None when it can."""
-    if not isinstance(schema, Mapping):
-        return f"inputSchema is a {type(schema).__name__}, not an object"
-    if schema.get("type", "object") != "object":
-        return f"inputSchema has type {schema.get('type')!r}, not 'object'"
-    try:
-        Draft202012Validator.check_schema(dict(schema))
-    except SchemaError as err:
-        return f"inputSchema is not a valid JSON schema: {err.message}"
-    return None
-
-
-def render_result(result: mcp_types.CallToolResult, limit: int, label: str) -> ToolOutcome:
-    """The model's view of a tools/call result; oversized results are refused."""
-    parts: list[str] = []
-    size = 0
-    for block in result.content:
-        if isinstance(block, mcp_types.TextContent):
-            parts.append(block.text)
-            size += len(block.text.encode())
-        elif isinstance(block, mcp_types.ImageContent | mcp_types.AudioContent):
-            size += len(block.data)
-            parts.append(f"[{block.type} {block.mime_type}, {len(block.data) * 3 // 4} bytes]")
-        elif isinstance(block, mcp_types.EmbeddedResource):
-            res = block.resource
-            text = getattr(res, "text", None)
-            if isinstance(text, str):
-                parts.append(text)
-                size += len(text.encode())
-            else:
-                blob = str(getattr(res, "blob", ""))
-                size += len(blob)
-                parts.append(f"[resource {res.uri}, {len(blob) * 3 // 4} bytes]")
-        elif isinstance(block, mcp_types.ResourceLink):
-            parts.append(f"[resource {block.uri}]")
-        if size > limit:
-            break
-    if not parts and result.structured_content is not None:
-        text = json.dumps(result.structured_content, default=str)
-        size += len(text.encode())
-        parts.append(text)
-    if size > limit:
-        return ToolOutcome(
-            f"{label} returned a result over the {limit}-byte limit (max_result_bytes); refused",
-            True,
-        )
-    return ToolOutcome("\n".join(parts), bool(result.is_error))
 
 
 class McpTool:
@@ -480,139 +359,3 @@ class McpServerConnection:
         if not self.config.cache_tools:
             await self._relist(client)
         return render_result(result, self.config.max_result_bytes, label)
-
-
-def _headers(cfg: McpHttpConfig) -> dict[str, str]:
-    headers = dict(cfg.headers)
-    for header, variable in cfg.headers_env.items():
-        value = os.environ.get(variable)
-        if value:
-            headers[header] = value
-    return headers
-
-
-def _describe(err: BaseException) -> str:
-    """A one-line, token-free description of a failure."""
-    if isinstance(err, BaseExceptionGroup):
-        leaves = [e for e in _leaves(err)]
-        if leaves:
-            return _describe(leaves[0])
-    from mesh.auth.jwt import redact
-
-    text = str(err).splitlines()[0] if str(err) else ""
-    return redact(f"{type(err).__name__}: {text}" if text else type(err).__name__)[:300]
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
-        else:
-            out.append(exc)
-    return out
-
-
-class McpToolset:
-    """An agent's MCP servers, publishing their tools into the runtime's tool map."""
-
-    def __init__(
-        self,
-        mesh: MeshConfig,
-        agent: str,
-        tools: MutableMapping[str, Any],
-        *,
-        reserved: set[str] | None = None,
-        meta: MetaProvider | None = None,
-    ) -> None:
-        self.mesh = mesh
-        self.agent = agent
-        self._tools = tools
-        self._static = set(tools) | set(reserved or ())
-        self._published: set[str] = set()
-        self.on_health: Callable[[bool, str], Awaitable[None]] | None = None
-        """Called with (serving, reason) when the required servers' state may have changed."""
-        config = mesh.agent(agent)
-        self.servers = [
-            McpServerConnection(
-                server, mesh, agent, on_tools=self._publish, on_state=self._health, meta=meta
-            )
-            for server in config.mcp_servers
-        ]
-
-    @property
-    def healthy(self) -> bool:
-        return all(s.state == "ready" for s in self.servers if s.config.required)
-
-    def start(self) -> None:
-        for server in self.servers:
-            server.start()
-
-    async def wait_started(self, timeout: float | None = None) -> None:
-        """Until every server has made its first attempt (connected or failed)."""
-        limit = timeout or max((s.config.connect_timeout_s for s in self.servers), default=1.0)
-        async with asyncio.timeout(limit + 5):
-            for server in self.servers:
-                await server.first_attempt.wait()
-
-    async def aclose(self) -> None:
-        for server in self.servers:
-            await server.aclose()
-
-    async def _health(self) -> None:
-        if self.on_health is None or not any(s.config.required for s in self.servers):
-            return  # optional servers never touch the agent's health
-        down = [
-            f"{s.name}: {s.last_error or s.state}"
-            for s in self.servers
-            if s.config.required and s.state != "ready"
-        ]
-        await self.on_health(not down, "; ".join(down))
-
-    def _publish(self) -> None:
-        """Rebuild the MCP entries of the tool map (prefixing names that clash)."""
-        counts: dict[str, int] = {}
-        for server in self.servers:
-            for remote in server.remote_tools:
-                base = tool_name(remote.name)
-                counts[base] = counts.get(base, 0) + 1
-        fresh: dict[str, McpTool] = {}
-        for server in self.servers:
-            for remote in server.remote_tools:
-                base = tool_name(remote.name)
-                name = base
-                if counts[base] > 1 or base in self._static:
-                    name = tool_name(f"{server.name}_{remote.name}")
-                if name in fresh or name in self._static:
-                    log.warning(
-                        "MCP tool %s of %s clashes even prefixed; skipped", name, server.name
-                    )
-                    continue
-                fresh[name] = McpTool(server, remote, name)
-        for name in self._published - set(fresh):
-            self._tools.pop(name, None)
-        self._tools.update(fresh)
-        self._published = set(fresh)
-
-
-def reserved_names(mesh: MeshConfig, agent: str) -> set[str]:
-    """Tool names the runtime uses for handoffs (an MCP tool never takes them)."""
-    config = mesh.agent(agent)
-    names = {"end_conversation"} if config.can_end_conversation else set()
-    for handoff in config.handoffs:
-        if "transfer" in handoff.modes:
-            names.add(f"transfer_to_{handoff.target}")
-        if "consult" in handoff.modes:
-            names.add(f"ask_{handoff.target}")
-    return names
-
-
-__all__ = [
-    "McpServerConnection",
-    "McpTool",
-    "McpToolset",
-    "render_result",
-    "reserved_names",
-    "schema_problem",
-    "tool_name",
-]
