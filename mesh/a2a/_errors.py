@@ -15,6 +15,7 @@ import httpx
 from a2a.client.errors import A2AClientError, A2AClientTimeoutError
 from a2a.types import TaskState
 from a2a.utils.errors import (
+    JSON_RPC_ERROR_CODE_MAP,
     A2AError,
     ContentTypeNotSupportedError,
     InternalError,
@@ -77,6 +78,11 @@ def to_a2a_error(err: MeshError) -> A2AError:
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return UnsupportedOperationError(err.message, data)
     return InternalError(err.message, data)
+
+
+def a2a_code(err: MeshError) -> int:
+    """The JSON-RPC error code of the A2A error for ``err``."""
+    return JSON_RPC_ERROR_CODE_MAP[type(to_a2a_error(err))]
 
 
 def task_state_for(err: MeshError) -> TaskState:

@@ -24,7 +24,7 @@ from google.protobuf.json_format import ParseDict
 
 from mesh.a2a._auth import _STATE_TOKEN, Identity
 from mesh.a2a._cards import CardBook
-from mesh.a2a._errors import task_state_for
+from mesh.a2a._errors import a2a_code, task_state_for
 from mesh.client import AgentClient, ChatStream, create_channel, turn_request
 from mesh.errors import MeshError
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
@@ -193,7 +193,7 @@ class MeshExecutor(AgentExecutor):
             if task_id in self.link.cancelled:
                 return  # cancel() reports the task canceled
             state = task_state_for(err)
-            meta = {"code": err.code.name, "reason": err.reason}
+            meta = {"code": err.code.name, "reason": err.reason, "a2a_code": a2a_code(err)}
             await updater.update_status(state, say(f"{err.code.name}: {err.message}", **meta))
         finally:
             self.link.running.pop(task_id, None)

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -60,6 +60,7 @@ _TERMINAL = {
     TaskState.TASK_STATE_AUTH_REQUIRED,
 }
 _CANCEL_TIMEOUT_S = 5.0
+_CARD_TIMEOUT_S = 10.0
 _END = object()
 
 
@@ -151,7 +152,7 @@ class A2aCall:
     def start(self) -> None:
         self._pump = asyncio.ensure_future(self._run())
 
-    async def _stream(self) -> AsyncIterator[StreamResponse]:
+    async def _stream(self) -> AsyncGenerator[StreamResponse, None]:
         client = await self.remote.client()
         request = SendMessageRequest(message=a2a_message(self._request))
         async for response in client.send_message(request, context=self._context()):
@@ -159,9 +160,10 @@ class A2aCall:
 
     async def _run(self) -> None:
         try:
-            async for response in self._stream():
-                if self._on(response):
-                    return
+            async with contextlib.aclosing(self._stream()) as stream:
+                async for response in stream:
+                    if self._on(response):
+                        return  # the remote task ended: close its event stream now
             self._events.put_nowait(
                 Unavailable(f"A2A agent {self.agent} ended its stream before its task ended")
             )
@@ -251,7 +253,9 @@ class RemoteAgent:
             if self._client is None:
                 try:
                     resolver = A2ACardResolver(self._http, self.config.url)
-                    self._card = await resolver.get_agent_card()
+                    self._card = await resolver.get_agent_card(
+                        http_kwargs={"timeout": _CARD_TIMEOUT_S}
+                    )
                 except Exception as err:  # noqa: BLE001 - mapped in one place
                     raise from_a2a_error(err, self.name) from None
                 factory = ClientFactory(ClientConfig(streaming=True, httpx_client=self._http))

@@ -191,6 +191,8 @@ def _fixed_ports(
         ports.append(("the router (router.port)", config.router.host, router_port))
     if config.a2a.enabled and config.a2a.port:
         ports.append(("the A2A edge (a2a.port)", config.a2a.host, config.a2a.port))
+    if config.a2a.enabled and config.a2a.grpc_port:
+        ports.append(("the A2A edge (a2a.grpc_port)", config.a2a.host, config.a2a.grpc_port))
     return ports
 
 
