@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from a2a.auth.user import User
 from a2a.extensions.common import HTTP_EXTENSION_HEADER, get_requested_extensions
@@ -28,6 +28,26 @@ A2A_SERVICE = "a2a"
 """The service name of the A2A edge (its audience is ``auth.audience_for("a2a")``)."""
 SCHEME = "mesh"
 _STATE_TOKEN = "mesh_token"  # noqa: S105 - a state key, not a token
+
+
+class Bearer:
+    """The caller's validated token in the SDK's call state: the SDK logs that state at
+    DEBUG, so its repr never shows the token."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str | None) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "Bearer(<redacted>)" if self.value else "Bearer(None)"
+
+
+def bearer_of(state: Mapping[str, object]) -> str | None:
+    """The validated token a call context carries (None: none, or auth is off)."""
+    held = state.get(_STATE_TOKEN)
+    return held.value if isinstance(held, Bearer) else None
+
 
 #: (the caller's validated token or None) -> the router's bearer (None: auth is off).
 Identity = Callable[[str | None], Awaitable[str | None]]
@@ -60,7 +80,7 @@ class _CallContexts(ServerCallContextBuilder):
         return ServerCallContext(
             user=MeshUser(str(scope.get("mesh_subject", ""))),
             state={
-                _STATE_TOKEN: scope.get("mesh_token"),
+                _STATE_TOKEN: Bearer(scope.get("mesh_token")),
                 "headers": {k: v for k, v in request.headers.items() if k != "authorization"},
             },
             requested_extensions=get_requested_extensions(

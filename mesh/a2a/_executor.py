@@ -22,7 +22,7 @@ from a2a.types import (
 )
 from google.protobuf.json_format import ParseDict
 
-from mesh.a2a._auth import _STATE_TOKEN, Identity
+from mesh.a2a._auth import Identity, bearer_of
 from mesh.a2a._cards import CardBook
 from mesh.a2a._errors import a2a_code, task_state_for
 from mesh.client import AgentClient, ChatStream, create_channel, turn_request
@@ -185,7 +185,7 @@ class MeshExecutor(AgentExecutor):
             return _agent_message(text, task_id, context_id, meta)
 
         try:
-            token = await self.identity(context.call_context.state.get(_STATE_TOKEN))
+            token = await self.identity(bearer_of(context.call_context.state))
             if self.target:
                 await self.cards.describe(self.target, token)
             await self._turn(context, updater, token, say)

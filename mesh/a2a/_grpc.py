@@ -23,7 +23,7 @@ from a2a.server.request_handlers import (
 from a2a.types import a2a_pb2, a2a_pb2_grpc
 from a2a.utils.errors import InvalidParamsError
 
-from mesh.a2a._auth import _STATE_TOKEN, MeshUser
+from mesh.a2a._auth import _STATE_TOKEN, Bearer, MeshUser
 from mesh.agent._serve import server_credentials, server_interceptors
 from mesh.config import MeshConfig
 from mesh.context import current_principal, current_token
@@ -39,7 +39,7 @@ class _GrpcContexts(GrpcServerCallContextBuilder):
         principal = current_principal.get()
         return ServerCallContext(
             user=MeshUser(principal.subject if principal else ""),
-            state={_STATE_TOKEN: current_token.get(), "grpc_context": context},
+            state={_STATE_TOKEN: Bearer(current_token.get()), "grpc_context": context},
         )
 
 

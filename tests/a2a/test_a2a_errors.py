@@ -105,3 +105,25 @@ def test_remote_task_states(state: int, code: grpc.StatusCode) -> None:
     err = error_for_state(state, "partner", "why")  # type: ignore[arg-type]  # enum ints
     assert err is not None and err.code == code and err.message.endswith(": why")
     assert error_for_state(TaskState.TASK_STATE_COMPLETED, "partner", "") is None
+
+
+def test_the_sdk_call_state_never_shows_the_token() -> None:
+    """The SDK logs a call's state at DEBUG: the edge keeps the token out of its repr."""
+    from starlette.requests import Request
+
+    from mesh.a2a._auth import _CallContexts, bearer_of
+
+    token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "headers": [(b"authorization", f"Bearer {token}".encode()), (b"a2a-version", b"1.0")],
+        "mesh_token": token,
+        "mesh_subject": "alice",
+    }
+    context = _CallContexts().build(Request(scope))
+    assert token not in repr(context) and token not in str(context.state)
+    assert bearer_of(context.state) == token
+    assert context.state["headers"] == {"a2a-version": "1.0"}
+    assert context.user.user_name == "alice"

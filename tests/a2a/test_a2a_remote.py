@@ -15,14 +15,21 @@ from typing import Any
 import uvicorn
 from a2a.helpers import new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.context import ServerCallContext
 from a2a.server.events import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
-from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.routes import (
+    ServerCallContextBuilder,
+    create_agent_card_routes,
+    create_jsonrpc_routes,
+)
 from a2a.server.tasks import InMemoryTaskStore, TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, Part
 from google.protobuf.json_format import MessageToDict
 from starlette.applications import Starlette
+from starlette.requests import Request
 
+from mesh.a2a._auth import Bearer, bearer_of
 from mesh.auth.interceptors import make_validator
 from mesh.auth.sts import TokenService, mint_user_token
 from mesh.client import AgentClient, create_channel
@@ -30,6 +37,16 @@ from mesh.config import MeshConfig, config_from_dict
 from tests.meshtest import serve_agent, serve_router
 
 REMOTE_AUDIENCE = "https://remote.example/a2a"
+
+
+class _Contexts(ServerCallContextBuilder):
+    """The SDK's default builder keeps every header in the call state, which the SDK logs
+    at DEBUG: keep the bearer where its repr hides it, and the other headers."""
+
+    def build(self, request: Request) -> ServerCallContext:
+        _scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        headers = {k: v for k, v in request.headers.items() if k != "authorization"}
+        return ServerCallContext(state={"headers": headers, "mesh_token": Bearer(token or None)})
 
 
 class RemoteExecutor(AgentExecutor):
@@ -40,10 +57,9 @@ class RemoteExecutor(AgentExecutor):
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
         assert context.message is not None
-        headers = context.call_context.state.get("headers", {})
         self.calls.append(
             {
-                "authorization": headers.get("authorization", ""),
+                "authorization": f"Bearer {bearer_of(context.call_context.state)}",
                 "text": context.get_user_input(),
                 "context_id": context.context_id,
                 "mesh": MessageToDict(context.message.metadata).get("mesh", {}),
@@ -82,7 +98,12 @@ async def remote_agent() -> AsyncIterator[tuple[str, RemoteExecutor]]:
     handler = DefaultRequestHandler(
         agent_executor=executor, task_store=InMemoryTaskStore(), agent_card=card
     )
-    app = Starlette(routes=[*create_agent_card_routes(card), *create_jsonrpc_routes(handler, "/")])
+    app = Starlette(
+        routes=[
+            *create_agent_card_routes(card),
+            *create_jsonrpc_routes(handler, "/", context_builder=_Contexts()),
+        ]
+    )
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
