@@ -9,18 +9,15 @@ fails with one :class:`~mesh.errors.ConfigError` naming the file and the field.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -30,13 +27,19 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from mesh._config_a2a import A2aEdgeConfig, A2aRemoteConfig
+from mesh._config_load import (
+    DEFAULT_CONFIG,
+    ENV_CONFIG,
+    NAME_RE,
+    config_from_dict,
+    load_config,
+    resolve_config_path,
+)
+from mesh._config_mcp import McpHttpConfig, McpServerConfig, McpStdioConfig
 from mesh.auth.config import AuthConfig
 from mesh.errors import ConfigError
 from mesh.matching import TextCondition
-
-NAME_RE = r"^[a-z][a-z0-9_-]{0,62}$"
-DEFAULT_CONFIG = Path("services/mesh.yaml")
-ENV_CONFIG = "MESH_CONFIG"
 
 
 class _Frozen(BaseModel):
@@ -141,99 +144,6 @@ class ProviderConfig(BaseModel):
         except ConfigError as err:
             raise ValueError(str(err)) from None
         return self
-
-
-class McpStdioConfig(_Frozen):
-    """An MCP server the agent starts as a child process and speaks to over stdin/stdout."""
-
-    command: str = Field(min_length=1)
-    """The executable (``python`` is this interpreter)."""
-    args: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    """Extra environment variables (merged over a minimal safe environment)."""
-    cwd: str | None = None
-    """Working directory, relative to the config's folder."""
-
-
-class McpHttpConfig(_Frozen):
-    """An MCP server reached over HTTP (streamable HTTP, or legacy SSE)."""
-
-    url: str = Field(pattern=r"^https?://")
-    headers: dict[str, str] = Field(default_factory=dict)
-    """Extra request headers (no secrets here: use ``headers_env``)."""
-    headers_env: dict[str, str] = Field(default_factory=dict)
-    """Header name -> environment variable holding its value (an API key)."""
-
-
-class McpServerConfig(_Frozen):
-    """An MCP server whose tools the agent offers its model beside its function tools."""
-
-    name: str = Field(pattern=NAME_RE)
-    """Used in logs and as the prefix of its tool names when they clash."""
-    stdio: McpStdioConfig | None = None
-    sse: McpHttpConfig | None = None
-    """Legacy HTTP+SSE transport (client only)."""
-    streamable_http: McpHttpConfig | None = None
-    audience: str = ""
-    """RFC 8707 resource of an HTTP server: each call carries a token for it, exchanged
-    on behalf of the user (never the agent's incoming token). Empty: no token sent."""
-    tools: list[str] = Field(default_factory=list)
-    """Allow-list of the server's tool names (empty: all of them)."""
-    cache_tools: bool = True
-    """List the tools once per connection (and on ``list_changed``); off: re-list after
-    every call."""
-    required: bool = False
-    """The agent's health is NOT_SERVING while this server is unreachable."""
-    connect_timeout_s: float = Field(default=10.0, gt=0)
-    """Starting the server / opening the session, and listing its tools."""
-    call_timeout_s: float = Field(default=30.0, gt=0)
-    """A tool call that runs longer is cancelled (the agent's tool timeout also applies)."""
-    restart_backoff_s: float = Field(default=1.0, gt=0)
-    """First wait before restarting / reconnecting a server that failed; doubles each time."""
-    restart_backoff_max_s: float = Field(default=30.0, gt=0)
-    max_result_bytes: int = Field(default=256 * 1024, ge=1024)
-    """A tool result larger than this is refused with a tool error."""
-
-    @model_validator(mode="after")
-    def _one_transport(self) -> McpServerConfig:
-        given = [t for t in ("stdio", "sse", "streamable_http") if getattr(self, t) is not None]
-        if len(given) != 1:
-            raise ValueError("an MCP server needs exactly one of stdio, sse, streamable_http")
-        if self.audience and self.stdio is not None:
-            raise ValueError("audience applies to HTTP servers (stdio takes env)")
-        return self
-
-    @property
-    def transport(self) -> Literal["stdio", "sse", "streamable_http"]:
-        if self.stdio is not None:
-            return "stdio"
-        return "sse" if self.sse is not None else "streamable_http"
-
-
-class A2aRemoteConfig(_Frozen):
-    """A remote agent reached over the Agent2Agent protocol (no local process)."""
-
-    url: str = Field(pattern=r"^https?://")
-    """The agent's base URL (its card is at ``<url>/.well-known/agent-card.json``)."""
-    audience: str = ""
-    """The audience of the token it takes (default: ``auth.audience_for(name)``); set,
-    it becomes ``auth.audiences.<name>``, so every hop exchanges for it."""
-    timeout_s: float = Field(default=300.0, gt=0)
-    """The longest one turn at the remote agent may take."""
-
-
-class A2aEdgeConfig(_Frozen):
-    """``mesh a2a``: the router's agents served over the Agent2Agent protocol."""
-
-    enabled: bool = False
-    """Run the A2A edge inside ``mesh up``."""
-    host: str = "127.0.0.1"
-    port: int = Field(default=8770, ge=0, le=65535)
-    """JSON-RPC (HTTP) port (0: any free port)."""
-    public_url: str = ""
-    """The base URL clients reach the edge at (default: ``http://host:port``)."""
-    grpc_port: int | None = Field(default=None, ge=0, le=65535)
-    """Also serve A2A's gRPC binding on this port (0: any free port; None: JSON-RPC only)."""
 
 
 class AgentConfig(_Frozen):
@@ -505,97 +415,25 @@ class MeshConfig(BaseSettings):
         return Path(self.source).resolve().parent if self.source else Path.cwd()
 
 
-def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
-    """``--config``, else ``$MESH_CONFIG``, else ``services/mesh.yaml``."""
-    if path:
-        return Path(path)
-    env = os.environ.get(ENV_CONFIG)
-    return Path(env) if env else DEFAULT_CONFIG
-
-
-def _format_loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc if p not in ("function-after[_check_options()]",))
-
-
-def load_config(path: str | os.PathLike[str] | None = None) -> MeshConfig:
-    """Load and validate the mesh file; environment variables override it."""
-    file = resolve_config_path(path)
-    try:
-        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{file}: no such file (set --config or {ENV_CONFIG})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise ConfigError(f"{file}{where}: invalid YAML: {problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping, not {type(raw).__name__}")
-    return config_from_dict(_resolve_paths(raw, file.resolve().parent), source=str(file))
-
-
-#: File paths a mesh file may hold, as key paths; relative ones are relative to the file.
-_PATH_FIELDS = (
-    ("data_dir",),
-    ("auth", "ca_file"),
-    ("auth", "tls", "cert_file"),
-    ("auth", "tls", "key_file"),
-    ("auth", "tls", "ca_file"),
-)
-
-
-def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    """``raw`` with its relative file paths made absolute against ``base`` (the mesh
-    file's folder), so a mesh file means the same files from any current directory.
-    The data dir defaults to ``.mesh`` beside the file. Tool modules are imported
-    from :attr:`MeshConfig.base_dir`, the same folder."""
-    out = dict(raw)
-    out.setdefault("data_dir", ".mesh")
-    for keys in _PATH_FIELDS:
-        parent: Any = out
-        for key in keys[:-1]:
-            child = parent.get(key) if isinstance(parent, dict) else None
-            if not isinstance(child, dict):
-                break
-            child = dict(child)
-            parent[key] = child
-            parent = child
-        else:
-            value = parent.get(keys[-1]) if isinstance(parent, dict) else None
-            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-                parent[keys[-1]] = str(base / value)
-            elif isinstance(value, str) and value.startswith("~"):
-                parent[keys[-1]] = str(Path(value).expanduser())
-    return out
-
-
-def config_from_dict(raw: dict[str, Any], *, source: str = "<config>") -> MeshConfig:
-    try:
-        return MeshConfig(**{**raw, "source": source})
-    except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(
-                str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union"))
-            )
-            msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg}" if loc else msg)
-        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
-
-
 __all__ = [
+    "DEFAULT_CONFIG",
+    "ENV_CONFIG",
+    "NAME_RE",
+    "A2aEdgeConfig",
+    "A2aRemoteConfig",
     "AgentConfig",
     "ConfigError",
     "DiscoveryConfig",
     "HandoffConfig",
     "LimitsConfig",
+    "McpHttpConfig",
     "McpServerConfig",
+    "McpStdioConfig",
     "MeshConfig",
     "ProviderConfig",
     "RouterConfig",
     "ServerSettings",
     "config_from_dict",
     "load_config",
+    "resolve_config_path",
 ]

@@ -1,8 +1,7 @@
 """The event loop services run on: uvloop where it is installed, asyncio otherwise.
 
-``MESH_EVENT_LOOP=asyncio`` (or ``uvloop``) chooses explicitly. The benchmarks
-measured uvloop at +11-26% turns/s on the agents and the router
-(``docs/benchmarks.md``).
+``MESH_EVENT_LOOP=asyncio`` (or ``uvloop``) chooses explicitly. ``make bench``
+measures both in the same repetitions (``docs/benchmarks.md``, the uvloop row).
 """
 
 from __future__ import annotations

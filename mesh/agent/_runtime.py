@@ -12,19 +12,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
-    Awaitable,
-    Callable,
     Mapping,
-    Sequence,
 )
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from mesh.agent._turn import (
+    AfterTurn,
+    BeforeTurn,
+    ConsultAnswer,
+    ConsultBroker,
+    Delta,
+    ErrorInfo,
+    Final,
+    HandoffRequested,
+    Mode,
+    RuntimeEvent,
+    ToolCalled,
+    ToolReturned,
+    TurnHooks,
+    TurnInput,
+    settle,
+)
 from mesh.config import AgentConfig, MeshConfig
 from mesh.errors import MeshError
 from mesh.providers.base import (
@@ -45,129 +57,6 @@ log = logging.getLogger("mesh.agent")
 TRANSFER_PREFIX = "transfer_to_"
 CONSULT_PREFIX = "ask_"
 END_TOOL = "end_conversation"
-Mode = Literal["transfer", "consult", "end_conversation"]
-
-
-@dataclass(frozen=True)
-class TurnInput:
-    """What a turn starts from (from a Chat turn or a Handoff)."""
-
-    conversation_id: str
-    message: str
-    history: Sequence[ChatMessage] = ()
-    context: Mapping[str, str] = field(default_factory=dict)
-    turn_id: str = ""
-    hop_path: tuple[str, ...] = ()
-    source_agent: str = ""
-    """The agent that handed over (empty for a Chat turn)."""
-    mode: Mode | None = None
-    """How it was handed over (None for a Chat turn)."""
-    reason: str = ""
-    hops_remaining: int | None = None
-    """Handoffs the router still allows this turn (informational)."""
-    request_id: str = ""
-    """The turn's request id (from the router's per-turn hop context)."""
-    trace_context: Mapping[str, str] = field(default_factory=dict)
-    """W3C trace context of the turn (traceparent, tracestate, baggage)."""
-    timeout_s: float | None = None
-    """Time the turn may still take, as the router said (None: the agent's own limit)."""
-
-
-@dataclass(frozen=True)
-class Delta:
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCalled:
-    call: ToolCallRequest
-
-
-@dataclass(frozen=True)
-class ToolReturned:
-    call_id: str
-    name: str
-    content: str
-    is_error: bool
-
-
-@dataclass(frozen=True)
-class HandoffRequested:
-    call_id: str
-    target: str
-    mode: Mode
-    reason: str
-    message: str
-    context: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class Final:
-    content: str
-    input_tokens: int
-    output_tokens: int
-    stop_reason: str
-
-
-@dataclass(frozen=True)
-class ErrorInfo:
-    code: str
-    message: str
-    reason: str
-
-
-RuntimeEvent = Delta | ToolCalled | ToolReturned | HandoffRequested | Final | ErrorInfo
-
-#: Runs before a turn: None keeps the turn, a TurnInput replaces it, a Final answers
-#: without the model (its content is streamed as one delta). May be sync or async.
-BeforeTurn = Callable[[TurnInput], TurnInput | Final | Awaitable[TurnInput | Final | None] | None]
-#: Runs on the turn's Final: None keeps it, a Final replaces it. May be sync or async.
-AfterTurn = Callable[[TurnInput, Final], Final | Awaitable[Final | None] | None]
-
-
-@dataclass
-class TurnHooks:
-    """Custom behaviour around every turn of an agent (the Python API sets these)."""
-
-    before: list[BeforeTurn] = field(default_factory=list)
-    after: list[AfterTurn] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.before or self.after)
-
-
-async def _settle(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-@dataclass(frozen=True)
-class ConsultAnswer:
-    content: str
-    is_error: bool = False
-    agent: str = ""
-
-
-class ConsultBroker:
-    """Matches CONSULT answers arriving on the request stream to waiting turns."""
-
-    def __init__(self) -> None:
-        self._waiting: dict[str, asyncio.Future[ConsultAnswer]] = {}
-
-    def expect(self, call_id: str) -> asyncio.Future[ConsultAnswer]:
-        future: asyncio.Future[ConsultAnswer] = asyncio.get_running_loop().create_future()
-        self._waiting[call_id] = future
-        return future
-
-    def resolve(self, call_id: str, answer: ConsultAnswer) -> bool:
-        """Deliver an answer; False when nobody waits for ``call_id``."""
-        future = self._waiting.pop(call_id, None)
-        if future is None or future.done():
-            return False
-        future.set_result(answer)
-        return True
-
-    def forget(self, call_id: str) -> None:
-        self._waiting.pop(call_id, None)
 
 
 def _handoff_params(required_message: bool) -> dict[str, Any]:
@@ -282,7 +171,7 @@ class AgentRuntime:
         self, turn: TurnInput, consults: ConsultBroker | None
     ) -> AsyncIterator[RuntimeEvent]:
         for before in self.hooks.before:
-            changed = await _settle(before(turn))
+            changed = await settle(before(turn))
             if isinstance(changed, Final):
                 if changed.content:
                     yield Delta(changed.content)
@@ -295,7 +184,7 @@ class AgentRuntime:
             async for event in stream:
                 if isinstance(event, Final):
                     for after in self.hooks.after:
-                        event = await _settle(after(turn, event)) or event
+                        event = await settle(after(turn, event)) or event
                 yield event
         finally:
             await stream.aclose()
@@ -307,11 +196,9 @@ class AgentRuntime:
         messages: list[ChatMessage] = [*turn.history, ChatMessage("user", turn.message)]
         specs = self.tool_specs(turn)
         offered = {spec.name for spec in specs}
-        usage_in = usage_out = 0
+        usage = [0, 0]
         text = ""
-        limits = self.config.limits
-        for _round in range(limits.max_tool_rounds):
-            text = ""
+        for _round in range(self.config.limits.max_tool_rounds):
             calls: list[ToolCallRequest] = []
             request = ModelRequest(
                 system=self._system(turn),
@@ -320,73 +207,100 @@ class AgentRuntime:
                 conversation_id=turn.conversation_id,
                 agent=self.name,
             )
-            stream = self.provider.stream(request)
-            try:
-                async for event in stream:
-                    if isinstance(event, TextDelta):
-                        if event.text:
-                            text += event.text
-                            yield Delta(event.text)
-                    elif isinstance(event, ToolCall):
-                        calls.append(event.call)
-                    elif isinstance(event, UsageReport):
-                        usage_in += event.input_tokens
-                        usage_out += event.output_tokens
-                    elif isinstance(event, Stop):
-                        break
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            parts: list[str] = []
+            async for delta in self._model_call(request, calls, usage):
+                parts.append(delta.text)
+                yield delta
+            text = "".join(parts)
             if not calls:
-                yield Final(text, usage_in, usage_out, "end_turn")
+                yield Final(text, usage[0], usage[1], "end_turn")
                 return
             messages.append(
                 ChatMessage("assistant", text, tool_calls=tuple(calls), agent=self.name)
             )
-
-            unknown = [c for c in calls if c.name not in offered]
-            handoffs = [c for c in calls if c.name in self._handoff_specs and c.name in offered]
-            plain = [c for c in calls if c.name in self.tools]
-            transfer = next(
-                (c for c in handoffs if self._handoff_specs[c.name][1] == "transfer"), None
-            )
-            ending = next(
-                (c for c in handoffs if self._handoff_specs[c.name][1] == "end_conversation"), None
-            )
-            if transfer is not None or ending is not None:
-                chosen = transfer if transfer is not None else ending
-                assert chosen is not None
-                yield self._handoff_event(chosen, turn)
-                reason = "handoff" if transfer is not None else "end_conversation"
-                yield Final(text, usage_in, usage_out, reason)
+            ending = self._ending_call(calls, offered)
+            if ending is not None:
+                yield self._handoff_event(ending, turn)
+                reason = (
+                    "handoff"
+                    if self._handoff_specs[ending.name][1] == "transfer"
+                    else ("end_conversation")
+                )
+                yield Final(text, usage[0], usage[1], reason)
                 return
-            results: list[ToolReturned] = []
-            for call in unknown:
-                results.append(
-                    ToolReturned(call.id, call.name, f"unknown tool {call.name!r}", True)
+            async for event in self._tool_round(calls, offered, turn, broker, messages):
+                yield event
+        yield Final(text, usage[0], usage[1], "tool_rounds_exhausted")
+
+    async def _model_call(
+        self, request: ModelRequest, calls: list[ToolCallRequest], usage: list[int]
+    ) -> AsyncGenerator[Delta, None]:
+        """One model call: yields its text, collects its tool calls and adds its usage."""
+        stream = self.provider.stream(request)
+        try:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    if event.text:
+                        yield Delta(event.text)
+                elif isinstance(event, ToolCall):
+                    calls.append(event.call)
+                elif isinstance(event, UsageReport):
+                    usage[0] += event.input_tokens
+                    usage[1] += event.output_tokens
+                elif isinstance(event, Stop):
+                    break
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _ending_call(
+        self, calls: list[ToolCallRequest], offered: set[str]
+    ) -> ToolCallRequest | None:
+        """The TRANSFER (else END_CONVERSATION) call that ends this agent's turn, if any."""
+        handoffs = [c for c in calls if c.name in self._handoff_specs and c.name in offered]
+        for mode in ("transfer", "end_conversation"):
+            chosen = next((c for c in handoffs if self._handoff_specs[c.name][1] == mode), None)
+            if chosen is not None:
+                return chosen
+        return None
+
+    async def _tool_round(
+        self,
+        calls: list[ToolCallRequest],
+        offered: set[str],
+        turn: TurnInput,
+        broker: ConsultBroker,
+        messages: list[ChatMessage],
+    ) -> AsyncGenerator[RuntimeEvent, None]:
+        """Run a round's tools and CONSULTs; their results go to ``messages``."""
+        handoffs = [c for c in calls if c.name in self._handoff_specs and c.name in offered]
+        plain = [c for c in calls if c.name in self.tools]
+        results = [
+            ToolReturned(c.id, c.name, f"unknown tool {c.name!r}", True)
+            for c in calls
+            if c.name not in offered
+        ]
+        consult_calls = [c for c in handoffs if self._handoff_specs[c.name][1] == "consult"]
+        for call in plain:
+            yield ToolCalled(call)
+        waits: list[tuple[ToolCallRequest, asyncio.Future[ConsultAnswer]]] = []
+        for call in consult_calls:
+            waits.append((call, broker.expect(call.id)))
+            yield self._handoff_event(call, turn)
+        results.extend(await self._run_tools(plain))
+        results.extend(await self._await_consults(waits, broker))
+        for result in results:
+            yield result
+            messages.append(
+                ChatMessage(
+                    "tool",
+                    result.content,
+                    tool_call_id=result.call_id,
+                    name=result.name,
+                    is_error=result.is_error,
                 )
-            consult_calls = [c for c in handoffs if self._handoff_specs[c.name][1] == "consult"]
-            for call in plain:
-                yield ToolCalled(call)
-            waits: list[tuple[ToolCallRequest, asyncio.Future[ConsultAnswer]]] = []
-            for call in consult_calls:
-                waits.append((call, broker.expect(call.id)))
-                yield self._handoff_event(call, turn)
-            results.extend(await self._run_tools(plain))
-            results.extend(await self._await_consults(waits, broker))
-            for result in results:
-                yield result
-                messages.append(
-                    ChatMessage(
-                        "tool",
-                        result.content,
-                        tool_call_id=result.call_id,
-                        name=result.name,
-                        is_error=result.is_error,
-                    )
-                )
-        yield Final(text, usage_in, usage_out, "tool_rounds_exhausted")
+            )
 
     def _handoff_event(self, call: ToolCallRequest, turn: TurnInput) -> HandoffRequested:
         target, mode, _spec = self._handoff_specs[call.name]
@@ -459,3 +373,22 @@ class AgentRuntime:
                 answer = future.result()
                 results.append(ToolReturned(call.id, call.name, answer.content, answer.is_error))
         return results
+
+
+__all__ = [
+    "AfterTurn",
+    "AgentRuntime",
+    "BeforeTurn",
+    "ConsultAnswer",
+    "ConsultBroker",
+    "Delta",
+    "ErrorInfo",
+    "Final",
+    "HandoffRequested",
+    "Mode",
+    "RuntimeEvent",
+    "ToolCalled",
+    "ToolReturned",
+    "TurnHooks",
+    "TurnInput",
+]
