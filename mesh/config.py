@@ -27,6 +27,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from mesh._config_a2a import A2aEdgeConfig, A2aRemoteConfig
 from mesh._config_load import (
     DEFAULT_CONFIG,
     ENV_CONFIG,
@@ -189,6 +190,9 @@ class AgentConfig(_Frozen):
     """``reflection``: every answer is drafted, scored and revised (see ``reflection``)."""
     reflection: ReflectionConfig = Field(default_factory=ReflectionConfig)
     """Settings of a ``kind: reflection`` agent."""
+    a2a: A2aRemoteConfig | None = None
+    """A remote A2A agent: the router hands off to it over A2A (``mesh up`` starts
+    nothing for it)."""
 
     @field_validator("tools")
     @classmethod
@@ -346,6 +350,8 @@ class MeshConfig(BaseSettings):
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     router: RouterConfig = Field(default_factory=RouterConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    a2a: A2aEdgeConfig = Field(default_factory=A2aEdgeConfig)
+    """The A2A edge (``mesh a2a``)."""
     source: str = Field(default="", exclude=True)
     """The file this came from (set by :func:`load_config`)."""
 
@@ -360,6 +366,28 @@ class MeshConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The environment overrides the file (passed as init kwargs).
         return (env_settings, init_settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a2a_audiences(cls, value: object) -> object:
+        """A remote A2A agent's ``a2a.audience`` is its audience everywhere."""
+        if not isinstance(value, dict) or not isinstance(value.get("agents"), dict):
+            return value
+        extra = {
+            name: body["a2a"]["audience"]
+            for name, body in value["agents"].items()
+            if isinstance(body, dict)
+            and isinstance(body.get("a2a"), dict)
+            and body["a2a"].get("audience")
+        }
+        if not extra:
+            return value
+        auth = value.get("auth")
+        auth = dict(auth) if isinstance(auth, dict) else {}
+        audiences = dict(auth.get("audiences") or {})
+        for name, audience in extra.items():
+            audiences.setdefault(name, audience)
+        return {**value, "auth": {**auth, "audiences": audiences}}
 
     @field_validator("agents", mode="before")
     @classmethod
@@ -429,6 +457,8 @@ __all__ = [
     "DEFAULT_CONFIG",
     "ENV_CONFIG",
     "NAME_RE",
+    "A2aEdgeConfig",
+    "A2aRemoteConfig",
     "AgentConfig",
     "ConfigError",
     "DiscoveryConfig",

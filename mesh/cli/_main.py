@@ -43,6 +43,12 @@ def _mcp_parsers(sub: SubParsers) -> None:
     add_parser(sub)
 
 
+def _a2a_parsers(sub: SubParsers) -> None:
+    from mesh.a2a.cli import add_parser
+
+    add_parser(sub)
+
+
 #: Subcommand registrars, in help order. Add a group here (one line).
 COMMANDS: list[Callable[[SubParsers], None]] = [
     _supervisor.add_parsers,  # up
@@ -52,6 +58,7 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     _new.add_parsers,  # new
     _auth_parsers,  # sts, token
     _mcp_parsers,  # mcp
+    _a2a_parsers,  # a2a
 ]
 
 

@@ -185,10 +185,14 @@ def _fixed_ports(
             ("the token service (auth.sts.port)", config.auth.sts.host, config.auth.sts.port)
         )
     for name, agent in config.agents.items():
-        if agent.port:
+        if agent.port and agent.a2a is None:
             ports.append((f"agent {name} (agents.{name}.port)", config.server.host, agent.port))
     if router_port:
         ports.append(("the router (router.port)", config.router.host, router_port))
+    if config.a2a.enabled and config.a2a.port:
+        ports.append(("the A2A edge (a2a.port)", config.a2a.host, config.a2a.port))
+    if config.a2a.enabled and config.a2a.grpc_port:
+        ports.append(("the A2A edge (a2a.grpc_port)", config.a2a.host, config.a2a.grpc_port))
     return ports
 
 
@@ -252,6 +256,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 sup.wait_ready(sup.spawn("the token service (mesh sts)", ["sts"], "sts: "))
             )
         for name, agent in config.agents.items():
+            if agent.a2a is not None:
+                continue  # a remote A2A agent: nothing to start, the router calls its URL
             for replica in range(agent.replicas):
                 port = agent.port if replica == 0 else 0
                 label = f"agent {name}" + (
@@ -269,6 +275,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             service="router",
         )
         address = sup.wait_ready(router).split(": ", 1)[1]
+        if config.a2a.enabled:
+            edge = ["a2a", "--router", address, "--port", str(config.a2a.port)]
+            lines.append(sup.wait_ready(sup.spawn("the A2A edge (mesh a2a)", edge, "a2a: ")))
         for line in lines:
             print(line, flush=True)
         print(f"router: {address}", flush=True)

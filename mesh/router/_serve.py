@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 
 from mesh.agent._serve import server_credentials, server_interceptors
 from mesh.client import create_channel
 from mesh.config import DiscoveryConfig, MeshConfig, RouterConfig
-from mesh.router._agents import StreamPool
+from mesh.router._agents import AgentStreams, StreamPool
 from mesh.router._core import RoutingCore
 from mesh.router._engine import Router
 from mesh.router._pool import AgentPool
@@ -116,9 +117,16 @@ class RouterApp:
             connect_timeout=router_config.connect_timeout_s,
         )
         core = RoutingCore(config, lambda: self.pool.endpoints)
+        port: AgentStreams = self.streams
+        self.a2a_agents: Any = None
+        if any(agent.a2a is not None for agent in config.agents.values()):
+            from mesh.a2a._remote import A2aAgents, MeshStreams  # remote A2A agents
+
+            self.a2a_agents = A2aAgents(config)
+            port = MeshStreams(self.streams, self.a2a_agents)
         self.router = Router(
             core,
-            self.streams,
+            port,
             self.store,
             token_for=tokens.for_hop if tokens else None,
             infos=lambda: self.pool.infos,
@@ -147,6 +155,8 @@ class RouterApp:
             await self.close()
 
     async def close(self) -> None:
+        if self.a2a_agents is not None:
+            await self.a2a_agents.aclose()
         await self.streams.close()
         await self.pool.close()
         await self.store.close()

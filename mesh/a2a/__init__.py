@@ -1,0 +1,24 @@
+"""The Agent2Agent protocol: ``mesh a2a`` serves the mesh's agents over A2A, and remote
+A2A agents (``agents.<name>.a2a: {url, audience}``) are handoff targets of the router.
+
+Built on ``a2a-sdk`` (spec v1): the edge is its request handler over a router turn
+(:mod:`mesh.a2a._edge`); the router's second agent-stream adapter uses its client
+(:mod:`mesh.a2a._remote`); errors map both ways in :mod:`mesh.a2a._errors`.
+"""
+
+from mesh.a2a._edge import A2A_SERVICE, A2aEdge, build_edge, serve_edge
+from mesh.a2a._errors import error_for_state, from_a2a_error, task_state_for, to_a2a_error
+from mesh.a2a._remote import A2aAgents, MeshStreams
+
+__all__ = [
+    "A2A_SERVICE",
+    "A2aAgents",
+    "A2aEdge",
+    "MeshStreams",
+    "build_edge",
+    "error_for_state",
+    "from_a2a_error",
+    "serve_edge",
+    "task_state_for",
+    "to_a2a_error",
+]

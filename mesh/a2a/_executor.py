@@ -1,0 +1,230 @@
+"""The A2A executor: one A2A task is one router turn (task id = turn id, context id =
+conversation id); cancel cancels the router call, and with it every hop."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from a2a.helpers import new_task_from_user_message
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events import EventQueue
+from a2a.server.tasks import TaskUpdater
+from a2a.types import (
+    Message,
+    Part,
+    Role,
+    TaskState,
+)
+from google.protobuf.json_format import ParseDict
+
+from mesh.a2a._auth import Identity, bearer_of
+from mesh.a2a._cards import CardBook
+from mesh.a2a._errors import a2a_code, task_state_for
+from mesh.client import AgentClient, ChatStream, create_channel, turn_request
+from mesh.errors import MeshError
+from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
+
+log = logging.getLogger("mesh.a2a")
+_DESCRIBE_TIMEOUT_S = 5.0
+
+# -- the router --------------------------------------------------------------------------
+
+
+@dataclass
+class RouterLink:
+    """One long-lived channel to the router, and the turns running on it by task id."""
+
+    address: str
+    credentials: grpc.ChannelCredentials | None = None
+    timeout_s: float = 300.0
+    running: dict[str, ChatStream] = field(default_factory=dict)
+    cancelled: set[str] = field(default_factory=set)
+    _channel: grpc.aio.Channel | None = None
+
+    def client(self) -> AgentClient:
+        if self._channel is None:
+            self._channel = create_channel(self.address, credentials=self.credentials)
+        return AgentClient(self._channel, router=True)
+
+    async def describe(self, name: str, token: str | None) -> types_pb2.AgentInfo | None:
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        stub = router_pb2_grpc.RouterServiceStub(self.client().channel)
+        try:
+            response = await stub.DescribeAgent(
+                router_pb2.DescribeAgentRequest(name=name),
+                metadata=metadata,
+                timeout=_DESCRIBE_TIMEOUT_S,
+            )
+        except grpc.RpcError:
+            return None
+        return response.info
+
+    def cancel(self, task_id: str) -> bool:
+        stream = self.running.get(task_id)
+        if stream is None:
+            return False
+        self.cancelled.add(task_id)
+        stream.cancel()
+        return True
+
+    async def aclose(self) -> None:
+        for stream in self.running.values():
+            stream.cancel()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+
+# -- the executor ------------------------------------------------------------------------
+
+
+def _agent_message(text: str, task_id: str, context_id: str, meta: dict[str, Any]) -> Message:
+    message = Message(
+        message_id=uuid.uuid4().hex,
+        role=Role.ROLE_AGENT,
+        parts=[Part(text=text)],
+        task_id=task_id,
+        context_id=context_id,
+    )
+    ParseDict({"mesh": meta}, message.metadata)
+    return message
+
+
+class _Relay:
+    """Router events as A2A task events: deltas as chunks of the ``answer`` artifact,
+    tool calls, results and handoffs as ``working`` status messages, the final as the
+    completed task."""
+
+    def __init__(self, updater: TaskUpdater, say: Callable[..., Message], answer: str) -> None:
+        self.updater = updater
+        self.say = say
+        self.answer = answer
+        self.chunks = 0
+
+    async def _note(self, text: str, **meta: Any) -> None:
+        await self.updater.update_status(TaskState.TASK_STATE_WORKING, self.say(text, **meta))
+
+    async def event(self, event: types_pb2.ChatEvent) -> bool:
+        """Relay one event; True once the turn is over."""
+        kind, agent = event.WhichOneof("kind"), event.agent
+        if kind == "delta":
+            await self.updater.add_artifact(
+                [Part(text=event.delta.text)],
+                artifact_id=self.answer,
+                name="answer",
+                append=self.chunks > 0,
+                metadata={"agent": agent},
+            )
+            self.chunks += 1
+        elif kind == "tool_call":
+            tool = event.tool_call.name
+            await self._note(f"[{agent} calls {tool}]", kind=kind, agent=agent, tool=tool)
+        elif kind == "tool_result":
+            tool = event.tool_result.name
+            await self._note(f"[{tool} answered {agent}]", kind=kind, agent=agent, tool=tool)
+        elif kind == "handoff":
+            handoff = event.handoff
+            mode = types_pb2.HandoffMode.Name(handoff.mode)
+            note = f"[{agent} hands over to {handoff.target} ({mode})]"
+            await self._note(
+                note,
+                kind=kind,
+                agent=agent,
+                target=handoff.target,
+                mode=mode,
+                reason=handoff.reason,
+            )
+        elif kind == "final":
+            await self._final(event)
+            return True
+        return False
+
+    async def _final(self, event: types_pb2.ChatEvent) -> None:
+        final = event.final
+        if self.chunks:
+            await self.updater.add_artifact(
+                [], artifact_id=self.answer, name="answer", append=True, last_chunk=True
+            )
+        else:
+            await self.updater.add_artifact(
+                [Part(text=final.content)], artifact_id=self.answer, name="answer"
+            )
+        message = self.say(
+            final.content,
+            kind="final",
+            agent=event.agent,
+            hop_path=list(final.hop_path),
+            input_tokens=final.usage.input_tokens,
+            output_tokens=final.usage.output_tokens,
+        )
+        await self.updater.complete(message)
+
+
+class MeshExecutor(AgentExecutor):
+    """Runs an A2A task as one router turn to ``target`` ("" = the router's choice)."""
+
+    def __init__(self, target: str, link: RouterLink, identity: Identity, cards: CardBook):
+        self.target = target
+        self.link = link
+        self.identity = identity
+        self.cards = cards
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        task_id, context_id = context.task_id or "", context.context_id or ""
+        if context.current_task is None and context.message is not None:
+            await event_queue.enqueue_event(new_task_from_user_message(context.message))
+        updater = TaskUpdater(event_queue, task_id, context_id)
+        await updater.start_work()
+
+        def say(text: str, **meta: Any) -> Message:
+            return _agent_message(text, task_id, context_id, meta)
+
+        try:
+            token = await self.identity(bearer_of(context.call_context.state))
+            if self.target:
+                await self.cards.describe(self.target, token)
+            await self._turn(context, updater, token, say)
+        except MeshError as err:
+            if task_id in self.link.cancelled:
+                return  # cancel() reports the task canceled
+            state = task_state_for(err)
+            meta = {"code": err.code.name, "reason": err.reason, "a2a_code": a2a_code(err)}
+            await updater.update_status(state, say(f"{err.code.name}: {err.message}", **meta))
+        finally:
+            self.link.running.pop(task_id, None)
+            self.link.cancelled.discard(task_id)
+
+    async def _turn(
+        self,
+        context: RequestContext,
+        updater: TaskUpdater,
+        token: str | None,
+        say: Callable[..., Message],
+    ) -> None:
+        task_id, context_id = context.task_id or "", context.context_id or ""
+        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        stream = self.link.client().open(metadata=metadata, timeout=self.link.timeout_s)
+        self.link.running[task_id] = stream
+        relay = _Relay(updater, say, f"{task_id}-answer")
+        request = turn_request(context.get_user_input(), conversation_id=context_id)
+        request.turn.agent = self.target
+        request.turn.turn_id = task_id
+        try:
+            async for event in stream.turn(request):
+                if await relay.event(event):
+                    await stream.close()  # half-close: the router ends the call OK
+                    return
+        finally:
+            stream.cancel()  # a no-op once the call has ended
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        """Cancel the router call (every hop of the turn stops), then the task."""
+        task_id = context.task_id or ""
+        self.link.cancel(task_id)
+        updater = TaskUpdater(event_queue, task_id, context.context_id or "")
+        await updater.cancel()
