@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from mesh import telemetry
-from mesh.convert import MODE_FROM_PB, message_to_pb
+from mesh.convert import MODE_FROM_PB
 from mesh.errors import MeshError, Unavailable
 from mesh.providers.base import ChatMessage
 from mesh.router._agents import (
@@ -38,6 +38,7 @@ from mesh.router._agents import (
     peek_kind,
 )
 from mesh.router._core import HopBudget, Plan, RoutingCore
+from mesh.router._requests import chat_turn, handoff_turn
 from mesh.router._returns import follow
 from mesh.router._routing import BestMatch
 from mesh.router._store import ConversationStore
@@ -171,27 +172,8 @@ class Router:
 
     # -- requests to agents ------------------------------------------------------------
 
-    def _hop(self, state: TurnState, hops_remaining: int) -> types_pb2.HopContext:
-        remaining_ms = int(state.remaining() * 1000)
-        return types_pb2.HopContext(
-            hop_path=state.path,
-            request_id=state.request_id,
-            trace_context=state.trace_context,
-            timeout_ms=max(1, remaining_ms),
-            hops_remaining=hops_remaining,
-        )
-
     def _chat_turn(self, state: TurnState, agent: str) -> types_pb2.ChatRequest:
-        return types_pb2.ChatRequest(
-            turn=types_pb2.Turn(
-                conversation_id=state.conversation_id,
-                message=state.message,
-                history=[message_to_pb(m) for m in state.history],
-                context=state.context,
-                turn_id=state.turn_id,
-                hop=self._hop(state, self.core.hops_remaining(agent, state.budget)),
-            )
-        )
+        return chat_turn(state, self.core.hops_remaining(agent, state.budget))
 
     def _handoff_turn(
         self,
@@ -205,21 +187,7 @@ class Router:
         history: list[ChatMessage],
     ) -> types_pb2.ChatRequest:
         hops = self.core.hops_remaining(target, state.budget)
-        return types_pb2.ChatRequest(
-            handoff=types_pb2.HandoffTurn(
-                conversation_id=state.conversation_id,
-                source_agent=source,
-                mode=mode,
-                reason=reason,
-                message=message,
-                history=[message_to_pb(m) for m in history],
-                context=context,
-                hop_path=list(state.path),
-                turn_id=state.turn_id,
-                hops_remaining=hops,
-                hop=self._hop(state, hops),
-            )
-        )
+        return handoff_turn(state, source, mode, reason, message, context, history, hops)
 
     async def _open(
         self, state: TurnState, agent: str, request: types_pb2.ChatRequest, source: str
