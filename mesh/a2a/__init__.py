@@ -6,9 +6,15 @@ Built on ``a2a-sdk`` (spec v1): the edge is its request handler over a router tu
 (:mod:`mesh.a2a._remote`); errors map both ways in :mod:`mesh.a2a._errors`.
 """
 
+import logging
+
 from mesh.a2a._edge import A2A_SERVICE, A2aEdge, build_edge, serve_edge
 from mesh.a2a._errors import error_for_state, from_a2a_error, task_state_for, to_a2a_error
 from mesh.a2a._remote import A2aAgents, MeshStreams
+
+# The SDK logs a DEBUG line per traced call naming its functions; dotted names of that
+# shape trip the token scrub, and the lines say nothing an operator needs.
+logging.getLogger("a2a.utils.telemetry").setLevel(logging.INFO)
 
 __all__ = [
     "A2A_SERVICE",
