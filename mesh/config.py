@@ -49,6 +49,7 @@ from mesh._config_router import (
 )
 from mesh.auth.config import AuthConfig
 from mesh.errors import ConfigError
+from mesh.turns import HandoffModeName
 
 
 class _Frozen(BaseModel):
@@ -114,9 +115,6 @@ class LimitsConfig(_Frozen):
     approval_timeout_s: float = Field(default=60.0, gt=0)
     """How long a tool marked ``approval: required`` waits for the person's answer
     (no answer in time is a denial)."""
-
-
-HandoffModeName = Literal["transfer", "consult"]
 
 
 class HandoffConfig(_Frozen):

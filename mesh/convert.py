@@ -8,19 +8,19 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from mesh.agent._approval import ApprovalAsked
-from mesh.agent._reflection import Reflected
-from mesh.agent._runtime import (
+from mesh.providers.base import ChatMessage, Role, ToolCallRequest
+from mesh.turns import (
+    ApprovalAsked,
     Delta,
     ErrorInfo,
     Final,
     HandoffRequested,
     Mode,
+    Reflected,
     RuntimeEvent,
     ToolCalled,
     ToolReturned,
 )
-from mesh.providers.base import ChatMessage, Role, ToolCallRequest
 from mesh.v1 import types_pb2
 
 _ROLE_TO_PB: dict[Role, types_pb2.Message.Role.ValueType] = {

@@ -25,6 +25,9 @@ from mesh.context import (
 )
 from mesh.errors import InvalidArgument, MeshError
 
+if TYPE_CHECKING:
+    from mesh.config import MeshConfig
+
 MAX_PATH = 100
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 
@@ -286,3 +289,23 @@ def context_interceptors() -> list[grpc.aio.ClientInterceptor]:
         _ContextStreamUnary(),
         _ContextStreamStream(),
     ]
+
+
+def server_interceptors(config: MeshConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
+    """The server interceptor chain of a mesh service: call context, then auth when
+    enabled (one place for agents, the router and the edges)."""
+    chain: list[grpc.aio.ServerInterceptor] = [CallContextInterceptor()]
+    if config.auth.enabled:
+        from mesh.auth.interceptors import server_interceptors as auth_interceptors
+
+        chain.extend(auth_interceptors(config, service))
+    return chain
+
+
+def service_credentials(config: MeshConfig, service: str) -> grpc.ServerCredentials | None:
+    """TLS server credentials of ``service`` (its own certificate), or None without TLS."""
+    if not config.auth.tls.enabled:
+        return None
+    from mesh.auth.tls import server_credentials
+
+    return server_credentials(config, service)

@@ -24,9 +24,10 @@ from a2a.types import a2a_pb2, a2a_pb2_grpc
 from a2a.utils.errors import InvalidParamsError
 
 from mesh.a2a._auth import _STATE_TOKEN, Bearer, MeshUser
-from mesh.agent._serve import server_credentials, server_interceptors
 from mesh.config import MeshConfig
 from mesh.context import current_principal, current_token
+from mesh.interceptors import server_interceptors
+from mesh.interceptors import service_credentials as server_credentials
 from mesh.server import Lifecycle, MeshServer, Service
 
 A2A_GRPC_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name

@@ -8,7 +8,7 @@ router to the client, and waits for the person's answer on the same stream
 ``limits.approval_timeout_s``: the tool does not run and the model sees the denial
 as the tool's result.
 
-Answers arrive through the turn's :class:`~mesh.agent._turn.ConsultBroker` under
+Answers arrive through the turn's :class:`~mesh.turns.ConsultBroker` under
 a key of their own (:func:`approval_key`), so approvals and CONSULT answers share
 one matching mechanism and one request stream.
 """
@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mesh.providers.base import ToolCallRequest
+from mesh.turns import ApprovalAsked
 
 if TYPE_CHECKING:
-    from mesh.agent._turn import ConsultAnswer, ConsultBroker, ToolReturned, TurnInput
     from mesh.config import AgentConfig
+    from mesh.turns import ConsultAnswer, ConsultBroker, ToolReturned, TurnInput
 
 _PREFIX = "approval:"
 
@@ -38,17 +39,6 @@ def approval_key(approval_id: str) -> str:
 
 def new_approval_id() -> str:
     return uuid.uuid4().hex[:16]
-
-
-@dataclass(frozen=True)
-class ApprovalAsked:
-    """A tool call waits for the person's approval."""
-
-    approval_id: str
-    call: ToolCallRequest
-    requested_by: str
-    hop_path: tuple[str, ...]
-    timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -115,7 +105,7 @@ class ApprovalGate:
 
     async def denials(self, calls: list[ToolCallRequest]) -> list[ToolReturned]:
         """Wait for the verdicts; drop denied calls from ``calls``, return their results."""
-        from mesh.agent._turn import ToolReturned
+        from mesh.turns import ToolReturned
 
         if not self.asks:
             return []

@@ -21,15 +21,15 @@ import inspect
 import re
 import sys
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mesh.errors import ConfigError
 from mesh.providers.base import ChatMessage, ModelRequest, TextDelta, UsageReport
+from mesh.turns import Reflected
 
 if TYPE_CHECKING:
     from mesh.agent._runtime import AgentRuntime
-    from mesh.agent._turn import ConsultBroker, RuntimeEvent, TurnInput
+    from mesh.turns import ConsultBroker, RuntimeEvent, TurnInput
 
 EVALUATE_SYSTEM = (
     "You evaluate a draft answer against criteria. Reply with a first line "
@@ -42,17 +42,6 @@ REVISE = (
 )
 _SCORE = re.compile(r"score\s*[:=]?\s*(-?\d+(?:\.\d+)?)(\s*/\s*(\d+))?", re.I)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-@dataclass(frozen=True)
-class Reflected:
-    """A reflection agent scored one draft (an event of the turn)."""
-
-    iteration: int
-    score: float
-    feedback: str
-    draft: str
-    accepted: bool
 
 
 Evaluator = Callable[[str, str, str], Any]
@@ -165,7 +154,7 @@ async def reflect(
     runtime: AgentRuntime, turn: TurnInput, consults: ConsultBroker | None
 ) -> AsyncGenerator[RuntimeEvent, None]:
     """One turn of a reflection agent (see the module docstring)."""
-    from mesh.agent._turn import Delta, Final
+    from mesh.turns import Delta, Final
 
     config = runtime.config.reflection
     usage = _Usage()

@@ -23,7 +23,21 @@ from typing import Any
 from mesh import telemetry
 from mesh.agent._approval import ApprovalGate
 from mesh.agent._reflection import reflect
-from mesh.agent._turn import (
+from mesh.config import AgentConfig, MeshConfig
+from mesh.errors import MeshError
+from mesh.providers.base import (
+    ChatMessage,
+    ModelRequest,
+    Provider,
+    Stop,
+    TextDelta,
+    ToolCall,
+    ToolCallRequest,
+    ToolSpec,
+    UsageReport,
+)
+from mesh.tools import Tool, ToolExecutor
+from mesh.turns import (
     AfterTurn,
     BeforeTurn,
     ConsultAnswer,
@@ -40,20 +54,6 @@ from mesh.agent._turn import (
     TurnInput,
     settle,
 )
-from mesh.config import AgentConfig, MeshConfig
-from mesh.errors import MeshError
-from mesh.providers.base import (
-    ChatMessage,
-    ModelRequest,
-    Provider,
-    Stop,
-    TextDelta,
-    ToolCall,
-    ToolCallRequest,
-    ToolSpec,
-    UsageReport,
-)
-from mesh.tools import Tool, ToolExecutor
 
 log = logging.getLogger("mesh.agent")
 

@@ -11,7 +11,8 @@ import grpc
 from mesh.agent._runtime import AgentRuntime
 from mesh.agent._servicer import AgentServicer
 from mesh.config import MeshConfig
-from mesh.interceptors import CallContextInterceptor
+from mesh.interceptors import server_interceptors
+from mesh.interceptors import service_credentials as server_credentials
 from mesh.providers.base import Provider, ProviderContext
 from mesh.providers.registry import create_provider
 from mesh.server import Lifecycle, MeshServer, Service
@@ -45,16 +46,6 @@ def build_runtime(
     return runtime
 
 
-def server_interceptors(config: MeshConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
-    """Interceptors for a service: call context, then auth when enabled."""
-    chain: list[grpc.aio.ServerInterceptor] = [CallContextInterceptor()]
-    if config.auth.enabled:
-        from mesh.auth.interceptors import server_interceptors as auth_interceptors
-
-        chain.extend(auth_interceptors(config, service))
-    return chain
-
-
 def build_agent_server(
     config: MeshConfig,
     name: str,
@@ -82,13 +73,3 @@ def build_agent_server(
 
         bind_server(runtime, server, [AGENT_SERVICE])  # sessions start; required ones gate health
     return server, runtime
-
-
-def server_credentials(config: MeshConfig, service: str) -> grpc.ServerCredentials | None:
-    """TLS server credentials of ``service`` (its own certificate) when the auth config
-    asks for TLS."""
-    if not config.auth.tls.enabled:
-        return None
-    from mesh.auth.tls import server_credentials as make
-
-    return make(config, service)

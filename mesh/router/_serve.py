@@ -7,9 +7,10 @@ from typing import Any
 
 import grpc
 
-from mesh.agent._serve import server_credentials, server_interceptors
 from mesh.client import create_channel
 from mesh.config import DiscoveryConfig, MeshConfig, RouterConfig
+from mesh.interceptors import server_interceptors
+from mesh.interceptors import service_credentials as server_credentials
 from mesh.router._agents import AgentStreams, StreamPool
 from mesh.router._core import RoutingCore
 from mesh.router._engine import Router

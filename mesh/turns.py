@@ -1,4 +1,5 @@
-"""What a turn is made of, with no knowledge of gRPC or models: its input, the events it
+"""What a turn is made of, with no knowledge of gRPC or models (public: the agent
+runtime, the wire conversion and the router all speak it): its input, the events it
 yields, the hooks around it, and the broker that hands CONSULT answers to it."""
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mesh.agent._approval import ApprovalAsked
-from mesh.agent._reflection import Reflected
 from mesh.providers.base import ChatMessage, ToolCallRequest
 
-Mode = Literal["transfer", "consult", "end_conversation"]
+HandoffModeName = Literal["transfer", "consult"]
+"""How an agent may hand over to a target (the mesh file's ``modes:``)."""
+Mode = HandoffModeName | Literal["end_conversation"]
+"""The one handoff-mode type of the mesh (config, runtime, conversion); the wire form is
+``types_pb2.HandoffMode``, mapped in :mod:`mesh.convert` only."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,30 @@ class ErrorInfo:
 
 
 _Events = Delta | ToolCalled | ToolReturned | HandoffRequested | Final | ErrorInfo
+
+
+@dataclass(frozen=True)
+class ApprovalAsked:
+    """A tool call waits for the person's approval."""
+
+    approval_id: str
+    call: ToolCallRequest
+    requested_by: str
+    hop_path: tuple[str, ...]
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Reflected:
+    """A reflection agent scored one draft (an event of the turn)."""
+
+    iteration: int
+    score: float
+    feedback: str
+    draft: str
+    accepted: bool
+
+
 RuntimeEvent = _Events | ApprovalAsked | Reflected
 """Everything a turn yields (approval requests and reflection scores included)."""
 
