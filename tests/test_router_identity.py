@@ -65,5 +65,19 @@ async def test_interleaved_turns_of_two_users_each_run_as_their_own(tmp_path: Pa
                         await asyncio.gather(ask("alice", n), ask("bob", n))
                 opened = app.streams.opened
     assert len(seen) == 20 and all(user == sub for user, sub in seen), seen
+    # The exchanges are counted for the metrics endpoint: one per user, then cache hits.
+    from prometheus_client import REGISTRY
+
+    labels = {"audience": config.auth.audience_for("b")}
+    exchanged = REGISTRY.get_sample_value(
+        "mesh_token_exchanges_total", {**labels, "result": "exchanged"}
+    )
+    hits = REGISTRY.get_sample_value(
+        "mesh_token_exchanges_total", {**labels, "result": "cache_hit"}
+    )
+    assert exchanged is not None and exchanged >= 2
+    assert hits is not None and hits >= 18 - 2
+    fetched = REGISTRY.get_sample_value("mesh_jwks_fetches_total", {"outcome": "ok"})
+    assert fetched is not None and fetched >= 1
     # Streams were reused (per user), not opened per turn.
     assert opened <= 4 and server.lifecycle.started == opened

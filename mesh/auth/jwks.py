@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from mesh import telemetry
 from mesh.errors import Unauthenticated, Unavailable
 
 log = logging.getLogger("mesh.auth.jwks")
@@ -184,10 +185,13 @@ class JwksCache:
             body = await fetch_json(client, url, "identity provider JWKS")
         except Unavailable:
             self._failed_at = self._clock()
+            telemetry.metrics.jwks_fetches.labels("error").inc()
             raise
         except Exception as err:  # noqa: BLE001 - any other failure is the IdP's too
             self._failed_at = self._clock()
+            telemetry.metrics.jwks_fetches.labels("error").inc()
             raise Unavailable(f"identity provider JWKS failed: {type(err).__name__}") from None
+        telemetry.metrics.jwks_fetches.labels("ok").inc()
         keys: dict[str, dict[str, Any]] = {}
         raw_keys = body.get("keys")
         for item in raw_keys if isinstance(raw_keys, list) else []:

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
+from mesh import telemetry
 from mesh.auth.jwt import is_app_only, redact, unverified_claims
 from mesh.auth.policy import ClientPolicy
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated, Unavailable
@@ -186,7 +187,9 @@ class HopTokens:
         key = ("hop", subject_token, audience, wanted, hops_remaining, previous)
         cached = self.cache.get(key)
         if cached is not None:
+            telemetry.metrics.token_exchanges.labels(audience, "cache_hit").inc()
             return cached
+        telemetry.metrics.token_exchanges.labels(audience, "exchanged").inc()
         if self.policy is not None:
             self.policy.check(audience, delegated=True)
         if is_app_only(unverified_claims(subject_token)):
