@@ -63,10 +63,12 @@ typecheck: $(STAMP)  ## mypy --strict
 
 test: $(TEST_DEPS) lint typecheck  ## lint, typecheck and the whole test suite (LLAMA=0: no llama build)
 	./scripts/ensure-redis.sh
+	./scripts/ensure-prometheus.sh
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 unit: $(TEST_DEPS)  ## the tests alone
 	./scripts/ensure-redis.sh
+	./scripts/ensure-prometheus.sh
 	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)  ## benchmarks (writes benchmarks/results/)
