@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from a2a.types import (
     Role,
     TaskState,
 )
-from google.protobuf.json_format import ParseDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 
 from mesh.a2a._auth import Identity, bearer_of
 from mesh.a2a._cards import CardBook
@@ -44,6 +44,9 @@ class RouterLink:
     timeout_s: float = 300.0
     running: dict[str, ChatStream] = field(default_factory=dict)
     cancelled: set[str] = field(default_factory=set)
+    waiting: dict[str, tuple[ChatStream, str, _Relay]] = field(default_factory=dict)
+    """Tasks in ``input-required``: the open router call, the approval it waits on, and
+    the task's relay (the answer artifact continues where it stopped)."""
     _channel: grpc.aio.Channel | None = None
 
     def client(self) -> AgentClient:
@@ -66,6 +69,9 @@ class RouterLink:
 
     def cancel(self, task_id: str) -> bool:
         stream = self.running.get(task_id)
+        waiting = self.waiting.pop(task_id, None)
+        if stream is None and waiting is not None:
+            stream = waiting[0]  # waiting for an approval: its router call is still open
         if stream is None:
             return False
         self.cancelled.add(task_id)
@@ -73,7 +79,7 @@ class RouterLink:
         return True
 
     async def aclose(self) -> None:
-        for stream in self.running.values():
+        for stream in [*self.running.values(), *(w[0] for w in self.waiting.values())]:
             stream.cancel()
         if self._channel is not None:
             await self._channel.close()
@@ -109,9 +115,24 @@ class _Relay:
     async def _note(self, text: str, **meta: Any) -> None:
         await self.updater.update_status(TaskState.TASK_STATE_WORKING, self.say(text, **meta))
 
-    async def event(self, event: types_pb2.ChatEvent) -> bool:
-        """Relay one event; True once the turn is over."""
+    async def event(self, event: types_pb2.ChatEvent) -> bool | str:
+        """Relay one event; True once the turn is over, "input" when it waits for the
+        person (a tool approval: the task goes ``input-required``)."""
         kind, agent = event.WhichOneof("kind"), event.agent
+        if kind == "approval_request":
+            asked = event.approval_request
+            text = f"{asked.requested_by} asks to run {asked.call.name}: answer approve or deny"
+            message = self.say(
+                text,
+                kind=kind,
+                agent=agent,
+                approval_id=asked.approval_id,
+                tool=asked.call.name,
+                arguments=MessageToDict(asked.call.arguments),
+                timeout_ms=asked.timeout_ms,
+            )
+            await self.updater.update_status(TaskState.TASK_STATE_INPUT_REQUIRED, message)
+            return "input"
         if kind == "delta":
             await self.updater.add_artifact(
                 [Part(text=event.delta.text)],
@@ -207,20 +228,37 @@ class MeshExecutor(AgentExecutor):
         say: Callable[..., Message],
     ) -> None:
         task_id, context_id = context.task_id or "", context.context_id or ""
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        stream = self.link.client().open(metadata=metadata, timeout=self.link.timeout_s)
+        waiting = self.link.waiting.pop(task_id, None)
+        if waiting is not None:
+            # The person answered an approval: it goes into the turn's open router call.
+            stream, approval_id, relay = waiting
+            relay.updater, relay.say = updater, say
+            await stream.send(types_pb2.ChatRequest(approval=_answer(context, approval_id)))
+            events = _events(stream)
+        else:
+            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            stream = self.link.client().open(metadata=metadata, timeout=self.link.timeout_s)
+            relay = _Relay(updater, say, f"{task_id}-answer")
+            request = turn_request(context.get_user_input(), conversation_id=context_id)
+            request.turn.agent = self.target
+            request.turn.turn_id = task_id
+            events = stream.turn(request)
         self.link.running[task_id] = stream
-        relay = _Relay(updater, say, f"{task_id}-answer")
-        request = turn_request(context.get_user_input(), conversation_id=context_id)
-        request.turn.agent = self.target
-        request.turn.turn_id = task_id
+        keep = False
         try:
-            async for event in stream.turn(request):
-                if await relay.event(event):
+            async for event in events:
+                outcome = await relay.event(event)
+                if outcome == "input":
+                    approval_id = event.approval_request.approval_id
+                    self.link.waiting[task_id] = (stream, approval_id, relay)
+                    keep = True
+                    return
+                if outcome:
                     await stream.close()  # half-close: the router ends the call OK
                     return
         finally:
-            stream.cancel()  # a no-op once the call has ended
+            if not keep:
+                stream.cancel()  # a no-op once the call has ended
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         """Cancel the router call (every hop of the turn stops), then the task."""
@@ -228,3 +266,28 @@ class MeshExecutor(AgentExecutor):
         self.link.cancel(task_id)
         updater = TaskUpdater(event_queue, task_id, context.context_id or "")
         await updater.cancel()
+
+
+_YES = {"approve", "approved", "yes", "y", "ok", "allow"}
+
+
+def _answer(context: RequestContext, approval_id: str) -> types_pb2.ApprovalAnswer:
+    """The person's answer to an approval: ``approve`` (or yes/ok/allow) runs the tool,
+    anything else denies it, the text being the reason the model sees."""
+    text = context.get_user_input().strip()
+    approved = text.lower().rstrip(".!") in _YES
+    return types_pb2.ApprovalAnswer(
+        approval_id=approval_id, approved=approved, reason="" if approved else text
+    )
+
+
+async def _events(stream: ChatStream) -> AsyncIterator[types_pb2.ChatEvent]:
+    """The rest of a turn's events on an open stream (after an approval answer)."""
+    while True:
+        event = await stream.call.read()
+        if event is grpc.aio.EOF:
+            return
+        assert isinstance(event, types_pb2.ChatEvent)
+        yield event
+        if event.WhichOneof("kind") in ("final", "error"):
+            return

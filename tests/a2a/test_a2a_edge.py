@@ -85,6 +85,22 @@ def mesh_data(tmp_path: Path) -> dict[str, Any]:
                 "description": "a model that takes its time",
                 "provider": {"kind": "offline", "chunk_chars": 4, "delay_ms": 60000},
             },
+            "payer": {
+                "description": "issues refunds, with the person's approval",
+                "tools": ["tests.orch_tools:issue_refund"],
+                "tool_policies": {"issue_refund": {"approval": "required"}},
+                "provider": {
+                    "kind": "offline",
+                    "rules": [
+                        {
+                            "contains": "refund",
+                            "tool": "issue_refund",
+                            "arguments": {"invoice_id": "INV-A2A"},
+                        }
+                    ],
+                    "after_tools": "payer: {results}",
+                },
+            },
         },
     }
 
@@ -109,7 +125,7 @@ async def running_edge(tmp_path: Path, *extra: str) -> AsyncIterator[Mesh]:
         async with contextlib.AsyncExitStack() as stack:
             static: dict[str, list[str]] = {}
             records: dict[str, RecordingProvider] = {}
-            for name in ("triage", "billing", "slow"):
+            for name in ("triage", "billing", "slow", "payer"):
                 addr, _s, _r, rec = await stack.enter_async_context(serve_agent(config, name))
                 static[name] = [addr]
                 records[name] = rec
@@ -182,7 +198,7 @@ async def test_card_streamed_transfer_and_a_continued_conversation(tmp_path: Pat
     assert card.supported_interfaces[0].url == f"{mesh.url}/agents/triage/"
     assert card.supported_interfaces[0].protocol_binding == "JSONRPC"
     assert [s.name for s in billing_card.skills] == ["invoices"]
-    assert {s.tags[0] for s in root_card.skills} == {"triage", "billing", "slow"}
+    assert {s.tags[0] for s in root_card.skills} == {"triage", "billing", "slow", "payer"}
     scheme = card.security_schemes["mesh"].open_id_connect_security_scheme
     assert scheme.open_id_connect_url.endswith("/.well-known/openid-configuration")
     flow = card.security_schemes["mesh-oauth2"].oauth2_security_scheme.flows
@@ -312,3 +328,40 @@ async def test_the_grpc_binding(tmp_path: Path) -> None:
     cause = refused.value.__cause__
     assert isinstance(cause, grpc.aio.AioRpcError)
     assert cause.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_tool_approval_is_input_required_and_the_answer_continues_the_task(
+    tmp_path: Path,
+) -> None:
+    """A tool that needs the person's approval: the task goes input-required with the
+    tool and its arguments; "approve" on the same task runs the tool and completes it,
+    anything else denies it (the tool never runs)."""
+    from tests import orch_tools
+
+    async with running_edge(tmp_path) as mesh:
+        headers = {"Authorization": f"Bearer {mesh.token()}"}
+        async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+            _card, client = await sdk_client(http, f"{mesh.url}/agents/payer")
+            outcomes = []
+            for answer in ("approve", "no, not today"):
+                before = list(orch_tools.RAN)
+                asked = [e async for e in client.send_message(user_message("refund please"))]
+                task = asked[0].task
+                waiting = [e for e in asked if e.HasField("status_update")][-1]
+                state = waiting.status_update.status
+                meta = MessageToDict(state.message.metadata)["mesh"]
+                reply = user_message(answer, task.context_id)
+                reply.message.task_id = task.id
+                done = [e async for e in client.send_message(reply)]
+                outcomes.append(
+                    (state.state, meta, final_state(done), orch_tools.RAN[len(before) :], done)
+                )
+            await client.close()
+    (asked_state, meta, approved_state, ran, done), denied = outcomes
+    assert asked_state == TaskState.TASK_STATE_INPUT_REQUIRED
+    assert meta["kind"] == "approval_request" and meta["tool"] == "issue_refund"
+    assert meta["arguments"] == {"invoice_id": "INV-A2A"}
+    assert approved_state == TaskState.TASK_STATE_COMPLETED and ran == ["INV-A2A"]
+    assert "refunded INV-A2A" in "".join(answer_chunks(done))
+    assert denied[0] == TaskState.TASK_STATE_INPUT_REQUIRED
+    assert denied[2] == TaskState.TASK_STATE_COMPLETED and denied[3] == []  # never ran
