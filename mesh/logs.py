@@ -114,3 +114,6 @@ def setup_logging(level: str | None = None) -> None:
     root.setLevel((level or os.environ.get("MESH_LOG_LEVEL", "INFO")).upper())
     # One line per HTTP request to the identity provider is noise at INFO.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # a2a-sdk logs a DEBUG line per traced function as it is defined and called; its
+    # dotted names look like tokens to the scrub, and say nothing an operator needs.
+    logging.getLogger("a2a.utils.telemetry").setLevel(logging.INFO)

@@ -8,13 +8,19 @@ Built on ``a2a-sdk`` (spec v1): the edge is its request handler over a router tu
 
 import logging
 
-from mesh.a2a._edge import A2A_SERVICE, A2aEdge, build_edge, serve_edge
-from mesh.a2a._errors import error_for_state, from_a2a_error, task_state_for, to_a2a_error
-from mesh.a2a._remote import A2aAgents, MeshStreams
-
-# The SDK logs a DEBUG line per traced call naming its functions; dotted names of that
-# shape trip the token scrub, and the lines say nothing an operator needs.
+# a2a-sdk logs a DEBUG line per traced function as it is defined (at import) and
+# called; its dotted names trip the token scrub and say nothing an operator needs.
+# Set before the SDK is imported below.
 logging.getLogger("a2a.utils.telemetry").setLevel(logging.INFO)
+
+from mesh.a2a._edge import A2A_SERVICE, A2aEdge, build_edge, serve_edge  # noqa: E402
+from mesh.a2a._errors import (  # noqa: E402
+    error_for_state,
+    from_a2a_error,
+    task_state_for,
+    to_a2a_error,
+)
+from mesh.a2a._remote import A2aAgents, MeshStreams  # noqa: E402
 
 __all__ = [
     "A2A_SERVICE",
