@@ -36,6 +36,8 @@ Event = Any
 """A ChatEvent message, or its serialized bytes when a relay passes it through."""
 
 _EOF = object()
+_SETTLE_S = 0.25
+"""How long a failing stream waits for the client's writes in flight before aborting."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,17 @@ class TurnStream(Generic[Req, TurnT]):
             self.turn_task.cancel()
 
     @staticmethod
-    async def _fail(err: MeshError, context: grpc.aio.ServicerContext[Any, Any] | None) -> None:
+    async def _fail(
+        err: MeshError,
+        context: grpc.aio.ServicerContext[Any, Any] | None,
+        reader: asyncio.Task[None] | None = None,
+    ) -> None:
+        """End the call with ``err``. A client may still be writing (a turn right behind
+        the failed one): aborting under an in-flight write makes grpc report INTERNAL to
+        it instead of the status (grpc/grpc#36066), so let the reader take what is on
+        the wire first, for a moment at most."""
+        if reader is not None and not reader.done():
+            await asyncio.wait({reader}, timeout=_SETTLE_S)
         if context is not None:
             await abort_with(context, err)
         raise err
@@ -183,7 +195,7 @@ class TurnStream(Generic[Req, TurnT]):
                 if item is _EOF:
                     return
                 if isinstance(item, MeshError):
-                    await self._fail(item, context)
+                    await self._fail(item, context, reader)
                 turn: TurnT = item  # type: ignore[assignment]  # the inbox holds accepted turns
                 self.lifecycle.turn_started()
                 try:
@@ -202,7 +214,7 @@ class TurnStream(Generic[Req, TurnT]):
                     failure = self.failed(turn, event.error)
                     if failure is not None:
                         yield self.stamp(failure, turn)
-                    await self._fail(event.error, context)
+                    await self._fail(event.error, context, reader)
                 if event.final is not None:
                     yield self.stamp(event.final, turn)
                 if event.last or self.one_turn:
