@@ -39,7 +39,7 @@ def _decode_uncached(raw: str | bytes) -> ChatMessage:
 
 #: Every turn reads its conversation's newest messages again, most of them read the turn
 #: before: decoded messages (immutable) are kept by their stored bytes, short ones only.
-_decode_cached = functools.lru_cache(maxsize=8192)(_decode_uncached)
+_decode_cached = functools.lru_cache(maxsize=2048)(_decode_uncached)
 _CACHED_BELOW = 2048
 
 
