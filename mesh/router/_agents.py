@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -138,9 +138,6 @@ class AgentStreams(Protocol):
     async def open(
         self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
     ) -> tuple[AgentCall, bytes]: ...
-
-
-ReplicaFailed = Callable[[Endpoint], None]
 
 
 @dataclass(eq=False)
@@ -414,7 +411,3 @@ def _replica_down(
     if reason is None:
         reason = decode_details(trailing)[0]
     return reason in ("", "DRAINING")
-
-
-TokenFor = Callable[[str, str | None, str], Awaitable[str | None]]
-"""(agent, the caller's token, the handing agent or "") -> the bearer for that agent."""
