@@ -109,13 +109,17 @@ class ChatStream:
 
     def __init__(self, call: grpc.aio.StreamStreamCall[types_pb2.ChatRequest, types_pb2.ChatEvent]):
         self.call = call
+        self._writing = asyncio.Lock()
+        """One write at a time (a cancel and an approval answer may race): grpc core
+        refuses a second pending write."""
 
     async def send(self, request: types_pb2.ChatRequest) -> None:
-        await self.call.write(request)
+        async with self._writing:
+            await self.call.write(request)
 
     async def turn(self, request: types_pb2.ChatRequest) -> AsyncIterator[types_pb2.ChatEvent]:
         """Send a turn and yield its events until its final (or error) event."""
-        await self.call.write(request)
+        await self.send(request)
         while True:
             try:
                 event = await self.call.read()
@@ -139,12 +143,13 @@ class ChatStream:
         """Ask the server to cancel the turn in flight; it ends it with a final
         event (``stop_reason`` ``cancelled``) and the stream stays usable."""
         with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self.call.write(types_pb2.ChatRequest(cancel=types_pb2.Cancel(reason=reason)))
+            await self.send(types_pb2.ChatRequest(cancel=types_pb2.Cancel(reason=reason)))
 
     async def close(self) -> None:
         """Half-close: no more requests from this side."""
-        with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-            await self.call.done_writing()
+        async with self._writing:
+            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                await self.call.done_writing()
 
     async def finish(self, timeout: float = 10.0) -> grpc.StatusCode:
         """End the call cleanly: half-close, then read to the end so that the server

@@ -151,14 +151,19 @@ class _Stream:
     idle_since: float = 0.0
     agent: str = field(init=False)
     address: str = field(init=False)
+    writing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    """One write at a time: the answers of CONSULTs run in parallel (and approval
+    answers) reach the same stream concurrently, and grpc core refuses a second
+    pending write (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS: the answer would be lost)."""
 
     def __post_init__(self) -> None:
         self.agent = self.endpoint.agent
         self.address = self.endpoint.address
 
     async def send(self, request: types_pb2.ChatRequest) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self.call.write(request)  # a failure's status comes with the next read
+        async with self.writing:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                await self.call.write(request)  # a failure's status comes with the next read
 
     async def read(self) -> bytes | None:
         try:
