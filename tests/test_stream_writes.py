@@ -41,7 +41,7 @@ class CountingServer:
         ).SerializeToString()
 
     async def start(self) -> str:
-        handler = grpc.stream_stream_rpc_method_handler(self._chat)
+        handler: Any = grpc.stream_stream_rpc_method_handler(self._chat)
         service, method = CHAT_METHOD.lstrip("/").split("/")
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, {method: handler}),)
