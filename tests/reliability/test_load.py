@@ -15,12 +15,16 @@ from .helpers import rss_mib, say, start_router, wait_serving
 
 STREAMS = 500
 TURNS = 3
-ROUNDS = 4
+ROUNDS = 6
 CHANNELS = 5
-#: Growth allowed from the end of round 2 to the end of the last round. A leak of
-#: the per-stream state alone (about 30 KiB an idle router stream) would be
-#: 1,000 streams x 30 KiB = 30 MiB over those rounds.
-GROWTH_BOUND_MIB = 16.0
+#: Growth allowed from the end of round 3 to the end of the last round (8 MiB a
+#: round). A leak grows every round: the per-stream state alone (about 30 KiB an idle
+#: router stream) would be 1,500 streams x 30 KiB = 45 MiB over those rounds. The
+#: high-water mark steps up once when a round reaches more turns in flight at once
+#: than any before (a busy machine schedules the 500 streams differently each round):
+#: one step of 16.5 MiB was seen under load, so the bound spans three rounds, not two.
+GROWTH_BOUND_MIB = 24.0
+SETTLED_ROUND = 2
 
 
 async def _round(channels: list[grpc.aio.Channel], round_no: int) -> list[str]:
@@ -67,7 +71,7 @@ async def test_500_streams_every_turn_answered_memory_bounded(tmp_path: Path) ->
             assert len(replies) == STREAMS * TURNS
             rss.append(rss_mib(router.popen.pid))
         assert router.popen.poll() is None and agent.popen.poll() is None
-        growth = rss[-1] - rss[1]
+        growth = rss[-1] - rss[SETTLED_ROUND]
         assert growth < GROWTH_BOUND_MIB, f"router RSS per round (MiB): {rss}"
     finally:
         for channel in channels:
