@@ -1,10 +1,11 @@
 """The router: the mesh's one entry point and the only component that dials agents."""
 
 from mesh.router._core import HopBudget, RoutingCore
-from mesh.router._engine import Router, TurnState
+from mesh.router._engine import Router
 from mesh.router._pool import AgentPool, Endpoint
 from mesh.router._serve import RouterApp, with_static
 from mesh.router._store import ConversationStore, MemoryStore, RedisStore, SqliteStore, open_store
+from mesh.router._turn import TurnState
 
 __all__ = [
     "AgentPool",

@@ -4,7 +4,7 @@ One turn: the routing core picks the agent (or sequence); the engine hands it th
 history and relays its events. A TRANSFER moves the turn to the target; a CONSULT
 runs the target concurrently and writes its answer back into the caller's open
 stream; a sequence runs its steps in order. What happens once a TRANSFER's target
-has answered is the target's return strategy (:meth:`Router._follow`). Every
+has answered is the target's return strategy (:func:`mesh.router._returns.follow`). Every
 handoff, and every return of control, is checked by the core before anything is
 forwarded. The finished turn is stored before its final event
 is sent, so an acknowledged turn survives a router restart.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 
 from mesh import telemetry
 from mesh.convert import MODE_FROM_PB
@@ -37,11 +36,12 @@ from mesh.router._agents import (
     HopCall,
     peek_kind,
 )
-from mesh.router._core import HopBudget, Plan, RoutingCore
+from mesh.router._core import Plan, RoutingCore
 from mesh.router._requests import chat_turn, handoff_turn
 from mesh.router._returns import follow
 from mesh.router._routing import BestMatch
 from mesh.router._store import ConversationStore
+from mesh.router._turn import Outcome, TurnState
 from mesh.v1 import types_pb2
 
 TRANSFER = types_pb2.HANDOFF_MODE_TRANSFER
@@ -56,57 +56,9 @@ STRATEGY_PB: dict[str, types_pb2.ReturnStrategy.ValueType] = {
     "end_conversation": types_pb2.RETURN_STRATEGY_END_CONVERSATION,
 }
 
-Emit = Callable[[types_pb2.ChatEvent | bytes], None]
 TokenFor = Callable[[str, str | None, str | None, int], Awaitable[str | None]]
 """(agent, the caller's token, the token the handing agent held or None, hops used so far)
 -> the bearer for that agent."""
-
-
-@dataclass
-class TurnState:
-    """One turn as it moves through the mesh."""
-
-    conversation_id: str
-    turn_id: str
-    message: str
-    context: dict[str, str]
-    history: list[ChatMessage]
-    emit: Emit
-    deadline: float
-    """Loop time by which the whole turn must be done."""
-    budget: HopBudget = field(default_factory=HopBudget)
-    request_id: str = ""
-    trace_context: dict[str, str] = field(default_factory=dict)
-    subject_token: str | None = None
-    """The caller's validated bearer (None with auth off); exchanged per hop."""
-    history_dropped: int = 0
-    tokens: dict[str, str] = field(default_factory=dict)
-    """The bearer each agent of this turn got (the next hop's ``previous``)."""
-    input_tokens: int = 0
-    output_tokens: int = 0
-    started: float = 0.0
-    """``time.perf_counter()`` when the turn started (for its metrics)."""
-    first_delta: bool = False
-    approvals: dict[str, AgentCall] = field(default_factory=dict)
-    """Open approval requests of this turn -> the agent stream that asked."""
-
-    @property
-    def path(self) -> list[str]:
-        return self.budget.path
-
-    def remaining(self) -> float:
-        return max(0.0, self.deadline - asyncio.get_running_loop().time())
-
-
-@dataclass
-class Outcome:
-    agent: str
-    final: types_pb2.FinalMessage | None = None
-    transfer: types_pb2.HandoffEvent | None = None
-    ended: bool = False
-    strategy: str = ""
-    """How control last reached this agent's answer: the return strategy of the
-    TRANSFER that led here ("" when the agent started its step itself)."""
 
 
 def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -411,7 +363,7 @@ class Router:
             telemetry.tracing.usage(span, state.input_tokens, state.output_tokens)
         return types_pb2.ChatEvent(agent=outcome.agent, final=final)
 
-    async def _transfer(self, state: TurnState, outcome: Outcome, user: ChatMessage) -> Outcome:
+    async def transfer(self, state: TurnState, outcome: Outcome, user: ChatMessage) -> Outcome:
         handoff = outcome.transfer
         assert handoff is not None and outcome.final is not None
         history = [*state.history, user]
@@ -429,6 +381,18 @@ class Router:
             history,
         )
         return await self._run_agent(state, handoff.target, request, [], outcome.agent)
+
+    async def hand_over(
+        self,
+        state: TurnState,
+        source: str,
+        target: str,
+        reason: str,
+        message: str,
+        history: list[ChatMessage],
+    ) -> Outcome:
+        request = self._handoff_turn(state, source, target, TRANSFER, reason, message, {}, history)
+        return await self._run_agent(state, target, request, [], source)
 
 
 def _hop_of(request: types_pb2.ChatRequest) -> types_pb2.HopContext:

@@ -10,7 +10,7 @@ from mesh.providers.base import ChatMessage
 from mesh.v1 import types_pb2
 
 if TYPE_CHECKING:
-    from mesh.router._engine import TurnState
+    from mesh.router._turn import TurnState
 
 
 def hop_context(state: TurnState, hops_remaining: int) -> types_pb2.HopContext:

@@ -11,19 +11,15 @@ come back form a stack: a TRANSFER to one of them is a cycle.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from mesh.providers.base import ChatMessage
+from mesh.router._turn import Hops, Outcome, TurnState
 from mesh.v1 import types_pb2
-
-if TYPE_CHECKING:
-    from mesh.router._engine import Outcome, Router, TurnState
 
 TRANSFER = types_pb2.HANDOFF_MODE_TRANSFER
 
 
 async def follow(
-    router: Router, state: TurnState, outcome: Outcome, user: ChatMessage, waiting: list[str]
+    router: Hops, state: TurnState, outcome: Outcome, user: ChatMessage, waiting: list[str]
 ) -> Outcome:
     """Follow TRANSFERs from ``outcome`` by their return strategies until one answers.
 
@@ -37,7 +33,7 @@ async def follow(
         target = outcome.transfer.target
         router.core.check_return_cycle(waiting, caller, target)
         strategy = router.core.return_strategy(caller, target)
-        answered = await router._transfer(state, outcome, user)
+        answered = await router.transfer(state, outcome, user)
         if strategy != "return_to_caller":
             outcome = answered
             outcome.strategy = strategy
@@ -53,7 +49,7 @@ async def follow(
 
 
 async def give_back(
-    router: Router,
+    router: Hops,
     state: TurnState,
     answered: Outcome,
     caller: str,
@@ -80,16 +76,7 @@ async def give_back(
     history = [*state.history, user]
     if before.final.content:
         history.append(ChatMessage("assistant", before.final.content, agent=to))
-    request = router._handoff_turn(
-        state,
-        source,
-        to,
-        TRANSFER,
-        reason,
-        answered.final.content or f"{source} gave no answer",
-        {},
-        history,
-    )
-    outcome = await router._run_agent(state, to, request, [], source)
+    message = answered.final.content or f"{source} gave no answer"
+    outcome = await router.hand_over(state, source, to, reason, message, history)
     outcome.strategy = "return_to_caller"
     return outcome
