@@ -19,6 +19,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -34,6 +35,40 @@ from mesh.errors import Draining, IdleTimeout, ResourceExhausted
 log = logging.getLogger("mesh.server")
 
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class DrainingHealth(HealthServicer):
+    """grpc_health's servicer, whose Watch calls end (OK) once the drain has told them
+    NOT_SERVING. A Watch still open when the server stops can have that last write cut
+    by the stop, and grpc then logs an ERROR ("Exception not handled ... Health/Watch")
+    at an ordinary shutdown. A watcher (the router) sees NOT_SERVING, then the end of
+    the stream, and watches again once the server is back."""
+
+    async def Watch(  # noqa: N802  (the gRPC method's name)
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        service = request.service
+        base: Any = self  # the base class's state (its stubs do not declare it)
+        condition = base._server_watchers[service]
+        base._watcher_count_by_service[service] += 1
+        last = None
+        try:
+            async with condition:
+                while True:
+                    status = base._server_status.get(
+                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                    )
+                    if status != last:
+                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                        last = status
+                    if base._gracefully_shutting_down:
+                        return
+                    await condition.wait()
+        finally:
+            base._watcher_count_by_service[service] -= 1
+            if base._watcher_count_by_service[service] == 0:
+                del base._server_watchers[service]
+                del base._watcher_count_by_service[service]
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -236,7 +271,7 @@ class MeshServer:
         self.services = list(services)
         self.lifecycle = lifecycle or Lifecycle(settings.max_concurrent_streams)
         self.label = label
-        self.health = HealthServicer()
+        self.health = DrainingHealth()
         self._credentials = server_credentials
         self._server = grpc.aio.server(
             interceptors=list(interceptors),

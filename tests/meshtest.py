@@ -75,7 +75,8 @@ class Proc:
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         threading.Thread(target=self._pump_out, daemon=True).start()
-        threading.Thread(target=self._pump_err, daemon=True).start()
+        self._err_pump = threading.Thread(target=self._pump_err, daemon=True)
+        self._err_pump.start()
 
     def _pump_out(self) -> None:
         assert self.popen.stdout is not None
@@ -105,6 +106,11 @@ class Proc:
                 )
             if line.startswith(prefix):
                 return line[len(prefix) :].strip()
+
+    def stderr_lines(self, timeout: float = 10.0) -> list[str]:
+        """Everything the exited process wrote to stderr (waits for the pipe's end)."""
+        self._err_pump.join(timeout)
+        return list(self.stderr)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         if self.popen.poll() is None:
