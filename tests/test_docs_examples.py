@@ -210,27 +210,43 @@ def _free(port: int) -> bool:
     return True
 
 
+def _on_documented_ports(data: Path) -> Proc | None:
+    """``mesh up`` as ``make run`` starts it, or None when a documented port is taken:
+    checked first, and when another process took one since, ``mesh up`` exits naming
+    it. (Any other failure to start shows again on the free ports.)"""
+    if not all(_free(port) for port in _documented_ports().values()):
+        return None
+    proc = Proc(["up", "--config", "services/mesh.yaml"], {"MESH_DATA_DIR": str(data)})
+    try:
+        proc.wait_line("mesh up: running", timeout=90)
+    except AssertionError as exited:
+        print(f"docs examples: mesh up on the documented ports failed: {exited}")
+        proc.stop()
+        return None
+    return proc
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     data = tmp_path_factory.mktemp("docs-mesh") / "data"
-    documented = _documented_ports()
     rewrite: dict[str, str] = {}
-    on_documented_ports = all(_free(port) for port in documented.values())
-    if on_documented_ports:
+    proc = _on_documented_ports(data)
+    if proc is not None:
         env = {"MESH_DATA_DIR": str(data)}
-        proc = Proc(["up", "--config", "services/mesh.yaml"], env)
+        print("docs examples: mesh on the documented ports")
     else:
         proc, router, env = start_mesh(MESH_YAML, data)
         env = {**env, "MESH_ROUTER__PORT": router.rpartition(":")[2]}
     try:
-        proc.wait_line("mesh up: running", timeout=90)
-        print(f"docs examples: mesh on the {'documented' if on_documented_ports else 'free'} ports")
-        if not on_documented_ports:
+        if "MESH_ROUTER__PORT" in env:
+            proc.wait_line("mesh up: running", timeout=90)
+            documented = _documented_ports()
             for line in proc.stdout:
                 name, _, address = line.partition(": ")
                 if name in documented:
                     actual = address.strip().removeprefix("https://")
                     rewrite[f"127.0.0.1:{documented[name]}"] = actual
+            print(f"docs examples: a documented port is taken; rewriting {rewrite}")
         yield Mesh(proc, env, rewrite)
     finally:
         proc.stop()
