@@ -53,10 +53,11 @@ protos: $(STAMP)  ## regenerate mesh/v1 from protos/
 check-protos: $(STAMP)  ## fail when mesh/v1 is stale
 	$(PY) scripts/gen_protos.py --check
 
-lint: $(STAMP)  ## ruff check + format check + buf lint of the contract
+lint: $(STAMP)  ## ruff check + format check + buf lint + buf breaking (vs the last v* tag) of the contract
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$$(./scripts/ensure-buf.sh) lint
+	./scripts/buf-breaking.sh
 
 typecheck: $(STAMP)  ## mypy --strict
 	$(VENV)/bin/mypy
