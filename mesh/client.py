@@ -120,6 +120,11 @@ class ChatStream:
     async def turn(self, request: types_pb2.ChatRequest) -> AsyncIterator[types_pb2.ChatEvent]:
         """Send a turn and yield its events until its final (or error) event."""
         await self.send(request)
+        async for event in self.events():
+            yield event
+
+    async def events(self) -> AsyncIterator[types_pb2.ChatEvent]:
+        """The events of the turn in flight, until its final (or error) event."""
         while True:
             try:
                 event = await self.call.read()

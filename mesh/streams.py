@@ -136,6 +136,9 @@ class TurnStream(Generic[Req, TurnT]):
             await abort_with(context, err)
         raise err
 
+    def requests_ended(self) -> None:
+        """The client half-closed: no request (a cancel, an answer) can come any more."""
+
     async def _read(self, requests: AsyncIterator[Req]) -> None:
         first = True
         try:
@@ -144,6 +147,7 @@ class TurnStream(Generic[Req, TurnT]):
                 first = False
                 if turn is not None:
                     self.inbox.put_nowait(turn)
+            self.requests_ended()
         except MeshError as err:
             self.inbox.put_nowait(err)
         finally:

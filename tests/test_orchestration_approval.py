@@ -149,6 +149,47 @@ async def test_no_answer_in_time_is_a_denial() -> None:
     assert events[-1].HasField("final")
 
 
+async def _half_closed_turn(router: str, answer_first: bool) -> list[types_pb2.ChatEvent]:
+    """A turn whose client half-closes (as grpcurl does at the end of its input): at
+    once after the turn, or right after answering the approval request."""
+    events: list[types_pb2.ChatEvent] = []
+    async with create_channel(router) as channel:
+        # The approval timeout is 10 minutes: waiting it out would end in DEADLINE_EXCEEDED.
+        stream = ChatStream(router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=60))
+        try:
+            await stream.send(turn_request("refund INV-7"))
+            if not answer_first:
+                await stream.close()
+            async for event in stream.events():
+                events.append(event)
+                if event.HasField("approval_request") and answer_first:
+                    answer = types_pb2.ApprovalAnswer(
+                        approval_id=event.approval_request.approval_id, approved=True
+                    )
+                    await stream.send(types_pb2.ChatRequest(approval=answer))
+                    await stream.close()
+        finally:
+            stream.cancel()
+    return events
+
+
+async def test_a_client_that_half_closed_gets_a_denial_at_once() -> None:
+    async with mesh_of(_mesh(timeout_s=600)) as (router, _providers):
+        events = await _half_closed_turn(router, answer_first=False)
+    assert _request(events).approval_request.timeout_ms == 600_000
+    assert orch_tools.RAN == []
+    result = _result(events)
+    assert result.is_error and "closed its side of the stream" in result.content
+    assert events[-1].HasField("final") and "closed its side" in events[-1].final.content
+
+
+async def test_an_answer_written_just_before_the_half_close_still_counts() -> None:
+    async with mesh_of(_mesh(timeout_s=600)) as (router, _providers):
+        events = await _half_closed_turn(router, answer_first=True)
+    assert orch_tools.RAN == ["INV-7"]
+    assert _result(events).content == "refunded INV-7"
+
+
 async def test_approval_inside_a_consult_reaches_the_consulted_agent() -> None:
     front = {
         **offline_agent(

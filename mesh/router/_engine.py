@@ -122,6 +122,13 @@ class Router:
         await call.send(types_pb2.ChatRequest(approval=answer))
         return True
 
+    async def deny_unanswerable(self, state: TurnState) -> None:
+        """The client half-closed: deny the approvals it can no longer answer, now and
+        for the rest of the turn (instead of each waiting out its timeout)."""
+        state.answerable = False
+        for approval_id in list(state.approvals):
+            await self.answer_approval(state, _unanswerable(approval_id))
+
     # -- requests to agents ------------------------------------------------------------
 
     def _chat_turn(self, state: TurnState, agent: str) -> types_pb2.ChatRequest:
@@ -210,8 +217,13 @@ class Router:
                         self._handoff(state, agent, event, outcome, call, stack, consults)
                     elif kind == KIND_APPROVAL:
                         asked = types_pb2.ChatEvent.FromString(data).approval_request
-                        state.approvals[asked.approval_id] = call
                         state.emit(data)
+                        if state.answerable:
+                            state.approvals[asked.approval_id] = call
+                        else:
+                            await call.send(
+                                types_pb2.ChatRequest(approval=_unanswerable(asked.approval_id))
+                            )
                     elif kind != KIND_ERROR:  # the status that follows says it once
                         state.emit(data)
                         if kind == KIND_DELTA and not state.first_delta:
@@ -393,6 +405,14 @@ class Router:
     ) -> Outcome:
         request = self._handoff_turn(state, source, target, TRANSFER, reason, message, {}, history)
         return await self._run_agent(state, target, request, [], source)
+
+
+def _unanswerable(approval_id: str) -> types_pb2.ApprovalAnswer:
+    return types_pb2.ApprovalAnswer(
+        approval_id=approval_id,
+        approved=False,
+        reason="the client closed its side of the stream: nobody can approve",
+    )
 
 
 def _hop_of(request: types_pb2.ChatRequest) -> types_pb2.HopContext:

@@ -101,6 +101,8 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         self.incoming = servicer.trusted_hop_path()
         self.current: _Pending | None = None
         self._answers: set[asyncio.Task[None]] = set()
+        self.client_done = False
+        """The client half-closed (its later turns' approvals are denied at once)."""
 
     def accept(self, request: types_pb2.ChatRequest, first: bool) -> _Pending | None:
         kind = request.WhichOneof("kind")
@@ -125,6 +127,19 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             "clients send `turn`, `cancel` or `approval`; the other requests are the router's own",
             field="kind",
         )
+
+    def requests_ended(self) -> None:
+        self.client_done = True
+        task = asyncio.ensure_future(self._deny_unanswerable())
+        self._answers.add(task)
+        task.add_done_callback(self._answers.discard)
+
+    async def _deny_unanswerable(self) -> None:
+        """Answers the client wrote before it half-closed go through first."""
+        await asyncio.gather(*[t for t in self._answers if t is not asyncio.current_task()])
+        state = self.current.state if self.current is not None else None
+        if state is not None:
+            await self.s.router.deny_unanswerable(state)
 
     async def _approve(self, answer: types_pb2.ApprovalAnswer) -> None:
         """Pass an approval answer to the agent stream of the turn in flight that asked."""
@@ -163,6 +178,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             trace_context=self.trace,
             subject_token=self.token,
             history_dropped=dropped,
+            answerable=not self.client_done,
         )
         pending.state = state
         self.current = pending

@@ -46,6 +46,8 @@ class TurnState:
     first_delta: bool = False
     approvals: dict[str, AgentCall] = field(default_factory=dict)
     """Open approval requests of this turn -> the agent stream that asked."""
+    answerable: bool = True
+    """False once the client half-closed: an approval request is denied at once."""
 
     @property
     def path(self) -> list[str]:
