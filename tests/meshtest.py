@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pty
 import queue
+import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -237,3 +241,91 @@ async def serve_router(
         yield f"127.0.0.1:{port}", app
     finally:
         await app.stop()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A real ``redis-server`` on a unix socket in a temporary directory, persisting
+    nothing (no RDB snapshots, no append-only file); yields its ``unix://`` URL."""
+    import pytest
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail("redis-server is not installed; `make test` installs it")
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = Path(tmp) / "redis.sock"
+        args = ["--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"]
+        proc = subprocess.Popen([server, *args, "--dir", tmp], stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if "ready to accept connections" in line.lower():
+                    break
+            else:
+                raise AssertionError("redis-server did not start")
+            threading.Thread(target=proc.stdout.read, daemon=True).start()
+            yield f"unix://{sock}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+#: For `mesh up` in tests that are not about the drain: do not wait out the default grace.
+QUICK_DRAIN = {"MESH_SERVER__GRACE_PERIOD_S": "3"}
+
+
+class Terminal:
+    """A process on a pseudo-terminal (its controlling tty: Ctrl-C is a real SIGINT)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: becomes `python -m mesh <argv>`
+            os.execve(sys.executable, [sys.executable, "-m", "mesh", *argv], env)  # noqa: S606
+        self.pid, self.fd = pid, fd
+        self.seen = ""
+        self.exited = False
+
+    def expect(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        """Read until ``pattern`` (a regex) appears in what came after the last match."""
+        while True:
+            match = re.search(pattern, self.seen)
+            if match:
+                self.seen = self.seen[match.end() :]
+                return match
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            assert ready, f"no {pattern!r} within {timeout}s; got:\n{self.seen}"
+            try:
+                chunk = os.read(self.fd, 4096).decode(errors="replace")
+            except OSError:
+                chunk = ""
+            assert chunk, f"the chat ended before {pattern!r}; got:\n{self.seen}"
+            self.seen += chunk.replace("\r\n", "\n")
+
+    def send(self, text: str) -> None:
+        os.write(self.fd, text.encode())
+
+    def wait(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        self.exited = True
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status)
+
+    def kill(self) -> None:
+        """SIGKILL the process if it was not waited for (a test that failed midway)."""
+        if not self.exited:
+            os.kill(self.pid, signal.SIGKILL)
+            self.wait()
+
+
+@contextlib.contextmanager
+def chat_terminal(config: Path, router: str, env: dict[str, str]) -> Iterator[Terminal]:
+    """``mesh chat`` against ``router`` on a pseudo-terminal (TERM=dumb); killed on the
+    way out unless the test waited for it."""
+    term = Terminal(
+        ["chat", "--config", str(config), "--router", router],
+        {**os.environ, **env, "TERM": "dumb"},
+    )
+    try:
+        yield term
+    finally:
+        term.kill()

@@ -4,18 +4,19 @@
 from __future__ import annotations
 
 import os
-import pty
-import re
-import select
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from .meshtest import MESH_YAML, Proc, offline_agent, start_mesh, write_config
-
-#: These tests are not about the drain: do not wait out the default grace period.
-QUICK_DRAIN = {"MESH_SERVER__GRACE_PERIOD_S": "3"}
+from .meshtest import (
+    MESH_YAML,
+    QUICK_DRAIN,
+    Proc,
+    chat_terminal,
+    offline_agent,
+    start_mesh,
+    write_config,
+)
 
 
 def _mesh_file(tmp_path: Path) -> Path:
@@ -39,50 +40,11 @@ def _mesh_file(tmp_path: Path) -> Path:
     )
 
 
-class Terminal:
-    """A process on a pseudo-terminal (its controlling tty: Ctrl-C is a real SIGINT)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        pid, fd = pty.fork()
-        if pid == 0:  # the child: becomes `mesh chat`
-            os.execve(sys.executable, [sys.executable, "-m", "mesh", *argv], env)  # noqa: S606
-        self.pid, self.fd = pid, fd
-        self.seen = ""
-
-    def expect(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
-        """Read until ``pattern`` (a regex) appears in what came after the last match."""
-        while True:
-            match = re.search(pattern, self.seen)
-            if match:
-                self.seen = self.seen[match.end() :]
-                return match
-            ready, _, _ = select.select([self.fd], [], [], timeout)
-            assert ready, f"no {pattern!r} within {timeout}s; got:\n{self.seen}"
-            try:
-                chunk = os.read(self.fd, 4096).decode(errors="replace")
-            except OSError:
-                chunk = ""
-            assert chunk, f"the chat ended before {pattern!r}; got:\n{self.seen}"
-            self.seen += chunk.replace("\r\n", "\n")
-
-    def send(self, text: str) -> None:
-        os.write(self.fd, text.encode())
-
-    def wait(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
-        os.close(self.fd)
-        return os.waitstatus_to_exitcode(status)
-
-
 def test_interactive_chat_through_a_terminal(tmp_path: Path) -> None:
     config = _mesh_file(tmp_path)
     mesh, router, env = start_mesh(config, tmp_path / "data", QUICK_DRAIN)
     try:
-        term = Terminal(
-            ["chat", "--config", str(config), "--router", router],
-            {**os.environ, **env, "TERM": "dumb"},
-        )
-        try:
+        with chat_terminal(config, router, env) as term:
             term.expect(r"you> ")
             # Two turns of one conversation: the second sees the first.
             term.send("hello\n")
@@ -113,9 +75,6 @@ def test_interactive_chat_through_a_terminal(tmp_path: Path) -> None:
             term.expect(r"\[helper\] helper here: still here")
             term.send("/quit\n")
             assert term.wait() == 0
-        finally:
-            if term.fd >= 0 and Path(f"/proc/{term.pid}").exists():
-                os.kill(term.pid, signal.SIGKILL)
     finally:
         assert mesh.stop() == 0
     assert "Traceback" not in "".join(mesh.stderr)

@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
-from .meshtest import offline_agent, start_mesh, write_config
-from .test_cli_chat import QUICK_DRAIN, Terminal
+from .meshtest import QUICK_DRAIN, chat_terminal, offline_agent, start_mesh, write_config
 
 TOOLS = '''
 from pathlib import Path
@@ -56,11 +53,7 @@ def test_chat_asks_at_the_terminal_and_sends_the_answer(tmp_path: Path) -> None:
     config = _mesh_file(tmp_path)
     mesh, router, env = start_mesh(config, tmp_path / "data", QUICK_DRAIN)
     try:
-        term = Terminal(
-            ["chat", "--config", str(config), "--router", router],
-            {**os.environ, **env, "TERM": "dumb"},
-        )
-        try:
+        with chat_terminal(config, router, env) as term:
             term.expect(r"you> ")
             term.send("refund INV-7 please\n")
             term.expect(r"payer \(path front > payer\) wants to run issue_refund")
@@ -78,9 +71,6 @@ def test_chat_asks_at_the_terminal_and_sends_the_answer(tmp_path: Path) -> None:
             term.expect(r"you> ")
             term.send("/quit\n")
             assert term.wait() == 0
-        finally:
-            if term.fd >= 0 and Path(f"/proc/{term.pid}").exists():
-                os.kill(term.pid, signal.SIGKILL)
     finally:
         assert mesh.stop() == 0
     assert (tmp_path / "ran.txt").read_text() == "INV-7\n"  # the denied call never ran

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
-import subprocess
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +14,7 @@ from mesh.client import AgentClient, create_channel, turn_request
 from mesh.errors import Unavailable, from_rpc_error
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 
-from .meshtest import Proc, offline_agent, start_agent, write_config
+from .meshtest import Proc, offline_agent, redis_server, start_agent, write_config
 
 LONG = " ".join(f"w{i}" for i in range(300))
 
@@ -213,40 +209,8 @@ async def test_conversation_survives_router_restart_sqlite(tmp_path: Path) -> No
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed; `make test` installs it")
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = Path(tmp) / "redis.sock"
-        proc = subprocess.Popen(
-            [
-                server,
-                "--port",
-                "0",
-                "--unixsocket",
-                str(sock),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                tmp,
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if "ready to accept connections" in line.lower():
-                    break
-            else:
-                raise AssertionError("redis-server did not start")
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            yield f"unix://{sock}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    with redis_server() as url:
+        yield url
 
 
 async def test_two_routers_share_redis(tmp_path: Path, redis_url: str) -> None:

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sqlite3
 import stat
-import subprocess
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,6 +18,8 @@ from mesh.config import config_from_dict
 from mesh.errors import Unavailable
 from mesh.providers.base import ChatMessage
 from mesh.router import RedisStore, SqliteStore, open_store
+
+from .meshtest import redis_server
 
 
 def _turn(text: str) -> list[ChatMessage]:
@@ -169,28 +168,8 @@ async def test_sqlite_files_private(tmp_path: Path) -> None:
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.fail("redis-server is not installed; `make test` installs it")
-    with tempfile.TemporaryDirectory() as tmp:
-        sock = Path(tmp) / "redis.sock"
-        proc = subprocess.Popen(
-            [server, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", tmp],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if "ready to accept connections" in line.lower():
-                    break
-            else:
-                raise AssertionError("redis-server did not start")
-            threading.Thread(target=proc.stdout.read, daemon=True).start()
-            yield f"unix://{sock}"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    with redis_server() as url:
+        yield url
 
 
 @pytest.fixture

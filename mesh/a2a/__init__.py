@@ -8,9 +8,9 @@ Built on ``a2a-sdk`` (spec v1): the edge is its request handler over a router tu
 
 import logging
 
-# a2a-sdk logs a DEBUG line per traced function as it is defined (at import) and
-# called; its dotted names trip the token scrub and say nothing an operator needs.
-# Set before the SDK is imported below.
+# a2a-sdk's tracer logs a DEBUG line per traced function as it is defined (at import)
+# and called: per-function noise an operator debugging the mesh does not need (its
+# warnings and errors still show). Set before the SDK is imported below.
 logging.getLogger("a2a.utils.telemetry").setLevel(logging.INFO)
 
 from mesh.a2a._edge import A2A_SERVICE, A2aEdge, build_edge, serve_edge  # noqa: E402

@@ -6,6 +6,8 @@ import asyncio
 import signal
 import ssl
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,51 @@ async def _mesh(*args: str, timeout: float = 60) -> tuple[int, str, str]:
 def _write_config(path: Path, body: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(body), encoding="utf-8")
     return path
+
+
+class StsRun:
+    """A running ``mesh sts`` (see :func:`sts_process`); ``code`` and ``err`` are set once
+    it has stopped."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, url: str) -> None:
+        self.proc, self.url = proc, url
+        self.port = int(url.rsplit(":", 1)[1])
+        self.code: int | None = None
+        self.err = ""
+
+
+@asynccontextmanager
+async def sts_process(file: Path) -> AsyncIterator[StsRun]:
+    """``mesh sts --config FILE --port 0`` until it prints its URL; SIGTERM on the way out
+    (its stderr goes to the suite's log check)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        RUNNER,
+        "sts",
+        "--config",
+        str(file),
+        "--port",
+        "0",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    run: StsRun | None = None
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=60)).decode().strip()
+        assert line.startswith("sts: https://127.0.0.1:"), line
+        run = StsRun(proc, line.removeprefix("sts: "))
+        yield run
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), timeout=30)
+        assert proc.stderr is not None
+        err = (await proc.stderr.read()).decode()
+        SUBPROCESS_OUTPUT.append(err)
+        if run is not None:
+            run.code, run.err = code, err
 
 
 async def test_mesh_token_prints_only_a_token_the_router_accepts(
@@ -91,23 +138,8 @@ async def test_mesh_token_bad_arguments(tmp_path: Path) -> None:
 async def test_mesh_sts_serves_prints_url_rotates_and_stops(tmp_path: Path) -> None:
     body = mesh_dict(tmp_path / "data")
     file = _write_config(tmp_path / "mesh.yaml", body)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        RUNNER,
-        "sts",
-        "--config",
-        str(file),
-        "--port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=60)).decode().strip()
-        assert line.startswith("sts: https://127.0.0.1:"), line
-        url = line.removeprefix("sts: ")
+    async with sts_process(file) as sts:
+        url = sts.url
         ca = tmp_path / "data" / "sts" / "tls" / "ca.pem"
         tls = ssl.create_default_context(cafile=str(ca))
         async with httpx.AsyncClient(verify=tls, trust_env=False, timeout=10) as client:
@@ -122,10 +154,4 @@ async def test_mesh_sts_serves_prints_url_rotates_and_stops(tmp_path: Path) -> N
             stats = (await client.get(f"{url}/_stats")).json()
             assert stats["jwks"] == 2
         assert (tmp_path / "data" / "sts" / "url").read_text().strip() == url
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), timeout=30)
-        assert proc.stderr is not None
-        SUBPROCESS_OUTPUT.append((await proc.stderr.read()).decode())
-    assert code == 0
+    assert sts.code == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import signal
 import socket
 import ssl
 import sys
@@ -23,14 +22,13 @@ from mesh.config import MeshConfig
 from mesh.logs import ScrubFilter, ScrubFormatter
 from tests.auth.conftest import (
     CAPTURE,
-    SUBPROCESS_OUTPUT,
     bearer,
     mesh_dict,
     seen,
     serve,
     with_auth,
 )
-from tests.auth.test_cli import RUNNER, _write_config
+from tests.auth.test_cli import _write_config, sts_process
 
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
@@ -112,33 +110,12 @@ def test_the_scrub_covers_tracebacks_pieces_and_stacks() -> None:
 
 async def test_sts_broken_connections_print_no_traceback(tmp_path: Path) -> None:
     file = _write_config(tmp_path / "mesh.yaml", mesh_dict(tmp_path / "data"))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        RUNNER,
-        "sts",
-        "--config",
-        str(file),
-        "--port",
-        "0",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), timeout=60)).decode().strip()
-        port = int(line.rsplit(":", 1)[1])
+    async with sts_process(file) as sts:
         ca = tmp_path / "data" / "sts" / "tls" / "ca.pem"
-        await asyncio.to_thread(_hang_up_mid_request, port, ca)
-        await asyncio.to_thread(_hang_up_mid_request, port, ca)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = await asyncio.wait_for(proc.wait(), timeout=30)
-        assert proc.stderr is not None
-        err = (await proc.stderr.read()).decode()
-        SUBPROCESS_OUTPUT.append(err)
-    assert code == 0
-    assert "Traceback" not in err and "client_secret" not in err
+        await asyncio.to_thread(_hang_up_mid_request, sts.port, ca)
+        await asyncio.to_thread(_hang_up_mid_request, sts.port, ca)
+    assert sts.code == 0
+    assert "Traceback" not in sts.err and "client_secret" not in sts.err
 
 
 def _hang_up_mid_request(port: int, ca: Path) -> None:
