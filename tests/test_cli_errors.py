@@ -143,3 +143,15 @@ def test_new_agent_with_a_bad_name(tmp_path: Path) -> None:
     assert code == 2
     assert _one_line(err).startswith("mesh new: agent name 'Bad-Name': use lowercase")
     assert not (tmp_path / "Bad-Name").exists()
+
+
+def test_a2a_edge_before_the_token_service_ever_ran(tmp_path: Path) -> None:
+    # A fresh data dir: the embedded token service's CA does not exist yet.
+    proc = Proc(
+        ["a2a", "--config", str(MESH_YAML), "--port", "0"], {"MESH_DATA_DIR": str(tmp_path)}
+    )
+    code = proc.popen.wait(timeout=60)
+    err = "".join(proc.stderr_lines())
+    assert code == 2, err
+    line = _one_line(err)
+    assert "ca.pem does not exist" in line and "mesh sts" in line

@@ -4,7 +4,7 @@ the router has described it), the mesh issuer's security schemes."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from a2a.types import (
     AgentCapabilities,
@@ -67,14 +67,13 @@ class CardBook:
     async def discover_issuer(self) -> None:
         if not self.config.auth.enabled:
             return
-        from mesh.auth.jwks import discover
-        from mesh.auth.runtime import ca_path, resolve_issuer
-
-        self.issuer = resolve_issuer(self.config)
-        ca = ca_path(self.config)
         import httpx
 
-        verify: Any = str(ca) if ca else True
+        from mesh.auth.jwks import discover
+        from mesh.auth.runtime import resolve_issuer, ssl_context
+
+        self.issuer = resolve_issuer(self.config)
+        verify = ssl_context(self.config)  # a missing CA file is one ConfigError line
         try:
             async with httpx.AsyncClient(verify=verify, timeout=5.0, trust_env=False) as http:
                 self.token_url = await discover(http, self.issuer, "token_endpoint")
