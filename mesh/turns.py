@@ -72,12 +72,23 @@ class HandoffRequested:
     context: Mapping[str, str]
 
 
+STOP_REASONS = ("end_turn", "tool_rounds_exhausted", "handoff", "end_conversation", "cancelled")
+"""The stop reasons the wire knows (``mesh.v1.StopReason``)."""
+
+
 @dataclass(frozen=True)
 class Final:
     content: str
     input_tokens: int
     output_tokens: int
     stop_reason: str
+    """One of :data:`STOP_REASONS`."""
+
+    def __post_init__(self) -> None:
+        if self.stop_reason not in STOP_REASONS:
+            raise ValueError(
+                f"Final.stop_reason {self.stop_reason!r} is not one of {', '.join(STOP_REASONS)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,17 @@ async def test_tool_schema_comes_from_type_hints_and_docstring() -> None:
     assert spec.parameters["required"] == ["invoice_id"]
 
 
+def test_a_final_names_a_stop_reason_the_wire_knows() -> None:
+    from mesh.convert import STOP_TO_PB
+    from mesh.turns import STOP_REASONS
+    from mesh.v1 import types_pb2
+
+    named = set(types_pb2.StopReason.values()) - {types_pb2.STOP_REASON_UNSPECIFIED}
+    assert set(STOP_TO_PB) == set(STOP_REASONS) and set(STOP_TO_PB.values()) == named
+    with pytest.raises(ValueError, match="'refused' is not one of end_turn"):
+        Final("no", 0, 0, "refused")  # would reach the client as STOP_REASON_UNSPECIFIED
+
+
 async def test_hooks_change_the_turn_answer_without_the_model_and_edit_the_final() -> None:
     agent = Agent("echo", description="Echoes.")
     seen_by_after: list[str] = []
@@ -96,7 +107,7 @@ async def test_hooks_change_the_turn_answer_without_the_model_and_edit_the_final
     @agent.before_turn
     def redact(turn: TurnInput) -> TurnInput | Final | None:
         if "password" in turn.message:
-            return Final("I cannot help with passwords.", 0, 0, "refused")
+            return Final("I cannot help with passwords.", 0, 0, "end_turn")
         if turn.context.get("lang") == "fr":
             return TurnInput(turn.conversation_id, f"[fr] {turn.message}", turn.history)
         return None
