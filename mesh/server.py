@@ -37,6 +37,15 @@ log = logging.getLogger("mesh.server")
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
+def _cut_watch_at_drain(record: logging.LogRecord) -> bool:
+    """From the drain on, drop grpc's ERROR for a health Watch whose last write or status
+    lost the race with its peer leaving (a router stopping beside this agent): the peer
+    is gone, nothing was lost, and an ordinary stop must not log an ERROR."""
+    return not (
+        record.levelno >= logging.WARNING and "/grpc.health.v1.Health/Watch" in record.getMessage()
+    )
+
+
 class DrainingHealth(HealthServicer):
     """grpc_health's servicer, whose Watch calls end (OK) once the drain has told them
     NOT_SERVING. A Watch still open when the server stops can have that last write cut
@@ -59,7 +68,13 @@ class DrainingHealth(HealthServicer):
                         service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
                     )
                     if status != last:
-                        await context.write(health_pb2.HealthCheckResponse(status=status))
+                        try:
+                            await context.write(health_pb2.HealthCheckResponse(status=status))
+                        except Exception as exc:  # cygrpc's ExecuteBatchError: the peer left
+                            if not base._gracefully_shutting_down:
+                                raise
+                            log.debug("health watch ended by its peer during the drain: %r", exc)
+                            return
                         last = status
                     if base._gracefully_shutting_down:
                         return
@@ -347,6 +362,7 @@ class MeshServer:
     async def drain(self, grace: float | None = None) -> None:
         """NOT_SERVING now, refuse new work, let in-flight work finish, then stop."""
         grace = self.settings.grace_period_s if grace is None else grace
+        logging.getLogger("grpc._cython.cygrpc").addFilter(_cut_watch_at_drain)
         await self.health.enter_graceful_shutdown()
         self.lifecycle.start_draining()
         log.info(

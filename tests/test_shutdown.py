@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 from typing import Any
 
@@ -155,3 +156,15 @@ async def test_agent_drain_behind_the_router_loses_no_turn(tmp_path: object) -> 
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_watch_cut_by_its_peer_at_the_drain_is_not_an_error() -> None:
+    from mesh.server import _cut_watch_at_drain
+
+    def record(level: int, method: str) -> logging.LogRecord:
+        text = f"Exception not handled by _handle_exceptions in servicer method [{method}]"
+        return logging.LogRecord("grpc._cython.cygrpc", level, "", 0, text, None, None)
+
+    assert not _cut_watch_at_drain(record(logging.ERROR, "/grpc.health.v1.Health/Watch"))
+    assert _cut_watch_at_drain(record(logging.ERROR, "/mesh.v1.AgentService/Chat"))
+    assert _cut_watch_at_drain(record(logging.DEBUG, "/grpc.health.v1.Health/Watch"))
