@@ -392,7 +392,10 @@ def _generated_agent_files(root: Path) -> set[Path]:
 
 def load_agents(mesh_file: Path) -> list[Agent]:
     if not mesh_file.is_file():
-        raise CommandError(f"{mesh_file}: no such file", EXIT_USAGE)
+        raise CommandError(
+            f"{mesh_file}: no such file (run from the repository root, or give --out DIR)",
+            EXIT_USAGE,
+        )
     return agents_of(load_config(mesh_file), mesh_file)
 
 
