@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from mesh.config import load_config
 from tests.meshtest import MESH_YAML, REPO, tool_path
 
 from .k8stest import (
@@ -194,10 +195,12 @@ def _has_agent(objects: list[Obj], name: str, port: int, probe_port: int | None 
     )
 
 
-def test_adding_an_agent_to_the_mesh_file_is_all_a_deployment_needs(tmp_path: Path) -> None:
+def test_adding_an_agent_to_the_mesh_file_is_all_a_deployment_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     root = copy_k8s(tmp_path)
     data = mesh_dict()
-    data["agents"]["notes"] = {
+    data["agents"]["release-notes"] = {
         "description": "Keeps notes.",
         "instructions": "You keep notes.",
         "port": 50066,
@@ -206,19 +209,19 @@ def test_adding_an_agent_to_the_mesh_file_is_all_a_deployment_needs(tmp_path: Pa
     mesh = write_mesh(tmp_path / "mesh.yaml", data)
     done = mesh_k8s("--config", str(mesh), "--out", str(root))
     assert done.returncode == 0, done.stderr
-    assert (root / "base" / "agents" / "notes.yaml").is_file()
+    assert (root / "base" / "agents" / "release-notes.yaml").is_file()
 
     for overlay in ("base", "overlays/dev"):
-        _has_agent(_render(root, overlay, tmp_path), "notes", 50066)
+        _has_agent(_render(root, overlay, tmp_path), "release-notes", 50066)
 
     prod = _render(root, "overlays/prod", tmp_path)
-    _has_agent(prod, "notes", 50066, probe_port=8081)
+    _has_agent(prod, "release-notes", 50066, probe_port=8081)
     deployments = by_name(prod, "Deployment")
-    notes = deployments["notes"]
+    notes = deployments["release-notes"]
     assert "replicas" not in notes["spec"]  # the HPA owns it
-    hpa = by_name(prod, "HorizontalPodAutoscaler")["notes"]
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "notes"
-    pdb = by_name(prod, "PodDisruptionBudget")["notes"]
+    hpa = by_name(prod, "HorizontalPodAutoscaler")["release-notes"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "release-notes"
+    pdb = by_name(prod, "PodDisruptionBudget")["release-notes"]
     assert pdb["spec"]["selector"] == notes["spec"]["selector"]
     # NetworkPolicies select agents by label: the new pods are admitted from the router
     # only, on their gRPC port, and the router may dial them.
@@ -243,9 +246,16 @@ def test_adding_an_agent_to_the_mesh_file_is_all_a_deployment_needs(tmp_path: Pa
     (router,) = containers(deployments["router"])
     (agent,) = containers(notes)
     for container in (router, agent):
-        ref = secret_env(container)["MESH_AUTH__AUDIENCES__NOTES"]
-        assert ref == {"name": "mesh-identity", "key": "audience-notes", "optional": True}
+        ref = secret_env(container)["MESH_AUTH__AUDIENCES__RELEASE-NOTES"]
+        assert ref == {"name": "mesh-identity", "key": "audience-release-notes", "optional": True}
     assert "MESH_AUTH__AUDIENCES__BILLING" not in secret_env(agent)
+    # What the Secret's keys become in the router's configuration.
+    for name, ref in secret_env(router).items():
+        if name.startswith("MESH_AUTH__AUDIENCES__"):
+            monkeypatch.setenv(name, f"api://{ref['key']}")
+    auth = load_config(mesh).auth
+    assert auth.audience_for("release-notes") == "api://audience-release-notes"
+    assert auth.audience_for("router") == "api://audience-router"
     # Metrics port and scrape annotations come to it by label too.
     assert 9464 in {p["containerPort"] for p in containers(notes)[0]["ports"]}
 
