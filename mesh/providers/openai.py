@@ -30,15 +30,10 @@ server, ``llama_cpp.server``); the key is optional::
       base_url: http://127.0.0.1:8000/v1
       # api_key_env: VLLM_API_KEY
 
-Token usage comes from the stream's last chunk (``stream_options.include_usage``). Some
-compatible servers ignore that option and stream no usage at all (``llama_cpp.server``
-0.3.x). For those, ``openai_compatible`` (``usage_fallback: request``, the default) asks
-once more after the stream, without streaming and with ``max_tokens: 1``: the prompt's
-tokens are that response's ``prompt_tokens`` (exact: the server applies its own chat
-template; llama.cpp's prompt cache makes the second evaluation cheap), and the output's
-are the streamed chunks that carried text (exact on llama.cpp-family servers, which stream
-one token per chunk; a lower bound on servers that batch tokens). ``usage_fallback: none``
-reports 0 and 0 instead.
+Usage comes from the stream's last chunk (``stream_options.include_usage``). For servers
+that stream none (``llama_cpp.server`` 0.3.x), ``openai_compatible`` (``usage_fallback:
+request``) asks once more, unstreamed with ``max_tokens: 1``, for the prompt's count and
+counts the streamed chunks for the output (docs/local-model.md says how exact that is).
 
 Tool-call arguments stream as string fragments per ``index``; a
 :class:`ToolCall` is emitted once the choice finishes. Tool results go back as
