@@ -20,7 +20,7 @@ LLAMA_STAMP := $(VENV)/.llama
 LLAMA ?= 1
 TEST_DEPS := $(STAMP) $(if $(filter 1,$(LLAMA)),$(LLAMA_STAMP))
 
-.PHONY: help setup run up test lint typecheck check-protos protos unit bench clean model
+.PHONY: help setup run up test lint typecheck check-protos protos unit bench clean model k8s check-k8s
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -52,6 +52,12 @@ protos: $(STAMP)  ## regenerate mesh/v1 from protos/
 
 check-protos: $(STAMP)  ## fail when mesh/v1 is stale
 	$(PY) scripts/gen_protos.py --check
+
+k8s: $(STAMP)  ## deploy services/mesh.yaml: copy it to k8s/base/ and regenerate the agents' manifests
+	$(VENV)/bin/mesh k8s --config services/mesh.yaml
+
+check-k8s: $(STAMP)  ## fail when a generated manifest differs from what k8s/base/mesh.yaml makes
+	$(VENV)/bin/mesh k8s --check
 
 lint: $(STAMP)  ## ruff check + format check + buf lint + buf breaking (vs the last v* tag) of the contract
 	$(VENV)/bin/ruff check .

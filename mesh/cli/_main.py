@@ -7,6 +7,7 @@ mesh agents                  list the agents a router sees
 mesh chat [MESSAGE | -]      chat (interactive without a message)
 mesh info --target HOST:PORT describe an agent
 mesh new agent NAME          scaffold an agent: mesh file block, tools, a test
+mesh k8s [--check]           the agents' Kubernetes manifests, from the mesh file
 mesh sts / mesh token        the embedded token service; a user token for grpcurl
 
 Each group of subcommands lives in its own module with an ``add_parsers(sub)``;
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from mesh.cli import _chat, _inspect, _new, _serve, _supervisor
+from mesh.cli import _chat, _inspect, _k8s, _new, _serve, _supervisor
 from mesh.cli._common import EXIT_USAGE, CommandError
 from mesh.errors import ConfigError, MeshError
 from mesh.logs import setup_logging
@@ -56,6 +57,7 @@ COMMANDS: list[Callable[[SubParsers], None]] = [
     _inspect.add_parsers,  # agents, info
     _chat.add_parsers,  # chat
     _new.add_parsers,  # new
+    _k8s.add_parsers,  # k8s
     _auth_parsers,  # sts, token
     _mcp_parsers,  # mcp
     _a2a_parsers,  # a2a

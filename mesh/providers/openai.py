@@ -30,6 +30,11 @@ server, ``llama_cpp.server``); the key is optional::
       base_url: http://127.0.0.1:8000/v1
       # api_key_env: VLLM_API_KEY
 
+Usage comes from the stream's last chunk (``stream_options.include_usage``). For servers
+that stream none (``llama_cpp.server`` 0.3.x), ``openai_compatible`` (``usage_fallback:
+request``) asks once more, unstreamed with ``max_tokens: 1``, for the prompt's count and
+counts the streamed chunks for the output (docs/local-model.md says how exact that is).
+
 Tool-call arguments stream as string fragments per ``index``; a
 :class:`ToolCall` is emitted once the choice finishes. Tool results go back as
 ``role: tool`` messages carrying the ``tool_call_id``.
@@ -145,6 +150,18 @@ class OpenAICompatibleOptions(_ChatOptions):
     """Environment variable holding the key; unset: no ``Authorization`` header is sent."""
     max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_tokens"
     """The request field that carries ``max_tokens`` (most servers know ``max_tokens``)."""
+    usage_fallback: Literal["request", "none"] = "request"
+    """When the server streams no usage: ``request`` counts the prompt with one more,
+    non-streamed ``max_tokens: 1`` call and the output as the streamed text chunks;
+    ``none`` reports 0 and 0."""
+
+
+@dataclass
+class _Seen:
+    """What the stream carried, for counting tokens when it carried no usage."""
+
+    chunks: int = 0
+    usage: bool = False
 
 
 @dataclass
@@ -238,11 +255,13 @@ class OpenAIChatProvider:
         client: openai.AsyncOpenAI,
         *,
         omit_authorization: bool = False,
+        count_usage: bool = False,
     ) -> None:
         self.kind = kind
         self.model = model
         self.options = options
         self._client = client
+        self._count_usage = count_usage
         self._extra_headers: Mapping[str, Any] | None = (
             {"Authorization": openai.omit} if omit_authorization else None
         )
@@ -284,15 +303,19 @@ class OpenAIChatProvider:
             finish: str | None = None
             input_tokens = output_tokens = 0
             calls = 0
+            seen = _Seen()
             try:
                 async for chunk in upstream:
                     if chunk.usage is not None:
+                        seen.usage = True
                         input_tokens = chunk.usage.prompt_tokens or 0
                         output_tokens = chunk.usage.completion_tokens or 0
                     for choice in chunk.choices:
                         if choice.index != 0:
                             continue
                         delta = choice.delta
+                        if delta.content or delta.tool_calls:
+                            seen.chunks += 1
                         if delta.content:
                             yield TextDelta(delta.content)
                         for fragment in delta.tool_calls or ():
@@ -314,8 +337,31 @@ class OpenAIChatProvider:
             for event in self._flush(pending):
                 calls += 1
                 yield event
+            if not seen.usage and self._count_usage:
+                input_tokens = await self._prompt_tokens(request)
+                output_tokens = seen.chunks
             yield UsageReport(input_tokens=input_tokens, output_tokens=output_tokens)
             yield Stop(normalize_stop(finish, has_tool_calls=calls > 0))
+
+    async def _prompt_tokens(self, request: ModelRequest) -> int:
+        """The prompt's tokens by the server's own count: a non-streamed call of one
+        output token (for servers that stream no usage); 0 if it reports none either."""
+        body = self._body_options(request)
+        body.pop("stream_options", None)
+        body[self.options.max_tokens_param] = 1
+        try:
+            response = await self._client.chat.completions.create(
+                model=self.model,
+                messages=to_messages(request.system, request.messages),
+                tools=to_tools(request.tools) if request.tools else openai.omit,
+                stream=False,
+                extra_headers=self._extra_headers,
+                extra_body=body,
+            )
+        except openai.APIError:
+            return 0
+        usage = response.usage
+        return usage.prompt_tokens if usage is not None and usage.prompt_tokens else 0
 
     @staticmethod
     def _flush(pending: dict[int, _PendingCall]) -> list[ToolCall]:
@@ -386,7 +432,12 @@ def _compatible(model: str, options: BaseModel, context: ProviderContext) -> Pro
         max_retries=options.max_retries,
     )
     return OpenAIChatProvider(
-        "openai_compatible", model, options, client, omit_authorization=key is None
+        "openai_compatible",
+        model,
+        options,
+        client,
+        omit_authorization=key is None,
+        count_usage=options.usage_fallback == "request",
     )
 
 

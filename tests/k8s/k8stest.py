@@ -15,9 +15,13 @@ from typing import Any
 
 import yaml
 
-from tests.meshtest import MESH_YAML, REPO, tool_path
+from tests.meshtest import REPO, tool_path
 
 K8S = REPO / "k8s"
+#: The deployment's own mesh file (the ConfigMap mesh-config); the per-agent manifests are
+#: generated from it by `mesh k8s`. services/mesh.yaml may differ (local work) until
+#: `make k8s` copies it here.
+K8S_MESH_YAML = K8S / "base" / "mesh.yaml"
 OVERLAYS = {
     "base": K8S / "base",
     "dev": K8S / "overlays" / "dev",
@@ -139,12 +143,12 @@ def declared_ports(container: Obj) -> dict[int, str]:
 
 @functools.cache
 def mesh_file() -> Obj:
-    data: Obj = yaml.safe_load(MESH_YAML.read_text(encoding="utf-8"))
+    data: Obj = yaml.safe_load(K8S_MESH_YAML.read_text(encoding="utf-8"))
     return data
 
 
 def mesh_agents() -> dict[str, int]:
-    """agent -> port, from services/mesh.yaml."""
+    """agent -> port, from the deployment's mesh file (k8s/base/mesh.yaml)."""
     agents: dict[str, Obj] = mesh_file()["agents"]
     return {name: int(body["port"]) for name, body in agents.items()}
 
