@@ -64,3 +64,20 @@ def handoff_turn(
             hop=hop_context(state, hops_remaining),
         )
     )
+
+
+_MESSAGE_OVERHEAD = 64
+"""Bytes a history message costs beyond its text (framing, role, agent tag)."""
+
+
+def window_history(history: list[ChatMessage], max_bytes: int) -> tuple[list[ChatMessage], int]:
+    """The newest messages that fit in ``max_bytes``, and how many were left out."""
+    total = 0
+    keep = 0
+    for message in reversed(history):
+        size = len(message.content.encode()) + len(message.agent) + _MESSAGE_OVERHEAD
+        if total + size > max_bytes:
+            break
+        total += size
+        keep += 1
+    return history[len(history) - keep :], len(history) - keep

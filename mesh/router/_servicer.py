@@ -40,11 +40,11 @@ from mesh.errors import (
     ResourceExhausted,
 )
 from mesh.interceptors import text_metadata
-from mesh.providers.base import ChatMessage
 from mesh.router._agents import encode_seq
 from mesh.router._core import HopBudget
 from mesh.router._engine import Router
 from mesh.router._pool import AgentPool
+from mesh.router._requests import window_history
 from mesh.router._turn import TurnState
 from mesh.server import Lifecycle
 from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
@@ -60,21 +60,6 @@ _SOURCES = {
     "dns": types_pb2.ENDPOINT_SOURCE_DNS,
 }
 _REFUSALS = ("HOP_BUDGET_EXCEEDED", "HANDOFF_CYCLE")
-_MESSAGE_OVERHEAD = 64
-"""Bytes a history message costs beyond its text (framing, role, agent tag)."""
-
-
-def window_history(history: list[ChatMessage], max_bytes: int) -> tuple[list[ChatMessage], int]:
-    """The newest messages that fit in ``max_bytes``, and how many were left out."""
-    total = 0
-    keep = 0
-    for message in reversed(history):
-        size = len(message.content.encode()) + len(message.agent) + _MESSAGE_OVERHEAD
-        if total + size > max_bytes:
-            break
-        total += size
-        keep += 1
-    return history[len(history) - keep :], len(history) - keep
 
 
 @dataclass
