@@ -139,10 +139,11 @@ def test_chat_json_into_a_closed_pipe(tmp_path: Path) -> None:
 
 def test_new_agent_with_a_bad_name(tmp_path: Path) -> None:
     config = write_config(tmp_path, {"agents": {"a": offline_agent()}})
-    code, err = _run("new", "agent", "Bad-Name", "--config", str(config))
-    assert code == 2
-    assert _one_line(err).startswith("mesh new: agent name 'Bad-Name': use lowercase")
-    assert not (tmp_path / "Bad-Name").exists()
+    for bad in ("Bad-Name", "my_notes"):  # my_notes: Kubernetes refuses '_' in a name
+        code, err = _run("new", "agent", bad, "--config", str(config))
+        assert code == 2
+        assert _one_line(err).startswith(f"mesh new: agent name {bad!r}: use lowercase")
+        assert not (tmp_path / bad).exists()
 
 
 def test_a2a_edge_before_the_token_service_ever_ran(tmp_path: Path) -> None:

@@ -153,3 +153,34 @@ def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
             assert "Traceback" not in done.stderr, (command, done.stderr)
     finally:
         mesh.stop()
+
+
+def test_new_agent_with_a_two_word_name_deploys(tmp_path: Path) -> None:
+    """`mesh new agent release-notes`: its tools are the module release_notes, its
+    generated test passes, and `mesh k8s` accepts it (Kubernetes names allow '-' only)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(MESH_YAML.parent, repo / "services", ignore=shutil.ignore_patterns(".mesh"))
+    (repo / "tests").mkdir()
+    new = Proc(["new", "agent", "release-notes", "--config", "services/mesh.yaml"], cwd=repo)
+    assert new.popen.wait(timeout=60) == 0, "".join(new.stderr)
+    assert (repo / "services" / "release_notes" / "tools.py").exists()
+    generated = repo / "tests" / "test_agent_release_notes.py"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(generated)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+    shutil.copytree(REPO / "k8s", repo / "k8s")
+    k8s = Proc(["k8s", "--config", "services/mesh.yaml", "--out", "k8s"], cwd=repo)
+    assert k8s.popen.wait(timeout=60) == 0, "".join(k8s.stderr)
+    manifest = (repo / "k8s" / "base" / "agents" / "release-notes.yaml").read_text()
+    assert 'args: ["agent", "release-notes", "--port"' in manifest
+    assert (
+        "release-notes.mesh.svc.cluster.local"
+        in (repo / "k8s" / "base" / "discovery.env").read_text()
+    )

@@ -119,25 +119,27 @@ def _insert_block(text: str, block: str) -> str:
 
 def scaffold_agent(config_path: Path, name: str) -> list[Path]:
     """Write the agent's block, tools module and test; returns the files written."""
-    if not re.fullmatch(NAME_RE, name) or "-" in name:
+    if not re.fullmatch(NAME_RE, name) or "_" in name or name.endswith("-"):
         raise CommandError(
-            f"agent name {name!r}: use lowercase letters, digits and _ (it is also a module name)",
+            f"agent name {name!r}: use lowercase letters, digits and '-', starting with a"
+            " letter (Kubernetes names its Service after it; its tools' module gets '_')",
             EXIT_USAGE,
         )
+    module = name.replace("-", "_")  # its tools' package: a Python module name
     config = load_config(config_path)
     if name in config.agents:
         raise CommandError(f"agent {name!r} already exists in {config_path}", EXIT_USAGE)
     base = config.base_dir
-    package = base / name
+    package = base / module
     if package.exists():
         raise CommandError(f"{package} already exists: pick another name", EXIT_USAGE)
     tests = base.parent / "tests"
-    test = tests / f"test_agent_{name}.py" if tests.is_dir() else package / f"test_{name}.py"
+    test = tests / f"test_agent_{module}.py" if tests.is_dir() else package / f"test_{module}.py"
     ports = [a.port for a in config.agents.values() if a.port]
     port = max(ports) + 1 if ports else 0
     original = config_path.read_text(encoding="utf-8")
     config_path.write_text(
-        _insert_block(original, BLOCK.format(name=name, port=port, module=name)), encoding="utf-8"
+        _insert_block(original, BLOCK.format(name=name, port=port, module=module)), encoding="utf-8"
     )
     try:
         load_config(config_path)
@@ -148,7 +150,7 @@ def scaffold_agent(config_path: Path, name: str) -> list[Path]:
     (package / "__init__.py").write_text("", encoding="utf-8")
     (package / "tools.py").write_text(TOOLS.format(name=name), encoding="utf-8")
     relative = os.path.relpath(config_path.resolve(), test.parent.resolve())
-    test.write_text(TEST.format(name=name, ident=name, config=relative), encoding="utf-8")
+    test.write_text(TEST.format(name=name, ident=module, config=relative), encoding="utf-8")
     return [config_path, package / "tools.py", test]
 
 
@@ -177,7 +179,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     agent = kinds.add_parser(
         "agent", help="an agent: its mesh file block, a tools module and a test"
     )
-    agent.add_argument("name", help="the agent's name (lowercase, also its module's name)")
+    agent.add_argument(
+        "name", help="the agent's name (lowercase letters, digits, '-'; its tools' module uses '_')"
+    )
     add_config(agent)
     agent.set_defaults(func=cmd_new)
 
