@@ -54,6 +54,20 @@ def test_every_try_line_runs_from_a_fresh_shell(tmp_path: Path) -> None:
         mesh.stop()
 
 
+def _generated_test_passes(repo: Path, generated: Path) -> None:
+    """The test `mesh new agent` wrote, run by pytest in the scaffolded repo."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(generated)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
+    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+
+
 def test_new_agent_scaffold_and_its_test(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(MESH_YAML.parent, repo / "services", ignore=shutil.ignore_patterns(".mesh"))
@@ -70,17 +84,7 @@ def test_new_agent_scaffold_and_its_test(tmp_path: Path) -> None:
     assert (repo / "services" / "notes" / "tools.py").exists()
     generated = repo / "tests" / "test_agent_notes.py"
     assert generated.exists()
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(generated)],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "PYTHONPATH": ""},
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "1 passed" in run.stdout
+    _generated_test_passes(repo, generated)
     # The new agent also answers with the rest of the mesh, through `mesh up`.
     mesh, router, env = start_mesh(mesh_file, tmp_path / "data", {"MESH_AGENTS__NOTES__PORT": "0"})
     try:
@@ -165,16 +169,7 @@ def test_new_agent_with_a_two_word_name_deploys(tmp_path: Path) -> None:
     assert new.popen.wait(timeout=60) == 0, "".join(new.stderr)
     assert (repo / "services" / "release_notes" / "tools.py").exists()
     generated = repo / "tests" / "test_agent_release_notes.py"
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(generated)],
-        cwd=repo,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "PYTHONPATH": ""},
-    )
-    assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout + run.stderr
+    _generated_test_passes(repo, generated)
     shutil.copytree(REPO / "k8s", repo / "k8s")
     k8s = Proc(["k8s", "--config", "services/mesh.yaml", "--out", "k8s"], cwd=repo)
     assert k8s.popen.wait(timeout=60) == 0, "".join(k8s.stderr)
