@@ -195,6 +195,23 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
     a valid agent name; anything else is INVALID_ARGUMENT.
     """
 
+    def __init__(self, *, reuse_guards: bool = False) -> None:
+        self._guards: dict[str, tuple[Handler, Handler]] | None = {} if reuse_guards else None
+
+    def _guarded(self, handler: Handler, method: str) -> Handler:
+        """``guard_requests(handler)``, built once per method rather than per call when
+        the handler is the registered one each time (its closures would cost every
+        idle stream about 1 KiB). With auth, later interceptors wrap each call's
+        handler anew (with that caller's identity): nothing is kept then."""
+        if self._guards is None:
+            return guard_requests(handler, method)
+        cached = self._guards.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = guard_requests(handler, method)
+        self._guards[method] = (handler, guarded)  # one entry per method the server has
+        return guarded
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler | None:
@@ -202,7 +219,7 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method: Any = handler_call_details.method
-        handler = guard_requests(
+        handler = self._guarded(
             handler, method.decode() if isinstance(method, bytes) else str(method)
         )
         metadata = text_metadata(handler_call_details.invocation_metadata)
@@ -294,7 +311,9 @@ def context_interceptors() -> list[grpc.aio.ClientInterceptor]:
 def server_interceptors(config: MeshConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
     """The server interceptor chain of a mesh service: call context, then auth when
     enabled (one place for agents, the router and the edges)."""
-    chain: list[grpc.aio.ServerInterceptor] = [CallContextInterceptor()]
+    chain: list[grpc.aio.ServerInterceptor] = [
+        CallContextInterceptor(reuse_guards=not config.auth.enabled)
+    ]
     if config.auth.enabled:
         from mesh.auth.interceptors import server_interceptors as auth_interceptors
 

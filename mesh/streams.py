@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from mesh.errors import Draining, MeshError
-from mesh.server import Lifecycle, next_request
+from mesh.server import Lifecycle, Mailbox, next_request
 
 log = logging.getLogger("mesh.streams")
 
@@ -56,7 +56,7 @@ class Emitter:
 
     __slots__ = ("_queue",)
 
-    def __init__(self, queue: asyncio.Queue[object]) -> None:
+    def __init__(self, queue: Mailbox) -> None:
         self._queue = queue
 
     def emit(self, event: Event) -> None:
@@ -89,8 +89,8 @@ class TurnStream(Generic[Req, TurnT]):
     def __init__(self, lifecycle: Lifecycle, idle_timeout: float) -> None:
         self.lifecycle = lifecycle
         self.idle_timeout = idle_timeout
-        self.inbox: asyncio.Queue[object] = asyncio.Queue()
-        self.out: asyncio.Queue[object] = asyncio.Queue()
+        self.inbox = Mailbox()
+        self.out = Mailbox()
         self.emitter = Emitter(self.out)
         self.turn_task: asyncio.Task[None] | None = None
         self._cancel_requested = False
@@ -147,6 +147,7 @@ class TurnStream(Generic[Req, TurnT]):
                 first = False
                 if turn is not None:
                     self.inbox.put_nowait(turn)
+                del request, turn  # not kept alive while the stream waits idle
             self.requests_ended()
         except MeshError as err:
             self.inbox.put_nowait(err)
@@ -223,6 +224,7 @@ class TurnStream(Generic[Req, TurnT]):
                     yield self.stamp(event.final, turn)
                 if event.last or self.one_turn:
                     return
+                del item, turn, event  # an idle stream keeps nothing of its last turn
         finally:
             reader.cancel()
             task = self.turn_task

@@ -167,7 +167,10 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         )
         pending.state = state
         self.current = pending
-        final = await self._run(state, item.agent, active, budget)
+        try:
+            final = await self._run(state, item.agent, active, budget)
+        finally:
+            self.current = None  # an idle stream keeps nothing of its last turn
         return TurnEnd(
             final=final, last=final.final.stop_reason == types_pb2.STOP_REASON_END_CONVERSATION
         )
