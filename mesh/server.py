@@ -130,9 +130,6 @@ class Mailbox:
     def empty(self) -> bool:
         return not self._items
 
-    def get_nowait(self) -> object:
-        return self._items.pop(0)
-
     async def get(self) -> object:
         """The oldest item, once there is one (one consumer at a time)."""
         while not self._items:

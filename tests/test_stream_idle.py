@@ -96,7 +96,7 @@ async def test_a_cancelled_wait_leaves_the_item_for_the_next_get() -> None:
     with pytest.raises(asyncio.CancelledError):
         await getter
     box.put_nowait("kept")
-    assert box.get_nowait() == "kept"
+    assert await box.get() == "kept"
 
 
 async def test_next_request_ends_idle_streams_at_a_drain_and_after_the_idle_timeout() -> None:
