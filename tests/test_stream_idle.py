@@ -88,6 +88,18 @@ async def test_mailbox_hands_items_over_in_order_and_wakes_its_consumer() -> Non
     assert await getter == 3
 
 
+async def test_mailbox_keeps_order_across_interleaved_puts_and_gets() -> None:
+    box = Mailbox()
+    got = []
+    for item in range(10_000):
+        box.put_nowait(item)
+        if item % 3 == 0:
+            got.append(await box.get())
+    while not box.empty():
+        got.append(await box.get())
+    assert got == list(range(10_000))
+
+
 async def test_a_cancelled_wait_leaves_the_item_for_the_next_get() -> None:
     box = Mailbox()
     getter = asyncio.ensure_future(box.get())
