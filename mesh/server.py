@@ -109,13 +109,9 @@ def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
 
 
 class Mailbox:
-    """A stream's queue with one consumer: two lists and at most one waiter.
-
-    ``asyncio.Queue`` costs about 3 KiB (four deques and an Event) and a getter
-    future per wait; a router holding 10,000 idle streams keeps two per stream.
-    Items go onto one list and come off a reversed copy of it, so a long reply
-    queued behind a slow client costs O(1) per item, not a shift of the list.
-    """
+    """A stream's queue with one consumer (``asyncio.Queue`` costs about 3 KiB, and a
+    router holding 10,000 idle streams keeps two per stream). Items go onto one list
+    and come off a reversed copy: O(1) per item, however long a reply queues up."""
 
     __slots__ = ("_incoming", "_outgoing", "_waiter")
 
