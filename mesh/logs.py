@@ -36,6 +36,7 @@ _UNSAFE = re.compile(r"[^\x20-\x7e]")
 #: Words of an identifier: ``CamelCase`` humps, ``ALLCAPS`` runs, lower-case words, numbers.
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VOWELS = frozenset("aeiouy")
 #: grpc's loggers that quote raw metadata values.
 GRPC_LOGGERS = ("grpc._cython.cygrpc",)
 
@@ -84,10 +85,25 @@ def _redact_run(match: re.Match[str]) -> str:
     return "[redacted]" if _token_like(match.group()) else match.group()
 
 
+def _name_beside(piece: str) -> bool:
+    """A name right beside a redacted token across a cut: kept only when it reads as
+    words. The rest of a cut token looks like a name far more often than a free-standing
+    run does (one cut signature tail in a few hundred passes :func:`_identifier`), so
+    capitals need long words, each with a vowel, as real names have."""
+    if not _identifier(piece):
+        return False
+    if not any(c.isupper() for c in piece):
+        return True
+    words = _WORD.findall(piece)
+    return _words_per_char(piece) < 0.25 and all(
+        set(word.lower()) & _VOWELS for word in words if len(word) >= 4 and not word.isupper()
+    )
+
+
 def _redact_beside(match: re.Match[str]) -> str:
     """The rest of a token that a cut left next to a redacted piece."""
     piece = match.group("after") or match.group("before")
-    if _identifier(piece):
+    if _name_beside(piece):
         return match.group()
     start, end = match.span("after" if match.group("after") else "before")
     offset = match.start()

@@ -202,6 +202,16 @@ def test_a_jwt_whose_segments_look_like_identifiers(identifier_looking_token: st
     assert safe_text(token, 4096) == "[withheld]"
 
 
+def test_the_wordy_tail_of_a_cut_signature() -> None:
+    """Found by a full run: a signature cut by a line break whose 31-character tail
+    reads like a CamelCase name (7 "words"). Beside a redacted piece, capitals need
+    long words with vowels; real names there still pass."""
+    head = "hWz59zE_glADO7J7DUozI7i7Vg8zucLHBPcRpPrtaodiH0dj3baS64O"
+    tail = "ZdzbmpIikdwlxsGIjPEIORpfjSJHZKA"
+    assert scrub(f"{head}\n{tail}") == "[redacted]\n[redacted]"
+    assert scrub(f"{head}\nDefaultRequestHandler") == "[redacted]\nDefaultRequestHandler"
+
+
 def test_bearer_values_and_secrets() -> None:
     secret = secrets.token_urlsafe(32)  # a dev client secret's shape
     for text, hidden in (
