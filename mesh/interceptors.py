@@ -188,29 +188,17 @@ def text_metadata(pairs: Iterable[tuple[str, str | bytes]] | None) -> dict[str, 
     return {key: value for key, value in pairs or () if isinstance(value, str)}
 
 
-class CallContextInterceptor(grpc.aio.ServerInterceptor):
-    """Reads the hop path, conversation id and request id into context variables.
+class RequestGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses requests that do not parse as INVALID_ARGUMENT (:func:`guard_requests`).
 
-    A hop path from outside is checked, never trusted: at most 100 entries, each
-    a valid agent name; anything else is INVALID_ARGUMENT.
+    The server installs it innermost, so the handler it sees is the registered one,
+    the same object on every call: the guard is built once per method, never per call
+    (its closures would cost every idle stream about 1 KiB). Outer interceptors (auth)
+    wrap the guarded handler with each caller's identity.
     """
 
-    def __init__(self, *, reuse_guards: bool = False) -> None:
-        self._guards: dict[str, tuple[Handler, Handler]] | None = {} if reuse_guards else None
-
-    def _guarded(self, handler: Handler, method: str) -> Handler:
-        """``guard_requests(handler)``, built once per method rather than per call when
-        the handler is the registered one each time (its closures would cost every
-        idle stream about 1 KiB). With auth, later interceptors wrap each call's
-        handler anew (with that caller's identity): nothing is kept then."""
-        if self._guards is None:
-            return guard_requests(handler, method)
-        cached = self._guards.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        guarded = guard_requests(handler, method)
-        self._guards[method] = (handler, guarded)  # one entry per method the server has
-        return guarded
+    def __init__(self) -> None:
+        self._guards: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -219,9 +207,28 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method: Any = handler_call_details.method
-        handler = self._guarded(
-            handler, method.decode() if isinstance(method, bytes) else str(method)
-        )
+        name = method.decode() if isinstance(method, bytes) else str(method)
+        cached = self._guards.get(name)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = guard_requests(handler, name)
+        self._guards[name] = (handler, guarded)  # one entry per method the server has
+        return guarded
+
+
+class CallContextInterceptor(grpc.aio.ServerInterceptor):
+    """Reads the hop path, conversation id and request id into context variables.
+
+    A hop path from outside is checked, never trusted: at most 100 entries, each
+    a valid agent name; anything else is INVALID_ARGUMENT.
+    """
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
         metadata = text_metadata(handler_call_details.invocation_metadata)
         path = parse_hop_path(metadata.get(MD_HOP_PATH, ""))
         if len(path) > MAX_PATH or not all(_NAME.match(p) for p in path):
@@ -311,9 +318,7 @@ def context_interceptors() -> list[grpc.aio.ClientInterceptor]:
 def server_interceptors(config: MeshConfig, service: str) -> list[grpc.aio.ServerInterceptor]:
     """The server interceptor chain of a mesh service: call context, then auth when
     enabled (one place for agents, the router and the edges)."""
-    chain: list[grpc.aio.ServerInterceptor] = [
-        CallContextInterceptor(reuse_guards=not config.auth.enabled)
-    ]
+    chain: list[grpc.aio.ServerInterceptor] = [CallContextInterceptor()]
     if config.auth.enabled:
         from mesh.auth.interceptors import server_interceptors as auth_interceptors
 

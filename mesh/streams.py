@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 
 from mesh.errors import Draining, MeshError
-from mesh.server import Lifecycle, Mailbox, next_request
+from mesh.lifecycle import Lifecycle, Mailbox, next_request
 
 log = logging.getLogger("mesh.streams")
 

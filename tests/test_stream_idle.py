@@ -17,8 +17,8 @@ import grpc
 import pytest
 
 from mesh.errors import Draining, IdleTimeout
-from mesh.interceptors import CallContextInterceptor
-from mesh.server import Lifecycle, Mailbox, next_request
+from mesh.interceptors import RequestGuardInterceptor
+from mesh.lifecycle import Lifecycle, Mailbox, next_request
 from mesh.streams import Emitter, TurnEnd, TurnStream
 
 
@@ -144,14 +144,18 @@ async def test_the_request_guard_is_built_once_per_registered_handler() -> None:
         method = "/mesh.v1.AgentService/Chat"
         invocation_metadata = ()
 
-    reusing = CallContextInterceptor(reuse_guards=True)
-    first = await reusing.intercept_service(registered, Details())
-    again = await reusing.intercept_service(registered, Details())
+    guard = RequestGuardInterceptor()
+    first = await guard.intercept_service(registered, Details())
+    again = await guard.intercept_service(registered, Details())
     assert first is again and first is not handler
 
-    # With auth, each call's handler is wrapped anew (with its caller's identity):
-    # nothing is kept from one call to the next.
-    fresh = CallContextInterceptor()
-    one = await fresh.intercept_service(registered, Details())
-    two = await fresh.intercept_service(registered, Details())
-    assert one is not two
+    # Innermost in the chain (auth outside it), the guard sees the registered handler
+    # on every call; were it ever handed a per-call handler, it would not reuse the guard
+    # built for another one.
+    other = _handler()
+
+    async def per_call(details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
+        return other
+
+    third = await guard.intercept_service(per_call, Details())
+    assert third is not first

@@ -28,7 +28,8 @@ from mesh.config import MeshConfig
 from mesh.context import current_principal, current_token
 from mesh.interceptors import server_interceptors
 from mesh.interceptors import service_credentials as server_credentials
-from mesh.server import Lifecycle, MeshServer, Service
+from mesh.lifecycle import Lifecycle
+from mesh.server import MeshServer, Service
 
 A2A_GRPC_SERVICE = a2a_pb2.DESCRIPTOR.services_by_name["A2AService"].full_name
 

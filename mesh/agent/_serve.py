@@ -13,9 +13,10 @@ from mesh.agent._servicer import AgentServicer
 from mesh.config import MeshConfig
 from mesh.interceptors import server_interceptors
 from mesh.interceptors import service_credentials as server_credentials
+from mesh.lifecycle import Lifecycle
 from mesh.providers.base import Provider, ProviderContext
 from mesh.providers.registry import create_provider
-from mesh.server import Lifecycle, MeshServer, Service
+from mesh.server import MeshServer, Service
 from mesh.tools import load_tools
 from mesh.v1 import agent_pb2, agent_pb2_grpc
 from mesh.version import __version__

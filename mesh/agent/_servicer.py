@@ -43,7 +43,7 @@ from mesh.errors import (
     InvalidArgument,
     MeshError,
 )
-from mesh.server import Lifecycle
+from mesh.lifecycle import Lifecycle
 from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 

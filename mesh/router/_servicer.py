@@ -40,13 +40,13 @@ from mesh.errors import (
     ResourceExhausted,
 )
 from mesh.interceptors import text_metadata
+from mesh.lifecycle import Lifecycle
 from mesh.router._agents import encode_seq
 from mesh.router._core import HopBudget
 from mesh.router._engine import Router
 from mesh.router._pool import AgentPool
 from mesh.router._requests import window_history
 from mesh.router._turn import TurnState
-from mesh.server import Lifecycle
 from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 

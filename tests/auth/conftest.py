@@ -20,7 +20,8 @@ from mesh.auth.server_auth import current_traceparent
 from mesh.auth.sts import TokenService
 from mesh.config import MeshConfig, ServerSettings, config_from_dict
 from mesh.interceptors import CallContextInterceptor
-from mesh.server import Lifecycle, MeshServer, Service
+from mesh.lifecycle import Lifecycle
+from mesh.server import MeshServer, Service
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from tests.auth import probe
 

@@ -542,6 +542,25 @@ def test_mutated_valid_token_is_refused(mesh: Mesh, position: int, char: str) ->
         assert code == grpc.StatusCode.UNAUTHENTICATED, (code, index)
 
 
+def test_undecodable_bytes_with_a_valid_token_are_invalid_argument(mesh: Mesh) -> None:
+    """With auth on, the auth interceptor wraps each call's handler with its caller's
+    identity; the request guard sits inside it and still answers garbage from a
+    caller it let in with INVALID_ARGUMENT, on a streaming and a unary method."""
+    md: tuple[tuple[str, str | bytes], ...] = (("authorization", f"Bearer {mesh.token}"),)
+    channel = mesh.client.channel(mesh.auth_router)
+    garbage = b"\x0a\xff\xff\xff"
+    steps = [Step(garbage, False)]
+    for _ in range(2):  # the guard built for the first call serves the second
+        chat = mesh.client.run(_bidi(channel, "/mesh.v1.RouterService/Chat", steps, md))
+        assert chat == grpc.StatusCode.INVALID_ARGUMENT
+        listed = mesh.client.run(_unary(channel, "/mesh.v1.RouterService/ListAgents", garbage, md))
+        assert listed == grpc.StatusCode.INVALID_ARGUMENT
+    ok = [Step(turn_request("hi").SerializeToString(), True)]
+    assert mesh.client.run(_bidi(channel, "/mesh.v1.RouterService/Chat", ok, md)) == (
+        grpc.StatusCode.OK
+    )
+
+
 def test_servers_stay_up(mesh: Mesh) -> None:
     """Runs after the property tests of this module (file order)."""
     _assert_alive(mesh)
