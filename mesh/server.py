@@ -18,17 +18,16 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import _async as reflection_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mesh import telemetry
 from mesh.config import ServerSettings
+from mesh.health import Health
 from mesh.interceptors import RequestGuardInterceptor
 from mesh.lifecycle import Lifecycle
 
@@ -44,46 +43,6 @@ def _cut_watch_at_drain(record: logging.LogRecord) -> bool:
     return not (
         record.levelno >= logging.WARNING and "/grpc.health.v1.Health/Watch" in record.getMessage()
     )
-
-
-class DrainingHealth(HealthServicer):
-    """grpc_health's servicer, whose Watch calls end (OK) once the drain has told them
-    NOT_SERVING. A Watch still open when the server stops can have that last write cut
-    by the stop, and grpc then logs an ERROR ("Exception not handled ... Health/Watch")
-    at an ordinary shutdown. A watcher (the router) sees NOT_SERVING, then the end of
-    the stream, and watches again once the server is back."""
-
-    async def Watch(  # noqa: N802  (the gRPC method's name)
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        service = request.service
-        base: Any = self  # the base class's state (its stubs do not declare it)
-        condition = base._server_watchers[service]
-        base._watcher_count_by_service[service] += 1
-        last = None
-        try:
-            async with condition:
-                while True:
-                    status = base._server_status.get(
-                        service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-                    )
-                    if status != last:
-                        try:
-                            await context.write(health_pb2.HealthCheckResponse(status=status))
-                        except Exception as exc:  # cygrpc's ExecuteBatchError: the peer left
-                            if not base._gracefully_shutting_down:
-                                raise
-                            log.debug("health watch ended by its peer during the drain: %r", exc)
-                            return
-                        last = status
-                    if base._gracefully_shutting_down:
-                        return
-                    await condition.wait()
-        finally:
-            base._watcher_count_by_service[service] -= 1
-            if base._watcher_count_by_service[service] == 0:
-                del base._server_watchers[service]
-                del base._watcher_count_by_service[service]
 
 
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
@@ -183,7 +142,7 @@ class MeshServer:
         self.services = list(services)
         self.lifecycle = lifecycle or Lifecycle(settings.max_concurrent_streams)
         self.label = label
-        self.health = DrainingHealth()
+        self.health = Health()
         self._credentials = server_credentials
         self._server = grpc.aio.server(
             # The guard innermost: it sees the registered handlers (built once each).
