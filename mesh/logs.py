@@ -48,16 +48,27 @@ def _words_per_char(segment: str) -> float:
     return len(_WORD.findall(segment)) / max(alnum, 1)
 
 
-def _identifier(segment: str) -> bool:
+def _identifier(segment: str, *, beside_token: bool = False) -> bool:
     """A name a program would log (``default_request_handler``, ``JsonRpcTransport``,
-    ``a2a_v0_3_pb2_grpc``), not a piece of a token."""
+    ``a2a_v0_3_pb2_grpc``), not a piece of a token.
+
+    ``beside_token``: the piece stands right beside a redacted token across a cut. The
+    rest of a cut token looks like a name far more often than a free-standing run does
+    (one cut signature tail in a few hundred passes the plain test), so capitals then
+    need long words, each with a vowel, as real names have."""
     if not _IDENTIFIER.fullmatch(segment):
         return False  # a leading digit or a '-': base64url, not a Python name
     if len(segment) >= 80:
         return _words_per_char(segment) < 0.25  # only long words make a name this long
     if not any(c.isupper() for c in segment):
         return True  # snake_case; random base64url of 16+ characters has capitals
-    return _words_per_char(segment) < 0.3
+    if not beside_token:
+        return _words_per_char(segment) < 0.3
+    return _words_per_char(segment) < 0.25 and all(
+        set(word.lower()) & _VOWELS
+        for word in _WORD.findall(segment)
+        if len(word) >= 4 and not word.isupper()
+    )
 
 
 def _random(segment: str) -> bool:
@@ -85,25 +96,10 @@ def _redact_run(match: re.Match[str]) -> str:
     return "[redacted]" if _token_like(match.group()) else match.group()
 
 
-def _name_beside(piece: str) -> bool:
-    """A name right beside a redacted token across a cut: kept only when it reads as
-    words. The rest of a cut token looks like a name far more often than a free-standing
-    run does (one cut signature tail in a few hundred passes :func:`_identifier`), so
-    capitals need long words, each with a vowel, as real names have."""
-    if not _identifier(piece):
-        return False
-    if not any(c.isupper() for c in piece):
-        return True
-    words = _WORD.findall(piece)
-    return _words_per_char(piece) < 0.25 and all(
-        set(word.lower()) & _VOWELS for word in words if len(word) >= 4 and not word.isupper()
-    )
-
-
 def _redact_beside(match: re.Match[str]) -> str:
     """The rest of a token that a cut left next to a redacted piece."""
     piece = match.group("after") or match.group("before")
-    if _name_beside(piece):
+    if _identifier(piece, beside_token=True):
         return match.group()
     start, end = match.span("after" if match.group("after") else "before")
     offset = match.start()
