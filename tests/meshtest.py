@@ -244,15 +244,17 @@ async def serve_router(
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """A real ``redis-server`` on a unix socket in a temporary directory, persisting
-    nothing (no RDB snapshots, no append-only file); yields its ``unix://`` URL."""
+def redis_server(directory: Path | None = None) -> Iterator[str]:
+    """A real ``redis-server`` on a unix socket in a temporary directory (or in
+    ``directory``: a second server there takes the first one's socket, a restart),
+    persisting nothing (no RDB snapshots, no append-only file); yields its ``unix://`` URL."""
     import pytest
 
     server = shutil.which("redis-server")
     if server is None:
         pytest.fail("redis-server is not installed; `make test` installs it")
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = str(directory) if directory else stack.enter_context(tempfile.TemporaryDirectory())
         sock = Path(tmp) / "redis.sock"
         args = ["--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"]
         proc = subprocess.Popen([server, *args, "--dir", tmp], stdout=subprocess.PIPE, text=True)

@@ -240,3 +240,25 @@ async def test_redis_down_is_unavailable_for_every_turn_of_the_group(tmp_path: P
             await store.load("x0", 10)
     finally:
         await store.close()
+
+
+async def test_redis_restarted_under_the_store_serves_again(tmp_path: Path) -> None:
+    """Turns while Redis is down fail UNAVAILABLE at once; once a Redis is back on the
+    same address, the same store (no router restart) reads and writes again."""
+    with redis_server(tmp_path) as url:
+        store = RedisStore(url, timeout_s=2)
+        await store.append("c", _turn("before"), "a")
+    try:
+        for _ in range(2):
+            with pytest.raises(Unavailable, match="conversation store unavailable"):
+                await store.append("c", _turn("down"), "a")
+            with pytest.raises(Unavailable, match="conversation store unavailable"):
+                await store.load("c", 10)
+        with redis_server(tmp_path) as again:
+            assert again == url
+            await store.append("c", _turn("after"), "b")
+            history, active = await store.load("c", 10)
+            # This Redis keeps nothing across a restart; the store itself lost nothing.
+            assert [m.content for m in history] == ["after", "re: after"] and active == "b"
+    finally:
+        await store.close()
