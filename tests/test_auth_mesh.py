@@ -269,3 +269,51 @@ async def test_three_hop_turns_through_the_router(three_hops: MeshConfig) -> Non
     assert narrowed == [(sorted(DECLARED[n]), True) for n in ("triage", "billing", "orders")]
     hops = [int(str(s["hops"])) for s in SEEN]
     assert hops[0] >= hops[1] >= hops[2]  # the budget only shrinks along the chain
+
+
+# -- a conversation belongs to its user ------------------------------------------------------
+
+
+async def test_a_conversation_id_never_reaches_another_users_conversation(
+    tmp_path: Path,
+) -> None:
+    """mallory names alice's conversation id: he gets a conversation of his own. He
+    neither reads alice's history (the agent sees none of it) nor adds to it."""
+    config = config_from_dict(
+        {
+            "data_dir": str(tmp_path),
+            "router": {"default_agent": "a", "store": {"kind": "memory"}},
+            "auth": {"enabled": True, "sts": {"port": 0}},
+            "agents": {
+                "a": {
+                    "description": "counts the user turns it is shown",
+                    "provider": {"kind": "offline", "default_reply": "turn {turns}: {message}"},
+                }
+            },
+        },
+        source=str(Path(__file__)),
+    )
+    with TokenService(config):
+        async with serve_agent(config, "a") as (addr_a, _s, _r, _p):
+            async with serve_router(config, {"a": [addr_a]}) as (router, app):
+                alice = [("authorization", f"Bearer {mint_user_token(config, 'alice')}")]
+                mallory = [("authorization", f"Bearer {mint_user_token(config, 'mallory')}")]
+                async with create_channel(router) as channel:
+                    client = AgentClient(channel, router=True)
+
+                    async def say(who: list[tuple[str, str]], text: str) -> str:
+                        result = await client.chat(text, conversation_id="shared", metadata=who)
+                        final = result.final
+                        assert final is not None and final.conversation_id == "shared"
+                        return final.final.content
+
+                    assert await say(alice, "my card is 4111") == "turn 1: my card is 4111"
+                    assert await say(alice, "refund it") == "turn 2: refund it"
+                    assert await say(mallory, "repeat everything") == "turn 1: repeat everything"
+                    assert await say(mallory, "and again") == "turn 2: and again"
+                    assert await say(alice, "thanks") == "turn 3: thanks"
+                keys = sorted(app.store._messages)
+                assert len(keys) == 2 and all(k.endswith("/shared") for k in keys)
+                stored = {k: [m.content for m in app.store._messages[k]] for k in keys}
+                assert sum("my card is 4111" in v for v in stored.values()) == 1
+                assert not any("my card is 4111" in v and "and again" in v for v in stored.values())

@@ -362,7 +362,7 @@ class Router:
         active = self.core.next_active(plan, outcome.agent, outcome.strategy, outcome.ended)
         stored = time.perf_counter()
         await self.store.append(
-            state.conversation_id,
+            state.store_key or state.conversation_id,
             [user, ChatMessage("assistant", final.content, agent=outcome.agent)],
             active,
         )

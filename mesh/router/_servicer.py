@@ -46,6 +46,7 @@ from mesh.router._core import HopBudget
 from mesh.router._engine import Router
 from mesh.router._pool import AgentPool
 from mesh.router._requests import window_history
+from mesh.router._store import conversation_key
 from mesh.router._turn import TurnState
 from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
@@ -83,6 +84,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         self.trace = current_trace_context.get({})
         self.request_id = current_request_id.get() or uuid.uuid4().hex[:16]
         self.token = current_token.get()
+        self.principal = current_principal.get()
         self.incoming = servicer.trusted_hop_path()
         self.current: _Pending | None = None
         self._answers: set[asyncio.Task[None]] = set()
@@ -137,8 +139,9 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         s = self.s
         item = pending.turn
         conversation = item.conversation_id or uuid.uuid4().hex
+        key = conversation_key(conversation, self.principal)
         store = s.config.router.store
-        history, active = await s.router.store.load(conversation, store.history_limit)
+        history, active = await s.router.store.load(key, store.history_limit)
         budget_bytes = min(store.history_max_bytes, s.config.server.max_message_bytes // 2)
         size = len(item.message.encode())
         if size > budget_bytes:
@@ -164,6 +167,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             subject_token=self.token,
             history_dropped=dropped,
             answerable=not self.client_done,
+            store_key=key,
         )
         pending.state = state
         self.current = pending

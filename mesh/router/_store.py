@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import sqlite3
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mesh.config import MeshConfig, StoreConfig
+from mesh.context import Principal
 from mesh.errors import ConfigError, Unavailable
 from mesh.providers.base import ChatMessage
 
@@ -60,6 +62,24 @@ CREATE TABLE IF NOT EXISTS conversations (
     updated REAL NOT NULL
 );
 """
+
+
+def conversation_key(conversation_id: str, principal: Principal | None) -> str:
+    """Where a caller's conversation lives in the store.
+
+    With auth, a conversation belongs to the user whose token started it: the key is
+    scoped to that user (issuer and ``oid`` or ``sub``, hashed), so another user naming
+    the same id gets a conversation of their own and never reads or extends this one.
+    Delegated tokens keep the user's subject, so the A2A edge and tools calling the
+    router for the user reach the same conversations. Without auth there is no user:
+    the key is the id.
+    """
+    if principal is None:
+        return conversation_id
+    claims = principal.claims
+    user = str(claims.get("oid") or principal.subject)
+    owner = hashlib.blake2b(f"{principal.issuer}|{user}".encode(), digest_size=12).hexdigest()
+    return f"{owner}/{conversation_id}"
 
 
 class ConversationStore(Protocol):

@@ -48,6 +48,9 @@ class TurnState:
     """Open approval requests of this turn -> the agent stream that asked."""
     answerable: bool = True
     """False once the client half-closed: an approval request is denied at once."""
+    store_key: str = ""
+    """The conversation's key in the store (scoped to its user with auth; see
+    :func:`mesh.router._store.conversation_key`)."""
 
     @property
     def path(self) -> list[str]:
