@@ -14,6 +14,7 @@ import pytest
 
 from mesh.auth.runtime import dev_client_secret
 from mesh.auth.sts import TokenService, mint_user_token
+from mesh.auth.sts_keys import mint
 from mesh.client import AgentClient, create_channel
 from mesh.config import MeshConfig, config_from_dict
 from mesh.errors import MeshError, PermissionDenied, from_rpc_error
@@ -79,9 +80,20 @@ async def test_rogue_registrations_are_refused_and_never_get_a_turn(config: Mesh
                 user = mint_user_token(config, "alice", ["mesh.chat"], 600)
                 orders_token = await _service_token(sts, config, "orders")
                 billing_token = await _service_token(sts, config, "billing")
-                # A user token cannot register anything.
+                # A user token cannot register anything ...
                 refused = await _register(router, user, "orders", orders_addr)
                 assert isinstance(refused, PermissionDenied)
+                # ... not even one delegated to the agent's own client whose scopes name
+                # the register role: registering takes the agent's service token.
+                delegated = mint(
+                    config,
+                    sub="alice",
+                    audience=config.auth.audience_for("router"),
+                    scopes=["mesh.chat", config.router.discovery.register_role],
+                    extra={"idtyp": "user", "azp": config.auth.client_id_for("orders")},
+                )
+                refused = await _register(router, delegated, "orders", orders_addr)
+                assert isinstance(refused, PermissionDenied) and "service token" in refused.message
                 # A service may register only itself ...
                 refused = await _register(router, orders_token, "billing", orders_addr)
                 assert isinstance(refused, PermissionDenied) and "only its own" in refused.message

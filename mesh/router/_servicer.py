@@ -8,9 +8,7 @@ registered with a serializer that passes bytes through (:func:`add_router_servic
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -45,6 +43,7 @@ from mesh.router._agents import encode_seq
 from mesh.router._core import HopBudget
 from mesh.router._engine import Router
 from mesh.router._pool import AgentPool
+from mesh.router._registration import authorize_registration
 from mesh.router._requests import window_history
 from mesh.router._store import conversation_key
 from mesh.router._turn import TurnState
@@ -53,8 +52,6 @@ from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.router")
 
-_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _SOURCES = {
     "static": types_pb2.ENDPOINT_SOURCE_STATIC,
     "registered": types_pb2.ENDPOINT_SOURCE_REGISTERED,
@@ -326,56 +323,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     # -- Register ----------------------------------------------------------------------
 
-    def _authorize_registration(self, request: router_pb2.RegisterRequest, peer: str) -> None:
-        """Who may register what, where (raises PermissionDenied / InvalidArgument)."""
-        if not _NAME.match(request.name):
-            raise InvalidArgument("name must be a valid agent name", field="name")
-        if not _ADDRESS.match(request.address):
-            raise InvalidArgument("address must be host:port", field="address")
-        discovery = self.config.router.discovery
-        if self.config.auth.enabled:
-            principal = current_principal.get()
-            if principal is None or discovery.register_role not in principal.scopes:
-                raise PermissionDenied(
-                    f"registering needs a service token with the {discovery.register_role!r} role"
-                )
-            client = str(principal.claims.get("azp") or principal.claims.get("client_id") or "")
-            if client != self.config.auth.client_id_for(request.name):
-                raise PermissionDenied(
-                    f"a caller may register only its own agent; this token is not "
-                    f"{request.name!r}'s",
-                    field="name",
-                )
-        host = request.address.rsplit(":", 1)[0].strip("[]")
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            raise PermissionDenied(
-                "the address must be an IP address inside router.discovery.register_networks",
-                field="address",
-            ) from None
-        networks = [ipaddress.ip_network(n, strict=False) for n in discovery.register_networks]
-        if not any(ip in net for net in networks):
-            raise PermissionDenied(
-                f"{ip} is outside router.discovery.register_networks", field="address"
-            )
-        if discovery.register_own_address and ip != _peer_ip(peer):
-            raise PermissionDenied(
-                "the address must be the caller's own (router.discovery.register_own_address)",
-                field="address",
-            )
-        others = {
-            source
-            for endpoint in self.pool.endpoints.get(request.name, {}).values()
-            for source in endpoint.sources
-        } - {"registered"}
-        if others and not discovery.registration_joins_static:
-            raise PermissionDenied(
-                f"{request.name} is discovered by {', '.join(sorted(others))}; a registration "
-                "never shadows it (router.discovery.registration_joins_static)",
-                field="name",
-            )
-
     async def Register(  # noqa: N802 - gRPC method name
         self,
         request_iterator: AsyncIterator[router_pb2.RegisterRequest],
@@ -388,7 +335,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                     continue  # later messages are keep-alives
                 if not self.config.router.discovery.registration:
                     raise PermissionDenied("registration is turned off on this router")
-                self._authorize_registration(request, context.peer())
+                authorize_registration(self.config, self.pool, request, context.peer())
                 endpoint = await self.pool.add(request.name, request.address, "registered")
                 registered = (request.name, request.address)
                 timeout = self.config.router.connect_timeout_s
@@ -405,16 +352,6 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             if registered is not None:
                 await self.pool.remove(*registered, "registered")
-
-
-def _peer_ip(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The IP of a grpc peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``)."""
-    kind, _, rest = peer.partition(":")
-    host = rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else ""
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
 
 
 def _serialize_event(event: types_pb2.ChatEvent | bytes) -> bytes:
