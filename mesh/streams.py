@@ -16,6 +16,7 @@ a stream that never carried a turn ends UNAVAILABLE (``DRAINING``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -24,8 +25,9 @@ from functools import partial
 from typing import Any, Generic, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-from mesh.errors import Draining, MeshError
+from mesh.errors import Draining, MeshError, ResourceExhausted
 from mesh.lifecycle import Lifecycle, Mailbox, next_request
 
 log = logging.getLogger("mesh.streams")
@@ -85,10 +87,18 @@ class TurnStream(Generic[Req, TurnT]):
     """
 
     one_turn = False
+    max_waiting = 8
+    """Turns a client may send ahead of the one in flight (they run in order)."""
 
-    def __init__(self, lifecycle: Lifecycle, idle_timeout: float) -> None:
+    def __init__(
+        self, lifecycle: Lifecycle, idle_timeout: float, waiting_bytes: int = 4 << 20
+    ) -> None:
         self.lifecycle = lifecycle
         self.idle_timeout = idle_timeout
+        self.waiting_bytes = waiting_bytes
+        """The most bytes of turns waiting behind the one in flight (a server's largest
+        message): a client that writes turns without reading cannot grow memory."""
+        self._waiting: collections.deque[int] = collections.deque()
         self.inbox = Mailbox()
         self.out = Mailbox()
         self.emitter = Emitter(self.out)
@@ -139,6 +149,17 @@ class TurnStream(Generic[Req, TurnT]):
     def requests_ended(self) -> None:
         """The client half-closed: no request (a cancel, an answer) can come any more."""
 
+    def _hold(self, request: Req) -> None:
+        """Count a turn that waits in the inbox; refuse one past the stream's limits."""
+        size = request.ByteSize() if isinstance(request, Message) else 0
+        waiting = len(self._waiting)
+        if waiting >= self.max_waiting or sum(self._waiting) + size > self.waiting_bytes:
+            raise ResourceExhausted(
+                f"{waiting} turns already wait on this stream; send the next turn after "
+                "the previous one's final event"
+            )
+        self._waiting.append(size)
+
     async def _read(self, requests: AsyncIterator[Req]) -> None:
         first = True
         try:
@@ -146,6 +167,7 @@ class TurnStream(Generic[Req, TurnT]):
                 turn = self.accept(request, first)
                 first = False
                 if turn is not None:
+                    self._hold(request)
                     self.inbox.put_nowait(turn)
                 del request, turn  # not kept alive while the stream waits idle
             self.requests_ended()
@@ -202,6 +224,7 @@ class TurnStream(Generic[Req, TurnT]):
                 if isinstance(item, MeshError):
                     await self._fail(item, context, reader)
                 turn: TurnT = item  # type: ignore[assignment]  # the inbox holds accepted turns
+                self._waiting.popleft()
                 self.lifecycle.turn_started()
                 try:
                     self.turn_task = asyncio.ensure_future(self._turn(turn))

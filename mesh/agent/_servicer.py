@@ -143,7 +143,7 @@ class _AgentStream(TurnStream[Req, TurnInput]):
         idle_timeout: float,
         opening: str,
     ) -> None:
-        super().__init__(lifecycle, idle_timeout)
+        super().__init__(lifecycle, idle_timeout, runtime.mesh.server.max_message_bytes)
         self.runtime = runtime
         self.context = context
         self.opening = opening

@@ -72,7 +72,8 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
     def __init__(
         self, servicer: RouterServicer, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        super().__init__(servicer.lifecycle, servicer.config.server.idle_stream_timeout_s)
+        server = servicer.config.server
+        super().__init__(servicer.lifecycle, server.idle_stream_timeout_s, server.max_message_bytes)
         self.s = servicer
         self.context = context
         metadata = text_metadata(context.invocation_metadata())

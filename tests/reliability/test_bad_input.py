@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import subprocess
@@ -86,6 +87,8 @@ class Mesh:
     auth_agent: str
     token: str
     procs: list[Proc]
+    slow: str = ""
+    """An agent whose every turn takes 0.3 s (the router routes ``agent: slow`` to it)."""
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +103,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             **offline_agent(rules=[{"contains": "pass", "handoff": "a"}]),
             "handoffs": [{"target": "a"}],
         },
+        "slow": offline_agent(delay_ms=300, chunk_chars=1000),
     }
     server = {"max_message_bytes": MAX_MESSAGE, "max_metadata_bytes": MAX_METADATA}
     plain = write_config(
@@ -134,12 +138,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         assert sts.stdout is not None and sts.stdout.readline().startswith("sts: ")
         a, a_addr = start_agent(plain, "a")
         front, front_addr = start_agent(plain, "front")
-        router, r_addr = start_router(plain, {"a": [a_addr], "front": [front_addr]})
+        slow, slow_addr = start_agent(plain, "slow")
+        router, r_addr = start_router(
+            plain, {"a": [a_addr], "front": [front_addr], "slow": [slow_addr]}
+        )
         sa, sa_addr = start_agent(secured, "a")
         sr, sr_addr = start_router(secured, {"a": [sa_addr]})
-        procs += [a, front, router, sa, sr]
+        procs += [a, front, slow, router, sa, sr]
         token = mint_user_token(load_config(secured), "fuzzer")
-        yield Mesh(client, r_addr, a_addr, sr_addr, sa_addr, token, procs)
+        yield Mesh(client, r_addr, a_addr, sr_addr, sa_addr, token, procs, slow_addr)
     finally:
         client.close()
         for proc in procs:
@@ -559,6 +566,43 @@ def test_undecodable_bytes_with_a_valid_token_are_invalid_argument(mesh: Mesh) -
     assert mesh.client.run(_bidi(channel, "/mesh.v1.RouterService/Chat", ok, md)) == (
         grpc.StatusCode.OK
     )
+
+
+async def _flood(channel: grpc.aio.Channel, method: str, turns: list[bytes]) -> tuple[int, Any]:
+    """Write every turn without reading, then read: (finals seen, the call's status)."""
+    call: Any = channel.stream_stream(method)(timeout=60)
+    finals = 0
+    try:
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            for turn in turns:
+                await call.write(turn)
+            await call.done_writing()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            while (raw := await call.read()) is not grpc.aio.EOF:
+                finals += types_pb2.ChatEvent.FromString(raw).WhichOneof("kind") == "final"
+        return finals, await call.code()
+    finally:
+        call.cancel()
+
+
+@pytest.mark.parametrize("method", ["/mesh.v1.RouterService/Chat", "/mesh.v1.AgentService/Chat"])
+def test_turns_written_ahead_without_reading_are_bounded(mesh: Mesh, method: str) -> None:
+    """A client that writes turns and never reads their answers cannot make a server hold
+    them all: at most 8 wait behind the one in flight, together at most the server's
+    largest message; past that the stream ends RESOURCE_EXHAUSTED (the waiting turns
+    still run, in order) and the server goes on serving. Every turn here takes 0.3 s,
+    so the rest arrive while the first runs."""
+    router = method.startswith("/mesh.v1.Router")
+    channel = mesh.client.channel(mesh.router if router else mesh.slow)
+    agent = "slow" if router else ""
+    small = [turn_request(f"hi {n}", agent=agent).SerializeToString() for n in range(40)]
+    finals, code = mesh.client.run(_flood(channel, method, small))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and 8 <= finals <= 9, (code, finals)
+    third = "x" * (MAX_MESSAGE // 3)
+    big = [turn_request(third + str(n), agent=agent).SerializeToString() for n in range(8)]
+    finals, code = mesh.client.run(_flood(channel, method, big))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and 2 <= finals <= 3, (code, finals)
+    _assert_alive(mesh)
 
 
 def test_servers_stay_up(mesh: Mesh) -> None:
