@@ -122,6 +122,10 @@ class RouterConfig(_Frozen):
     """How long to wait for an agent to accept a stream."""
     default_deadline_s: float = Field(default=300.0, gt=0)
     """The deadline a turn gets when the client sets none."""
+    max_streams_per_user: int = Field(default=64, ge=0)
+    """With auth: at most this many Chat streams one user (the token's subject) holds
+    open at once, so no user can take every stream the server allows
+    (``server.max_concurrent_rpcs``); 0: no limit. Without auth there is no user."""
     keep_agent_streams_s: float = Field(default=60.0, ge=0)
     """Keep an idle agent Chat stream in the pool this long for the next turn (of any
     conversation with the same delegated token), so a turn costs a message instead of a

@@ -23,6 +23,7 @@ from mesh.context import Principal
 from mesh.logs import safe_text, scrub
 
 log = logging.getLogger("mesh.audit")
+_ORDINARY = (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
 
 
 def log_call(
@@ -56,7 +57,9 @@ def log_call(
         record["duration_ms"] = round(duration_ms, 1)
     if reason:
         record["reason"] = scrub(redact(reason))[:300]
-    level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
+    # A caller that goes away (CANCELLED: a closed terminal, a turn the router gave up
+    # on) is ordinary; refusals and failures are what an operator looks for.
+    level = logging.INFO if code in _ORDINARY else logging.WARNING
     log.log(level, json.dumps(record, sort_keys=True, separators=(",", ":"), default=str))
 
 

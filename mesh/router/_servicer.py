@@ -45,9 +45,16 @@ from mesh.router._engine import Router
 from mesh.router._pool import AgentPool
 from mesh.router._registration import authorize_registration
 from mesh.router._requests import window_history
-from mesh.router._store import conversation_key
+from mesh.router._store import conversation_key, user_key
 from mesh.router._turn import TurnState
-from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
+from mesh.streams import (
+    Emitter,
+    TurnEnd,
+    TurnStream,
+    abort_with,
+    refuse_after_first,
+    serve_stream,
+)
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.router")
@@ -256,6 +263,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.router = router
         self.pool = pool
         self.lifecycle = lifecycle
+        self._user_streams: dict[str, int] = {}
+        """Chat streams open per user (auth on), for ``router.max_streams_per_user``."""
         auth = config.auth
         self._mesh_clients = (
             {auth.client_id_for(a) for a in config.agents} | {auth.client_id_for("router")}
@@ -286,8 +295,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[types_pb2.ChatEvent]:
         stream = _ChatStream(self, context)
-        async for event in serve_stream(stream, request_iterator, context):
-            yield event
+        user = user_key(stream.principal)
+        limit = self.config.router.max_streams_per_user
+        if user and limit and self._user_streams.get(user, 0) >= limit:
+            await refuse_after_first(request_iterator)
+            await abort_with(context, _too_many(limit))
+        self._user_streams[user] = self._user_streams.get(user, 0) + 1
+        try:
+            async for event in serve_stream(stream, request_iterator, context):
+                yield event
+        finally:
+            left = self._user_streams.pop(user) - 1
+            if left:
+                self._user_streams[user] = left
 
     # -- listing -----------------------------------------------------------------------
 
@@ -353,6 +373,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             if registered is not None:
                 await self.pool.remove(*registered, "registered")
+
+
+def _too_many(limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"this user already has {limit} Chat streams open (router.max_streams_per_user); "
+        "close one, or send the next turn on an open stream"
+    )
 
 
 def _serialize_event(event: types_pb2.ChatEvent | bytes) -> bytes:
