@@ -10,6 +10,7 @@ cancel or an expired deadline cancels the turn (and so the model call and tools)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -123,12 +124,15 @@ def parse_handoff(request: agent_pb2.HandoffRequest) -> TurnInput:
 
 def _within_budget(turn: TurnInput) -> TurnInput:
     """Refuse a turn that asks for more handoffs than the caller's token grants (its
-    ``mesh_hops`` claim), so a bypassed router cannot buy a longer chain."""
+    ``mesh_hops`` claim), so a bypassed router cannot buy a longer chain; a turn that
+    asks for none gets what the token grants, never an unlimited budget."""
     principal = current_principal.get()
     if principal is not None and principal.hops_remaining is not None:
         from mesh.auth.policy import check_hop_budget
 
-        check_hop_budget(principal.hops_remaining, turn.hops_remaining or 0)
+        if turn.hops_remaining is None:  # a turn that names no budget gets the token's
+            return dataclasses.replace(turn, hops_remaining=principal.hops_remaining)
+        check_hop_budget(principal.hops_remaining, turn.hops_remaining)
     return turn
 
 

@@ -39,6 +39,7 @@ from mesh.errors import (
 )
 from mesh.interceptors import text_metadata
 from mesh.lifecycle import Lifecycle
+from mesh.logs import safe_text
 from mesh.router._agents import encode_seq
 from mesh.router._core import HopBudget
 from mesh.router._engine import Router
@@ -339,7 +340,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.DescribeAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> router_pb2.DescribeAgentResponse:
         if request.name not in self.pool.endpoints and request.name not in self.config.agents:
-            await abort_with(context, NotFound(f"no agent named {request.name!r}", field="name"))
+            await abort_with(
+                context, NotFound(f"no agent named {safe_text(request.name)!r}", field="name")
+            )
         return router_pb2.DescribeAgentResponse(info=self._entry(request.name).info)
 
     # -- Register ----------------------------------------------------------------------

@@ -558,3 +558,21 @@ async def test_an_agent_can_refuse_a_budget_its_token_does_not_grant(
     with pytest.raises(PermissionDenied, match="hop budget exceeded"):
         check_hop_budget(saw.hops_remaining, 2)
     check_hop_budget(None, 50)  # no budget in the token: the router's limit applies
+
+
+def test_a_turn_that_names_no_budget_gets_the_tokens() -> None:
+    """At an agent, a turn without ``hops_remaining`` runs with the budget its token
+    grants (never an unlimited one); a turn naming more than the token grants is refused."""
+    from mesh.agent._servicer import _within_budget
+    from mesh.context import Principal, current_principal
+    from mesh.turns import TurnInput
+
+    token = current_principal.set(Principal(subject="alice", hops_remaining=0))
+    try:
+        assert _within_budget(TurnInput("c", "hi")).hops_remaining == 0
+        assert _within_budget(TurnInput("c", "hi", hops_remaining=0)).hops_remaining == 0
+        with pytest.raises(PermissionDenied, match="hop budget exceeded"):
+            _within_budget(TurnInput("c", "hi", hops_remaining=9))
+    finally:
+        current_principal.reset(token)
+    assert _within_budget(TurnInput("c", "hi")).hops_remaining is None  # no token: no claim

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mesh.client import channel_options, turn_request
-from mesh.v1 import agent_pb2, types_pb2
+from mesh.v1 import agent_pb2, router_pb2, types_pb2
 from tests.meshtest import Proc, offline_agent, start_agent, write_config
 
 from .helpers import start_router
@@ -404,7 +404,6 @@ def _parses(method: str, data: bytes) -> bool:
         "Handoff": agent_pb2.HandoffRequest,
         "Info": agent_pb2.InfoRequest,
     }
-    from mesh.v1 import router_pb2
 
     types.update(
         ListAgents=router_pb2.ListAgentsRequest,
@@ -603,6 +602,24 @@ def test_turns_written_ahead_without_reading_are_bounded(mesh: Mesh, method: str
     finals, code = mesh.client.run(_flood(channel, method, big))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and 2 <= finals <= 3, (code, finals)
     _assert_alive(mesh)
+
+
+def test_a_long_unknown_name_is_not_found_not_echoed(mesh: Mesh) -> None:
+    """The router's NOT_FOUND quotes the name bounded: echoed whole, a 10,000-character
+    name made the status details overflow the client's metadata limit."""
+
+    channel = mesh.client.channel(mesh.router)
+
+    async def describe() -> grpc.aio.AioRpcError:
+        call: Any = channel.unary_unary("/mesh.v1.RouterService/DescribeAgent")
+        request = router_pb2.DescribeAgentRequest(name="x" * 10_000)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call(request.SerializeToString(), timeout=20)
+        return caught.value
+
+    err = mesh.client.run(describe())
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert len(err.details() or "") < 200
 
 
 def test_servers_stay_up(mesh: Mesh) -> None:
