@@ -3,6 +3,7 @@ conversation id); cancel cancels the router call, and with it every hop."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,11 +27,13 @@ from mesh.a2a._auth import Identity, bearer_of
 from mesh.a2a._cards import CardBook
 from mesh.a2a._errors import a2a_code, task_state_for
 from mesh.client import AgentClient, ChatStream, create_channel, turn_request
-from mesh.errors import MeshError
+from mesh.convert import error_code_name
+from mesh.errors import MeshError, RemoteError, Unavailable, from_status
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.a2a")
 _DESCRIBE_TIMEOUT_S = 5.0
+_STATUS_TIMEOUT_S = 5.0
 
 # -- the router --------------------------------------------------------------------------
 
@@ -117,7 +120,8 @@ class _Relay:
 
     async def event(self, event: types_pb2.ChatEvent) -> bool | str:
         """Relay one event; True once the turn is over, "input" when it waits for the
-        person (a tool approval: the task goes ``input-required``)."""
+        person (a tool approval: the task goes ``input-required``), "error" when the
+        turn failed (the call's status says how)."""
         kind, agent = event.WhichOneof("kind"), event.agent
         if kind == "approval_request":
             asked = event.approval_request
@@ -163,6 +167,8 @@ class _Relay:
         elif kind == "final":
             await self._final(event)
             return True
+        elif kind == "error":
+            return "error"
         return False
 
     async def _final(self, event: types_pb2.ChatEvent) -> None:
@@ -253,9 +259,12 @@ class MeshExecutor(AgentExecutor):
                     self.link.waiting[task_id] = (stream, approval_id, relay)
                     keep = True
                     return
+                if outcome == "error":
+                    raise await _failure(stream, event.error)
                 if outcome:
                     await stream.close()  # half-close: the router ends the call OK
                     return
+            raise Unavailable("the router ended the turn without a final event")
         finally:
             if not keep:
                 stream.cancel()  # a no-op once the call has ended
@@ -279,6 +288,22 @@ def _answer(context: RequestContext, approval_id: str) -> types_pb2.ApprovalAnsw
     return types_pb2.ApprovalAnswer(
         approval_id=approval_id, approved=approved, reason="" if approved else text
     )
+
+
+async def _failure(stream: ChatStream, error: types_pb2.ErrorEvent) -> MeshError:
+    """What a turn's error event stands for: the router call's status, which follows it
+    with the rich details (the reason, the field), or the event itself if none comes."""
+    call = stream.call
+    try:
+        async with asyncio.timeout(_STATUS_TIMEOUT_S):
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                trailing = list(await call.trailing_metadata() or ())
+                return from_status(code, await call.details() or "", trailing)
+    except (TimeoutError, grpc.RpcError):
+        pass
+    status = grpc.StatusCode[error_code_name(error.code)]
+    return RemoteError(status, error.message or "the turn failed", error.reason)
 
 
 async def _events(stream: ChatStream) -> AsyncIterator[types_pb2.ChatEvent]:

@@ -111,6 +111,8 @@ class Mesh:
         self.url = url
         self.records = records
         self.grpc = ""
+        self.servers: dict[str, Any] = {}
+        """Each agent's server (a test may stop one)."""
 
     def token(self, ttl_s: int = 600) -> str:
         return mint_user_token(self.config, "alice", ["mesh.chat"], ttl_s, audience=EDGE_AUDIENCE)
@@ -125,16 +127,19 @@ async def running_edge(tmp_path: Path, *extra: str) -> AsyncIterator[Mesh]:
         async with contextlib.AsyncExitStack() as stack:
             static: dict[str, list[str]] = {}
             records: dict[str, RecordingProvider] = {}
+            servers: dict[str, Any] = {}
             for name in ("triage", "billing", "slow", "payer"):
-                addr, _s, _r, rec = await stack.enter_async_context(serve_agent(config, name))
+                addr, server, _r, rec = await stack.enter_async_context(serve_agent(config, name))
                 static[name] = [addr]
                 records[name] = rec
+                servers[name] = server
             router, _app = await stack.enter_async_context(serve_router(config, static))
             args = ["a2a", "--config", str(path), "--router", router, "--port", "0", *extra]
             proc = Proc(args)
             try:
                 url = await asyncio.to_thread(proc.wait_line, "a2a: ")
                 mesh = Mesh(config, url, records)
+                mesh.servers = servers
                 if extra:
                     mesh.grpc = await asyncio.to_thread(proc.wait_line, "a2a-grpc: ")
                 yield mesh
@@ -226,6 +231,24 @@ async def test_card_streamed_transfer_and_a_continued_conversation(tmp_path: Pat
     seen = [m.content for m in mesh.records["billing"].requests[-1].messages]
     assert "where is my invoice?" in seen and "".join(chunks) in seen
     assert stored.status.state == TaskState.TASK_STATE_COMPLETED
+
+
+async def test_a_turn_that_fails_in_the_mesh_fails_its_task(tmp_path: Path) -> None:
+    """The router fails the turn (the agent it must consult is down): the task ends
+    ``failed`` with the mesh's code, in the stream and for a later tasks/get, instead
+    of staying ``working`` with no word."""
+    async with running_edge(tmp_path) as mesh:
+        await mesh.servers["slow"].stop(0)
+        headers = {"Authorization": f"Bearer {mesh.token()}"}
+        async with httpx.AsyncClient(headers=headers, timeout=60) as http:
+            _card, client = await sdk_client(http, f"{mesh.url}/agents/triage")
+            events = [e async for e in client.send_message(user_message("please stall"))]
+            stored = await client.get_task(GetTaskRequest(id=events[0].task.id))
+            await client.close()
+    assert final_state(events) == TaskState.TASK_STATE_FAILED
+    last = [e for e in events if e.HasField("status_update")][-1].status_update.status
+    assert MessageToDict(last.message.metadata)["mesh"]["code"] == "UNAVAILABLE"
+    assert stored.status.state == TaskState.TASK_STATE_FAILED
 
 
 async def test_cancel_stops_every_hop(tmp_path: Path) -> None:
