@@ -192,7 +192,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         metrics."""
         span = None
         started = state.started = time.perf_counter()
-        agent, outcome = named or "router", "error"
+        agent, outcome = self._label(named), "error"
         try:
             async with asyncio.timeout(budget):
                 target = agent = await self.s.router.choose(state, named, self.metadata, active)
@@ -220,6 +220,14 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             metrics.turns.labels("router", agent, outcome).inc()
             metrics.turn_duration.labels("router", agent).observe(time.perf_counter() - started)
         return final
+
+    def _label(self, named: str) -> str:
+        """The metrics label for the agent a client named: a name the router does not
+        know is "unknown" (a client's free text must not mint a series per value)."""
+        if not named:
+            return "router"
+        known = self.s.pool.endpoints.keys() | self.s.config.agents.keys()
+        return named if named in known or named in self.s.config.router.sequences else "unknown"
 
     def _agent(self, pending: _Pending) -> str:
         path = pending.state.path if pending.state is not None else []

@@ -101,6 +101,9 @@ async def test_prometheus_scrapes_turn_and_handoff_counters(tmp_path: Path) -> N
                 result = await client.chat("give me a plan", conversation_id=f"p{n}", timeout=60)
                 assert result.final is not None and result.final.agent == "triage"
             result = await client.chat("hello", conversation_id="h", timeout=60)
+            for name in ("user-22242-alice@example.com", "x" * 300):  # no such agents
+                failed = await client.chat("hi", agent=name, timeout=60)
+                assert failed.events[-1].error.reason == "AGENT_NOT_FOUND"
         with prometheus(tmp_path, metrics) as base:
             turns = 'sum(mesh_turns_total{job="mesh",service="router",outcome="ok"})'
             assert await _until(base, turns, 6.0) == 6.0
@@ -115,6 +118,12 @@ async def test_prometheus_scrapes_turn_and_handoff_counters(tmp_path: Path) -> N
             assert await _until(base, billing, 5.0) == 5.0
             tokens = 'sum(mesh_model_tokens_total{agent="billing",gen_ai_token_type="output"}) > 0'
             assert (await _until(base, f"count({tokens})", 1.0)) == 1.0
+            # A name the router does not know is one "unknown" series, not one per name.
+            unknown = 'mesh_turns_total{service="router",outcome="AGENT_NOT_FOUND"}'
+            assert await _until(base, f"sum({unknown})", 2.0) == 2.0
+            assert await _until(base, f"count({unknown})", 1.0) == 1.0
+            named = f'count({unknown[:-1]},agent="unknown"}})'
+            assert await _until(base, named, 1.0) == 1.0
     finally:
         for proc in reversed(procs):
             proc.stop()
