@@ -8,7 +8,7 @@ import signal
 import socket
 from pathlib import Path
 
-from .meshtest import Proc, offline_agent, write_config
+from .meshtest import Proc, mesh_token, offline_agent, start_mesh, write_config
 
 
 def _config(tmp_path: Path, **agents: dict[str, object]) -> Path:
@@ -115,3 +115,39 @@ def test_a_taken_port_is_named_in_one_line(tmp_path: Path) -> None:
     )
     assert "ss -ltnp" in err[0]
     assert proc.stdout == []  # nothing was started
+
+
+async def test_ctrl_c_lets_a_turn_in_flight_finish_its_next_hop(tmp_path: Path) -> None:
+    """Ctrl-C while the first step of a sequence streams: the router drains first, so
+    the turn's next hop still finds its agent serving and the token service issuing
+    (all stopped at once, the next hop got UNAVAILABLE), and then everything exits 0."""
+    from mesh.client import AgentClient, create_channel, turn_request
+
+    config = write_config(
+        tmp_path,
+        {
+            "router": {"sequences": {"plan": {"steps": ["front", "back"]}}},
+            "auth": {"enabled": True},
+            "server": {"grace_period_s": 30},
+            "agents": {
+                "front": offline_agent(chunk_chars=4, delay_ms=400),
+                "back": offline_agent(default_reply="back: {message}"),
+            },
+        },
+    )
+    proc, router, env = start_mesh(config, tmp_path / "data")
+    proc.wait_line("mesh up: running", timeout=90)
+    token = mesh_token(config, env)
+    async with create_channel(router) as channel:
+        stream = AgentClient(channel, router=True).open(
+            metadata=[("authorization", f"Bearer {token}")], timeout=120
+        )
+        events = stream.turn(turn_request("a question that takes a while", agent="plan"))
+        first = await anext(events)
+        assert first.WhichOneof("kind") == "delta" and first.agent == "front"
+        proc.signal(signal.SIGINT)  # front is mid-answer; back and the tokens come later
+        rest = [event async for event in events]
+    final = rest[-1]
+    assert final.WhichOneof("kind") == "final", rest[-1]
+    assert final.agent == "back" and list(final.final.hop_path) == ["front", "back"]
+    assert proc.popen.wait(timeout=120) == 0, "".join(proc.stderr)

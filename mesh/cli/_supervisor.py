@@ -73,6 +73,9 @@ class Child:
     ready_line: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     eof: bool = False
+    stage: int = 0
+    """When it stops: the edges (0), then the router (1), the agents (2), and the token
+    service last (3): a turn in flight finishes with every hop and token it needs."""
 
     def start_pump(self) -> None:
         threading.Thread(target=self._pump, name=f"pump {self.label}", daemon=True).start()
@@ -95,7 +98,7 @@ class Child:
     def report(self, when: str) -> str:
         code = self.popen.wait()
         lines = "\n".join(f"    {line}" for line in self.tail) or "    (no output)"
-        return f"mesh up: {self.label} exited with code {code} {when}; its last lines:\n{lines}"
+        return f"{self.label} exited with code {code} {when}; its last lines:\n{lines}"
 
 
 class Supervisor:
@@ -111,7 +114,9 @@ class Supervisor:
         self.stopping = True
         self.wake.set()
 
-    def spawn(self, label: str, argv: list[str], ready_prefix: str, service: str = "") -> Child:
+    def spawn(
+        self, label: str, argv: list[str], ready_prefix: str, service: str = "", stage: int = 0
+    ) -> Child:
         env = None
         if service and self.config.auth.enabled:
             from mesh.auth.runtime import child_env
@@ -128,7 +133,7 @@ class Supervisor:
             start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops them in order
             preexec_fn=_die_with(os.getpid()),  # prctl only
         )
-        child = Child(label, ready_prefix, popen, self.wake)
+        child = Child(label, ready_prefix, popen, self.wake, stage=stage)
         self.children.append(child)
         child.start_pump()
         return child
@@ -157,18 +162,24 @@ class Supervisor:
             self.wake.clear()
 
     def stop_all(self) -> list[int]:
-        # The router first, so it stops taking turns while the agents finish theirs.
-        for child in reversed(self.children):
-            if child.popen.poll() is None and child.popen.pid not in self._signalled:
-                self._signalled.add(child.popen.pid)
-                child.popen.send_signal(signal.SIGTERM)
+        """Stop the children stage by stage (see :attr:`Child.stage`), each within the
+        grace period: a turn in flight when Ctrl-C came finishes, handoffs and token
+        exchanges included, before the agents and the token service go."""
+        wait = self.config.server.grace_period_s + 5
         codes = []
-        for child in reversed(self.children):
-            try:
-                codes.append(child.popen.wait(timeout=self.config.server.grace_period_s + 5))
-            except subprocess.TimeoutExpired:
-                child.popen.kill()
-                codes.append(child.popen.wait())
+        for stage in sorted({child.stage for child in self.children}):
+            group = [c for c in self.children if c.stage == stage]
+            for child in group:
+                if child.popen.poll() is None and child.popen.pid not in self._signalled:
+                    self._signalled.add(child.popen.pid)
+                    child.popen.send_signal(signal.SIGTERM)
+            for child in group:
+                try:
+                    codes.append(child.popen.wait(timeout=wait))
+                except subprocess.TimeoutExpired:
+                    print(f"mesh up: {child.label} did not stop within {wait:g}s; killing it")
+                    child.popen.kill()
+                    codes.append(child.popen.wait())
         return codes
 
 
@@ -253,7 +264,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if with_sts:
             # The token service first: every other service fetches its keys at start.
             lines.append(
-                sup.wait_ready(sup.spawn("the token service (mesh sts)", ["sts"], "sts: "))
+                sup.wait_ready(sup.spawn("the token service (mesh sts)", ["sts"], "sts: ", stage=3))
             )
         for name, agent in config.agents.items():
             if agent.a2a is not None:
@@ -264,7 +275,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                     f" (replica {replica + 1})" if agent.replicas > 1 else ""
                 )
                 argv = ["agent", name, "--port", str(port)]
-                child = sup.spawn(label, argv, f"agent {name}: ", service=name)
+                child = sup.spawn(label, argv, f"agent {name}: ", service=name, stage=2)
                 line = sup.wait_ready(child)
                 lines.append(line)
                 static += ["--static", f"{name}={line.split(': ', 1)[1]}"]
@@ -273,6 +284,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             ["router", "--port", str(router_port), *static],
             "router: ",
             service="router",
+            stage=1,
         )
         address = sup.wait_ready(router).split(": ", 1)[1]
         if config.a2a.enabled:
