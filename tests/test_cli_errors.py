@@ -105,6 +105,36 @@ def test_agent_on_a_busy_port() -> None:
     assert "--port 0" in line[0]
 
 
+def test_a_busy_metrics_port_is_the_one_named() -> None:
+    """Not the service's own (free) port: the metrics port that is taken."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = Proc(
+            ["agent", "billing", "--config", str(MESH_YAML), "--no-auth", "--port", "0"],
+            {"MESH_SERVER__METRICS_PORT": str(port)},
+        )
+        code = proc.popen.wait(timeout=60)
+    proc.lines.get(timeout=10)
+    err = "".join(proc.stderr)
+    assert code == 1 and "Traceback" not in err, err
+    assert f"127.0.0.1:{port} is already in use, so agent billing's metrics port" in err
+    assert "server.metrics_port 0" in err
+
+
+def test_mesh_up_refuses_one_fixed_metrics_port_for_every_service(tmp_path: Path) -> None:
+    proc = Proc(
+        ["up", "--config", str(MESH_YAML), "--router-port", "0"],
+        {"MESH_SERVER__METRICS_PORT": "50077", "MESH_DATA_DIR": str(tmp_path)},
+    )
+    code = proc.popen.wait(timeout=60)
+    proc.lines.get(timeout=10)
+    err = "".join(proc.stderr)
+    assert code != 0 and "Traceback" not in err, err
+    assert "server.metrics_port is 50077: under `mesh up` every service" in err
+
+
 def _slow_talker(tmp_path: Path) -> Path:
     agent = offline_agent(default_reply="word " * 200, chunk_chars=5, delay_ms=5)
     return write_config(tmp_path, {"agents": {"talker": agent}, "auth": {"enabled": False}})

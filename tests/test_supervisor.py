@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -135,7 +136,7 @@ async def test_ctrl_c_lets_a_turn_in_flight_finish_its_next_hop(tmp_path: Path) 
             },
         },
     )
-    proc, router, env = start_mesh(config, tmp_path / "data")
+    proc, router, env = start_mesh(config, tmp_path / "data", {"MESH_SERVER__METRICS_PORT": "0"})
     proc.wait_line("mesh up: running", timeout=90)
     token = mesh_token(config, env)
     async with create_channel(router) as channel:
@@ -151,3 +152,6 @@ async def test_ctrl_c_lets_a_turn_in_flight_finish_its_next_hop(tmp_path: Path) 
     assert final.WhichOneof("kind") == "final", rest[-1]
     assert final.agent == "back" and list(final.final.hop_path) == ["front", "back"]
     assert proc.popen.wait(timeout=120) == 0, "".join(proc.stderr)
+    # Each service's metrics line says whose port it is.
+    owners = re.findall(r"^metrics: 127\.0\.0\.1:\d+ \((.+)\)$", "".join(proc.stderr), re.M)
+    assert sorted(owners) == ["agent back", "agent front", "the router"], owners

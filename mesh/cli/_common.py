@@ -82,16 +82,19 @@ def maybe_config(args: argparse.Namespace) -> MeshConfig | None:
     return config_of(args)
 
 
-def port_in_use(what: str, address: str) -> CommandError:
+_FREE_PORT = "--port 0 picks a free one"
+
+
+def port_in_use(what: str, address: str, free: str = _FREE_PORT) -> CommandError:
     port = address.rpartition(":")[2]
     return CommandError(
         f"{address} is already in use, so {what} cannot listen there: stop what holds it "
         f"(`ss -ltnp 'sport = :{port}'` shows it; an earlier `mesh up` still running?) "
-        "or choose another port (--port 0 picks a free one)"
+        f"or choose another port ({free})"
     )
 
 
-def ensure_port_free(what: str, host: str, port: int) -> None:
+def ensure_port_free(what: str, host: str, port: int, free: str = _FREE_PORT) -> None:
     """Fail in one line when ``host:port`` is taken (before gRPC tries and logs it)."""
     if not port:
         return
@@ -101,7 +104,7 @@ def ensure_port_free(what: str, host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise port_in_use(what, f"{host}:{port}") from None
+                raise port_in_use(what, f"{host}:{port}", free) from None
             raise
 
 

@@ -24,7 +24,7 @@ from mesh.cli._common import (
     port_in_use,
     venv_command,
 )
-from mesh.config import MeshConfig
+from mesh.config import MeshConfig, ServerSettings
 from mesh.errors import ConfigError
 
 
@@ -70,10 +70,18 @@ def require_token_service(config: MeshConfig, who: str) -> None:
 
 
 async def _start(
-    server_start: Callable[[str, int], Awaitable[int]], what: str, host: str, port: int
+    server_start: Callable[[str, int], Awaitable[int]],
+    what: str,
+    host: str,
+    port: int,
+    settings: ServerSettings,
 ) -> int:
-    """Start a server; a taken port is one line saying what to do."""
+    """Start a server; a taken port (its own, its health or its metrics port) is one
+    line naming that port and what to do."""
     ensure_port_free(what, host, port)
+    for name, extra in (("health", settings.health_port), ("metrics", settings.metrics_port)):
+        free = f"server.{name}_port 0 picks a free one"
+        ensure_port_free(f"{what}'s {name} port (server.{name}_port)", host, extra or 0, free)
     try:
         bound = await server_start(host, port)
     except (RuntimeError, OSError) as err:
@@ -93,7 +101,7 @@ async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = config.agent(name).port if args.port is None else args.port
     try:
-        bound = await _start(server.start, f"agent {name}", host, port)
+        bound = await _start(server.start, f"agent {name}", host, port, config.server)
     except BaseException:
         await runtime.provider.aclose()
         raise
@@ -166,7 +174,7 @@ async def _run_router(config: MeshConfig, args: argparse.Namespace) -> int:
     app = RouterApp(config)
     host = args.host or config.router.host
     port = config.router.port if args.port is None else args.port
-    bound = await _start(app.start, "the router", host, port)
+    bound = await _start(app.start, "the router", host, port, config.server)
     app.server.install_signal_handlers()
     print(f"router: {host}:{bound}", flush=True)
     if app.server.health_port:

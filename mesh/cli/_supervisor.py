@@ -59,6 +59,9 @@ def _die_with(parent: int) -> Callable[[], None]:
     return setup
 
 
+_PORT_LINES = ("metrics: ", "health: ")
+
+
 @dataclass
 class Child:
     """One supervised process, its output pumped into a tail and the terminal."""
@@ -89,6 +92,8 @@ class Child:
                 self.ready.set()
                 self.wake.set()
             else:
+                if line.startswith(_PORT_LINES):  # whose port it is, among several
+                    line = f"{line.rstrip()} ({self.label})\n"
                 sys.stderr.write(line)
                 sys.stderr.flush()
         self.eof = True
@@ -208,7 +213,15 @@ def _fixed_ports(
 
 
 def check_ports(config: MeshConfig, router_port: int, with_sts: bool) -> None:
-    """Fail in one line, before starting anything, when a port of the mesh is taken."""
+    """Fail in one line, before starting anything, when a port of the mesh is taken, or
+    when every service would try the same fixed health or metrics port."""
+    for name in ("health", "metrics"):
+        fixed = getattr(config.server, f"{name}_port")
+        if fixed:
+            raise CommandError(
+                f"server.{name}_port is {fixed}: under `mesh up` every service would listen "
+                f"there; set it to 0 (each service picks a free port and prints it)"
+            )
     for what, host, port in _fixed_ports(config, router_port, with_sts):
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
