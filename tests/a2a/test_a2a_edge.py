@@ -78,8 +78,13 @@ def mesh_data(tmp_path: Path) -> dict[str, Any]:
                 "provider": {
                     "kind": "offline",
                     "chunk_chars": 8,
+                    "delay_ms": 150,  # deltas 0.15 s apart: each reaches the client
                     "default_reply": "billing, turn {turns}: {message}",
                 },
+            },
+            "echo": {
+                "description": "answers with the message, in a burst of small chunks",
+                "provider": {"kind": "offline", "chunk_chars": 12, "default_reply": "{message}"},
             },
             "slow": {
                 "description": "a model that takes its time",
@@ -128,7 +133,7 @@ async def running_edge(tmp_path: Path, *extra: str) -> AsyncIterator[Mesh]:
             static: dict[str, list[str]] = {}
             records: dict[str, RecordingProvider] = {}
             servers: dict[str, Any] = {}
-            for name in ("triage", "billing", "slow", "payer"):
+            for name in ("triage", "billing", "echo", "slow", "payer"):
                 addr, server, _r, rec = await stack.enter_async_context(serve_agent(config, name))
                 static[name] = [addr]
                 records[name] = rec
@@ -203,7 +208,7 @@ async def test_card_streamed_transfer_and_a_continued_conversation(tmp_path: Pat
     assert card.supported_interfaces[0].url == f"{mesh.url}/agents/triage/"
     assert card.supported_interfaces[0].protocol_binding == "JSONRPC"
     assert [s.name for s in billing_card.skills] == ["invoices"]
-    assert {s.tags[0] for s in root_card.skills} == {"triage", "billing", "slow", "payer"}
+    assert {s.tags[0] for s in root_card.skills} == {"triage", "billing", "echo", "slow", "payer"}
     scheme = card.security_schemes["mesh"].open_id_connect_security_scheme
     assert scheme.open_id_connect_url.endswith("/.well-known/openid-configuration")
     flow = card.security_schemes["mesh-oauth2"].oauth2_security_scheme.flows
@@ -249,6 +254,25 @@ async def test_a_turn_that_fails_in_the_mesh_fails_its_task(tmp_path: Path) -> N
     last = [e for e in events if e.HasField("status_update")][-1].status_update.status
     assert MessageToDict(last.message.metadata)["mesh"]["code"] == "UNAVAILABLE"
     assert stored.status.state == TaskState.TASK_STATE_FAILED
+
+
+async def test_a_long_answer_in_small_chunks_reaches_the_task_in_batches(tmp_path: Path) -> None:
+    """40,000 characters in 12-character deltas (3,334 of them) reach the task as a few
+    artifact appends, in order and whole: the SDK copies the task for every append,
+    and one per delta made the edge's time grow with the answer's length squared."""
+    text = "".join(f"{n:05d} " for n in range(40_000 // 6))
+    async with running_edge(tmp_path) as mesh:
+        headers = {"Authorization": f"Bearer {mesh.token()}"}
+        async with httpx.AsyncClient(headers=headers, timeout=120) as http:
+            _card, client = await sdk_client(http, f"{mesh.url}/agents/echo")
+            events = [e async for e in client.send_message(user_message(text))]
+            stored = await client.get_task(GetTaskRequest(id=events[0].task.id))
+            await client.close()
+    chunks = answer_chunks(events)
+    assert "".join(chunks) == text
+    assert len(chunks) <= 40, len(chunks)
+    assert final_state(events) == TaskState.TASK_STATE_COMPLETED
+    assert "".join(p.text for a in stored.artifacts for p in a.parts) == text
 
 
 async def test_cancel_stops_every_hop(tmp_path: Path) -> None:
