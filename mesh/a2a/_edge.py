@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +33,8 @@ from a2a.server.routes import (
     create_jsonrpc_routes,
 )
 from a2a.server.tasks import InMemoryTaskStore
-from a2a.types import (
-    AgentCard,
-)
+from a2a.types import AgentCard, Message, SendMessageRequest
+from a2a.utils.errors import InvalidParamsError
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.types import ASGIApp
@@ -66,6 +65,30 @@ class A2aEdge:
         await self.link.aclose()
 
 
+class _Handler(DefaultRequestHandler):
+    """The SDK's handler, refusing a message no task can start from (no parts, an
+    empty text part) as invalid params before a task exists; past that point the SDK
+    reports it as an internal error with a traceback in the log."""
+
+    async def on_message_send(self, params: SendMessageRequest, context: Any) -> Any:
+        _check_message(params.message)
+        return await super().on_message_send(params, context)
+
+    async def on_message_send_stream(
+        self, params: SendMessageRequest, context: Any
+    ) -> AsyncGenerator[Any]:
+        _check_message(params.message)
+        async for event in super().on_message_send_stream(params, context):
+            yield event
+
+
+def _check_message(message: Message) -> None:
+    if not message.parts:
+        raise InvalidParamsError("a message needs at least one part")
+    if any(part.HasField("text") and not part.text for part in message.parts):
+        raise InvalidParamsError("a message's text part must not be empty")
+
+
 def build_edge(config: MeshConfig, router: str, base_url: str, *, timeout_s: float) -> A2aEdge:
     """The edge's app: one A2A agent per routable agent and sequence, and the mesh at /."""
     link = RouterLink(router, _credentials(config), timeout_s)
@@ -76,7 +99,7 @@ def build_edge(config: MeshConfig, router: str, base_url: str, *, timeout_s: flo
     mounts: list[Any] = []
     for name in [*routable(config), ""]:
         card = cards.card(name)
-        handler = DefaultRequestHandler(
+        handler = _Handler(
             agent_executor=MeshExecutor(name, link, identity, cards),
             task_store=InMemoryTaskStore(),
             agent_card=card,

@@ -412,3 +412,16 @@ async def test_a_tool_approval_is_input_required_and_the_answer_continues_the_ta
     assert "refunded INV-A2A" in "".join(answer_chunks(done))
     assert denied[0] == TaskState.TASK_STATE_INPUT_REQUIRED
     assert denied[2] == TaskState.TASK_STATE_COMPLETED and denied[3] == []  # never ran
+
+
+async def test_a_message_with_an_empty_text_part_is_invalid_params(tmp_path: Path) -> None:
+    """The caller's bad input is JSON-RPC -32602 (invalid params), not an internal error
+    with a traceback in the edge's log (running_edge checks the log stays quiet)."""
+    async with running_edge(tmp_path) as mesh:
+        headers = {"Authorization": f"Bearer {mesh.token()}", "A2A-Version": "1.0"}
+        message = {"messageId": uuid.uuid4().hex, "role": "ROLE_USER", "parts": [{"text": ""}]}
+        body = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"message": message}}
+        async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+            reply = await http.post(f"{mesh.url}/agents/triage/", json=body)
+    error = reply.json()["error"]
+    assert error["code"] == -32602 and "empty" in error["message"], error
