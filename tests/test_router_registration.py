@@ -107,6 +107,13 @@ async def test_rogue_registrations_are_refused_and_never_get_a_turn(config: Mesh
                 refused = await _register(router, orders_token, "orders", f"10.1.2.3:{port}")
                 assert isinstance(refused, PermissionDenied)
                 assert "orders" not in app.pool.endpoints
+                # An agent's own (app-only) token registers, but never starts a turn:
+                # the router's Chat acts for a user, refused before any hop.
+                async with create_channel(router) as channel:
+                    app_only = [("authorization", f"Bearer {orders_token}")]
+                    with pytest.raises(PermissionDenied, match="user's token"):
+                        await AgentClient(channel, router=True).chat("hi", metadata=app_only)
+                assert billing_server.lifecycle.turns_started == 0
                 # alice's turns all went to the real billing; the rogue saw none.
                 async with create_channel(router) as channel:
                     client = AgentClient(channel, router=True)

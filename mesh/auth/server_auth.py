@@ -31,7 +31,7 @@ from mesh.config import MeshConfig
 from mesh.errors import MeshError, PermissionDenied, Unauthenticated
 from mesh.interceptors import rejecting_handler
 from mesh.logs import guard_library_loggers
-from mesh.v1 import agent_pb2
+from mesh.v1 import agent_pb2, router_pb2
 
 log = logging.getLogger("mesh.auth")
 guard_library_loggers()  # grpc quotes raw metadata values it cannot decode
@@ -145,9 +145,12 @@ class CallerPolicy:
     """Which kind of token each method of a service takes (beyond a valid one)."""
 
     user_methods: frozenset[str] = frozenset()
-    """Methods that need a user's token delegated by one of ``delegates``."""
-    delegates: frozenset[str] = frozenset()
-    """Client ids that may present a user's token on ``user_methods`` (the acting client)."""
+    """Methods that act for a user: they need a user's token (delegated by one of
+    ``delegates``, when that is set), never an app-only one."""
+    delegates: frozenset[str] | None = None
+    """Client ids that may present a user's token on ``user_methods`` (the acting client);
+    None: any client (the router's Chat takes the user's own token, or one an edge or a
+    tool obtained for the user)."""
     service_callers: frozenset[str] = frozenset()
     """Client ids whose own (app) tokens may call ``user_methods`` too."""
     role_methods: Mapping[str, str] = field(default_factory=dict)
@@ -164,11 +167,15 @@ class CallerPolicy:
             if caller in self.service_callers:
                 return
             raise PermissionDenied("this method needs a user's token, not a service's own")
-        if acting_client(claims) not in self.delegates:
+        if self.delegates is not None and acting_client(claims) not in self.delegates:
             raise PermissionDenied("a user's token must reach this service through the router")
 
 
 _AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+_ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+#: The router's method that acts for a user (a turn): an app-only token cannot be
+#: exchanged on a user's behalf, so it is refused here rather than at the first hop.
+ROUTER_USER_METHODS = frozenset({f"/{_ROUTER_SERVICE}/Chat"})
 #: The agent methods that act for a user (a turn), as opposed to ``Info``.
 AGENT_USER_METHODS = frozenset({f"/{_AGENT_SERVICE}/Chat", f"/{_AGENT_SERVICE}/Handoff"})
 
@@ -331,10 +338,13 @@ def _validator(config: MeshConfig, service: str, issuer: str, jwks: JwksCache) -
 
 def caller_policy(config: MeshConfig, service: str) -> CallerPolicy:
     """An agent's Chat/Handoff take a user's token delegated through ``auth.delegates``
-    (the router), or the own tokens of ``auth.service_callers[agent]``. (The router's
+    (the router), or the own tokens of ``auth.service_callers[agent]``; the router's Chat
+    takes a user's token, never an app-only one. (The router's
     ``Register`` checks ``router.discovery.register_role`` and the caller's identity in
     its servicer.)"""
     auth = config.auth
+    if service == "router":
+        return CallerPolicy(user_methods=ROUTER_USER_METHODS)
     if service not in config.agents:
         return CallerPolicy()
     return CallerPolicy(
