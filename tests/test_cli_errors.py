@@ -135,6 +135,26 @@ def test_mesh_up_refuses_one_fixed_metrics_port_for_every_service(tmp_path: Path
     assert "server.metrics_port is 50077: under `mesh up` every service" in err
 
 
+def test_a_token_with_a_line_break_is_one_line(tmp_path: Path) -> None:
+    """A pasted token that carries a line break or a space is named as such; one that
+    only ends in a line break (a CRLF file) is used as the token it is."""
+    args = ["chat", "--config", str(MESH_YAML), "--router", "127.0.0.1:9", "hello"]
+    for bad in ("eyJhbGciOi.x\ny.z", "eyJ abc.def.ghi"):
+        proc = Proc(args, {"MESH_TOKEN": bad})
+        code = proc.popen.wait(timeout=60)
+        proc.lines.get(timeout=10)
+        err = "".join(proc.stderr)
+        assert code == 2 and "Traceback" not in err, err
+        assert "$MESH_TOKEN holds characters a header cannot carry" in err
+        assert "eyJ" not in err  # the value is never echoed
+    proc = Proc(args, {"MESH_TOKEN": "eyJhbGciOi.abc.def\r\n"})
+    code = proc.popen.wait(timeout=60)
+    proc.lines.get(timeout=10)
+    err = "".join(proc.stderr)
+    assert "Traceback" not in err and "cannot carry" not in err, err
+    assert "127.0.0.1:9" in err  # it got as far as the (absent) router
+
+
 def _slow_talker(tmp_path: Path) -> Path:
     agent = offline_agent(default_reply="word " * 200, chunk_chars=5, delay_ms=5)
     return write_config(tmp_path, {"agents": {"talker": agent}, "auth": {"enabled": False}})

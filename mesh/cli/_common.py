@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from mesh.errors import ConfigError, MeshError, from_rpc_error
 
 EXIT_USAGE = 2
 ENV_TOKEN = "MESH_TOKEN"  # noqa: S105 - the variable's name, not a token
+#: What a bearer token may hold (RFC 6750 b64token): nothing a header would break on.
+_HEADER_VALUE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 class CommandError(Exception):
@@ -205,7 +208,13 @@ class Caller:
         ``$MESH_TOKEN`` wins; otherwise, on a mesh that runs the embedded token
         service, a user token is minted locally (as ``mesh token`` would).
         """
-        token = os.environ.get(ENV_TOKEN)
+        token = (os.environ.get(ENV_TOKEN) or "").strip()
+        if token and not _HEADER_VALUE.fullmatch(token):
+            raise CommandError(
+                f"${ENV_TOKEN} holds characters a header cannot carry (a line break, a "
+                "space, a quote?): set it to the token alone, as `mesh token` prints it",
+                EXIT_USAGE,
+            )
         if not token and self.config is not None and self.config.auth.enabled:
             if self.config.auth.exchanger != "embedded" or self.config.auth.issuer:
                 raise ConfigError(
