@@ -88,6 +88,14 @@ def test_chat_with_the_router_down(tmp_path: Path) -> None:
     assert code == 1
     line = _one_line(err)
     assert f"cannot reach the router at 127.0.0.1:{port}: is it running?" in line
+    assert "--router HOST:PORT" in line  # a flag `mesh chat` has
+    # An agent's commands point at it with --target, the flag they have.
+    code, err = _run(
+        "info", "--config", str(MESH_YAML), "--no-auth", "--target", f"127.0.0.1:{port}"
+    )
+    assert code == 1
+    line = _one_line("\n".join(x for x in err.splitlines() if "--no-auth" not in x))
+    assert f"cannot reach the agent at 127.0.0.1:{port}" in line and "--target HOST:PORT" in line
 
 
 def test_agent_on_a_busy_port() -> None:

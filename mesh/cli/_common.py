@@ -139,9 +139,10 @@ def explained(target: str, what: str) -> Iterator[None]:
 
 
 def _unreachable(target: str, what: str) -> CommandError:
+    flag = "--router" if what == "the router" else "--target"
     return CommandError(
         f"cannot reach {what} at {target}: is it running? (start the mesh with `make run`, "
-        "or point at it with --router/--target)"
+        f"or point at it with {flag} HOST:PORT)"
     )
 
 
