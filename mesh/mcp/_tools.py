@@ -23,9 +23,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx2
@@ -209,11 +211,15 @@ class McpServerConnection:
             base = self.mesh.base_dir
             # Like function tools, server modules import from the config's folder first.
             path = [str(base), *filter(None, [os.environ.get("PYTHONPATH")])]
+            workdir = (base / cwd) if cwd else base
+            program = command or cfg.stdio.command
+            if not _runnable(program, workdir):
+                raise FileNotFoundError(f"no command {program!r} (its `command`) to start")
             params = StdioServerParameters(
                 command=command or cfg.stdio.command,
                 args=list(cfg.stdio.args),
                 env={"PYTHONPATH": os.pathsep.join(path), **cfg.stdio.env},
-                cwd=str((base / cwd) if cwd else base),
+                cwd=str(workdir),
             )
             transport = stdio_client(params)
         elif cfg.sse is not None:
@@ -359,3 +365,11 @@ class McpServerConnection:
         if not self.config.cache_tools:
             await self._relist(client)
         return render_result(result, self.config.max_result_bytes, label)
+
+
+def _runnable(program: str, workdir: Path) -> bool:
+    """Whether a stdio server's command can start: a path (from its working directory)
+    to an executable, or a name on PATH."""
+    if "/" in program:
+        return os.access(Path(program) if os.path.isabs(program) else workdir / program, os.X_OK)
+    return shutil.which(program) is not None

@@ -254,6 +254,22 @@ async def test_required_server_down_turns_health_not_serving(tmp_path: Path) -> 
                 await close_toolset(runtime)
 
 
+async def test_a_missing_command_is_named(tmp_path: Path) -> None:
+    """A stdio server whose command does not exist says which command, not a bare
+    "No such file or directory"."""
+    spec = {"name": "gone", "stdio": {"command": "no-such-mcp-server-xyz", "args": []}}
+    config = config_for(agent_with([spec], []))
+    async with serve_agent(config, "helper") as (_addr, _server, runtime, _rec):
+        toolset = toolset_of(runtime)
+        assert toolset is not None
+        try:
+            await toolset.wait_started()
+            [server] = toolset.servers
+            assert "no command 'no-such-mcp-server-xyz'" in server.last_error
+        finally:
+            await close_toolset(runtime)
+
+
 def _claims(content: str) -> dict[str, Any]:
     return dict(json.loads(content))
 
