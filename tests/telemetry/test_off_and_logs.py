@@ -73,11 +73,19 @@ def test_no_otel_variable_means_no_exporter_and_no_telemetry_thread() -> None:
 
 
 async def test_every_service_logs_json_lines_with_the_turns_trace_id(tmp_path: Path) -> None:
-    config = write_config(tmp_path, small_mesh(auth=False))
+    mesh = small_mesh(auth=False)
+    # An MCP stdio server too: its start is a spawn, where grpc's fork handlers used to
+    # print a plain-text line. Required, so triage serves only once it runs.
+    glossary = {"command": "python", "args": ["-m", "mcp_glossary"]}
+    mesh["agents"]["triage"]["mcp_servers"] = [
+        {"name": "glossary", "required": True, "stdio": glossary}
+    ]
+    config = write_config(tmp_path, mesh)
     env = {
         "MESH_LOG_FORMAT": "json",
         "MESH_LOG_LEVEL": "DEBUG",
         "PYTHONPATH": str(MESH_YAML.parent),
+        "GRPC_VERBOSITY": "",  # grpc's own default, as users run it (the suite quiets it)
     }
     proc, address, _env = start_mesh(config, tmp_path / "data", env)
     trace_id = "5" * 32
