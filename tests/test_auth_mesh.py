@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from mesh.auth.exchange import hop_tokens
 from mesh.auth.policy import hop_scopes, hops_claim_for
@@ -85,12 +86,16 @@ async def test_user_token_reaches_b_after_transfer_with_actor_chain(
                     result = await AgentClient(channel, router=True).chat(
                         "who am I?", metadata=[("authorization", f"Bearer {token}")]
                     )
-                    # Without a token the router refuses, and keeps serving.
+                    # Without a token the router refuses, counts it, and keeps serving.
+                    labels = {"service": "router", "code": "UNAUTHENTICATED"}
+                    before = REGISTRY.get_sample_value("mesh_auth_refusals_total", labels) or 0
                     call = router_pb2_grpc.RouterServiceStub(channel).Chat(timeout=10)
                     await call.write(turn_request("who am I?"))
                     with pytest.raises(grpc.aio.AioRpcError) as caught:
                         await call.read()
                     assert isinstance(from_rpc_error(caught.value), Unauthenticated)
+                    after = REGISTRY.get_sample_value("mesh_auth_refusals_total", labels)
+                    assert after == before + 1
     final = result.final
     assert final is not None and final.agent == "b"
     assert list(final.final.hop_path) == ["a", "b"]

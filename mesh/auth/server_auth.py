@@ -21,6 +21,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 
 from mesh import context as ctx
+from mesh import telemetry
 from mesh.auth import audit
 from mesh.auth.jwks import JwksCache
 from mesh.auth.jwt import TokenProfile, TokenValidator, is_app_only, principal_from_claims
@@ -232,6 +233,7 @@ class AuthServerInterceptor(grpc.aio.ServerInterceptor):
                 )
             self.callers.check(method, claims, principal)
         except MeshError as err:
+            telemetry.metrics.auth_refusals.labels(self.service, err.code.name).inc()
             audit.log_call(
                 service=self.service,
                 method=method,

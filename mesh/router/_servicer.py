@@ -43,10 +43,10 @@ from mesh.logs import safe_text
 from mesh.router._agents import encode_seq
 from mesh.router._core import HopBudget
 from mesh.router._engine import Router
+from mesh.router._owners import conversation_key, user_key
 from mesh.router._pool import AgentPool
 from mesh.router._registration import authorize_registration
 from mesh.router._requests import window_history
-from mesh.router._store import conversation_key, user_key
 from mesh.router._turn import TurnState
 from mesh.streams import (
     Emitter,

@@ -50,7 +50,7 @@ class TurnState:
     """False once the client half-closed: an approval request is denied at once."""
     store_key: str = ""
     """The conversation's key in the store (scoped to its user with auth; see
-    :func:`mesh.router._store.conversation_key`)."""
+    :func:`mesh.router._owners.conversation_key`)."""
 
     @property
     def path(self) -> list[str]:

@@ -88,6 +88,11 @@ token_exchanges = Counter(
     ["audience", "result"],
 )
 jwks_fetches = Counter("mesh_jwks_fetches", "JWKS documents fetched, by outcome.", ["outcome"])
+auth_refusals = Counter(
+    "mesh_auth_refusals",
+    "Calls refused by token validation or the caller policy, by service and status code.",
+    ["service", "code"],
+)
 store_commit = Histogram(
     "mesh_store_commit_duration_seconds",
     "Time to store a finished turn (the router's view).",
@@ -145,6 +150,7 @@ def names() -> Iterable[str]:
         "mesh_agent_streams_total",
         "mesh_token_exchanges_total",
         "mesh_jwks_fetches_total",
+        "mesh_auth_refusals_total",
         "mesh_store_commit_duration_seconds",
         "mesh_open_streams",
         "mesh_replica_healthy",
