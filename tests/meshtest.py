@@ -162,9 +162,14 @@ class RecordingProvider:
         self.opened = asyncio.Event()
         self.closed = asyncio.Event()
         self.requests: list[ModelRequest] = []
+        self.traces: list[dict[str, str]] = []
+        """The W3C trace context each model call ran in (what the agent received)."""
 
     async def stream(self, request: ModelRequest) -> AsyncIterator[ModelEvent]:
+        from mesh.context import current_trace_context
+
         self.requests.append(request)
+        self.traces.append(dict(current_trace_context.get({})))
         self.opened.set()
         self.closed.clear()
         try:

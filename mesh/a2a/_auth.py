@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mesh.a2a._errors import HTTP_STATUS
 from mesh.config import MeshConfig
+from mesh.context import TRACE_KEYS
 from mesh.errors import MeshError, Unauthenticated
 
 log = logging.getLogger("mesh.a2a")
@@ -47,6 +48,16 @@ def bearer_of(state: Mapping[str, object]) -> str | None:
     """The validated token a call context carries (None: none, or auth is off)."""
     held = state.get(_STATE_TOKEN)
     return held.value if isinstance(held, Bearer) else None
+
+
+def trace_of(state: Mapping[str, object]) -> tuple[tuple[str, str], ...]:
+    """The caller's W3C trace context (``traceparent``, ``tracestate``, ``baggage``)
+    from its HTTP headers, for the router call: the A2A caller's trace continues
+    through the mesh. The router bounds and checks the values it takes."""
+    headers = state.get("headers")
+    if not isinstance(headers, Mapping):
+        return ()
+    return tuple((k, str(headers[k])) for k in TRACE_KEYS if headers.get(k))
 
 
 #: (the caller's validated token or None) -> the router's bearer (None: auth is off).

@@ -23,7 +23,7 @@ from a2a.types import (
 )
 from google.protobuf.json_format import MessageToDict, ParseDict
 
-from mesh.a2a._auth import Identity, bearer_of
+from mesh.a2a._auth import Identity, bearer_of, trace_of
 from mesh.a2a._cards import CardBook
 from mesh.a2a._errors import a2a_code, task_state_for
 from mesh.client import AgentClient, ChatStream, create_channel, turn_request
@@ -294,7 +294,8 @@ class MeshExecutor(AgentExecutor):
             await stream.send(types_pb2.ChatRequest(approval=_answer(context, approval_id)))
             events = _events(stream)
         else:
-            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            bearer = (("authorization", f"Bearer {token}"),) if token else ()
+            metadata = (*bearer, *trace_of(context.call_context.state))
             stream = self.link.client().open(metadata=metadata, timeout=self.link.timeout_s)
             relay = _Relay(updater, say, f"{task_id}-answer")
             request = turn_request(context.get_user_input(), conversation_id=context_id)

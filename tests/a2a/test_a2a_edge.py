@@ -275,6 +275,25 @@ async def test_a_long_answer_in_small_chunks_reaches_the_task_in_batches(tmp_pat
     assert "".join(p.text for a in stored.artifacts for p in a.parts) == text
 
 
+async def test_the_callers_trace_continues_through_the_mesh(tmp_path: Path) -> None:
+    """An A2A caller's ``traceparent`` header reaches the router call, so the agents'
+    work joins the caller's trace (the edge used to start a new one)."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    async with running_edge(tmp_path) as mesh:
+        headers = {
+            "Authorization": f"Bearer {mesh.token()}",
+            "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01",
+        }
+        async with httpx.AsyncClient(headers=headers, timeout=60) as http:
+            _card, client = await sdk_client(http, f"{mesh.url}/agents/triage")
+            events = [e async for e in client.send_message(user_message("where is my invoice?"))]
+            await client.close()
+    assert final_state(events) == TaskState.TASK_STATE_COMPLETED
+    for agent in ("triage", "billing"):
+        [trace] = mesh.records[agent].traces
+        assert trace.get("traceparent", "").split("-")[1] == trace_id, (agent, trace)
+
+
 async def test_cancel_stops_every_hop(tmp_path: Path) -> None:
     async with running_edge(tmp_path) as mesh:
         headers = {"Authorization": f"Bearer {mesh.token()}"}
