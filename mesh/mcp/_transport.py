@@ -97,9 +97,15 @@ def _describe(err: BaseException) -> str:
         leaves = [e for e in _leaves(err)]
         if leaves:
             return _describe(leaves[0])
+    from pydantic import ValidationError
+
     from mesh.auth.jwt import redact
 
     text = str(err).splitlines()[0] if str(err) else ""
+    if isinstance(err, ValidationError) and err.errors():
+        first = err.errors()[0]  # where the server's answer breaks the MCP schema
+        where = ".".join(str(part) for part in first["loc"])
+        text = f"{err.title} does not follow the MCP schema at {where}: {first['msg']}"
     return redact(f"{type(err).__name__}: {text}" if text else type(err).__name__)[:300]
 
 

@@ -270,6 +270,25 @@ async def test_a_missing_command_is_named(tmp_path: Path) -> None:
             await close_toolset(runtime)
 
 
+async def test_a_listing_that_breaks_the_mcp_schema_says_where() -> None:
+    """A tools/list answer the MCP SDK refuses takes that server down (it is retried);
+    the reason names where the answer breaks the schema."""
+    script = str(Path(__file__).with_name("bad_listing.py"))
+    spec = {"name": "bad", "stdio": {"command": sys.executable, "args": [script]}}
+    config = config_for(agent_with([spec], []))
+    async with serve_agent(config, "helper") as (_addr, _server, runtime, _rec):
+        toolset = toolset_of(runtime)
+        assert toolset is not None
+        try:
+            await toolset.wait_started()
+            [server] = toolset.servers
+            assert "does not follow the MCP schema at tools.0.inputSchema.properties" in (
+                server.last_error
+            )
+        finally:
+            await close_toolset(runtime)
+
+
 def _claims(content: str) -> dict[str, Any]:
     return dict(json.loads(content))
 
