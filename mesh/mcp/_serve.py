@@ -31,6 +31,7 @@ from pydantic import AnyHttpUrl
 
 from mesh.client import AgentClient, create_channel, turn_request
 from mesh.config import MeshConfig
+from mesh.convert import error_code_name
 from mesh.errors import ConfigError, MeshError
 from mesh.version import __version__
 
@@ -88,7 +89,7 @@ class MeshAsker:
                 elif kind == "handoff":
                     note = f"[{event.agent} hands over to {event.handoff.target}]"
                 elif kind == "error":
-                    raise ToolError(f"{event.error.code}: {event.error.message}")
+                    raise ToolError(f"{error_code_name(event.error.code)}: {event.error.message}")
                 elif kind == "final":
                     text = event.final.content or text
                 if note:

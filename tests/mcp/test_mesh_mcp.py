@@ -40,13 +40,18 @@ MESH = {
 }
 
 
+BILLING: list[Any] = []
+"""The billing agent's server of the mesh running now (a test may stop it)."""
+
+
 @contextlib.asynccontextmanager
 async def running_mesh(tmp_path: Path) -> AsyncIterator[tuple[Path, str]]:
     path = write_config(tmp_path, MESH)
     config = config_from_dict(MESH, source=str(path))
     async with serve_agent(config, "triage") as (triage, *_):
-        async with serve_agent(config, "billing") as (billing, *_):
+        async with serve_agent(config, "billing") as (billing, server, *_):
             static = {"triage": [triage], "billing": [billing]}
+            BILLING[:] = [server]
             async with serve_router(config, static) as (router, _app):
                 yield path, router
 
@@ -101,6 +106,22 @@ async def test_mesh_mcp_over_streamable_http(tmp_path: Path) -> None:
         finally:
             assert proc.stop() == 0
     check(names, order, text)
+
+
+async def test_a_turn_that_fails_in_the_mesh_is_a_tool_error_naming_its_code(
+    tmp_path: Path,
+) -> None:
+    async with running_mesh(tmp_path) as (path, router):
+        await BILLING[0].stop(0)  # the agent behind ask_billing is gone
+        params = StdioServerParameters(
+            command=sys.executable,
+            args=["-m", "mesh", "mcp", "--config", str(path), "--router", router],
+            cwd=str(REPO),
+        )
+        async with Client(params) as client:
+            result = await client.call_tool("ask_billing", {"message": "where is my invoice?"})
+    text = "".join(b.text for b in result.content if isinstance(b, mcp_types.TextContent))
+    assert result.is_error and ": UNAVAILABLE: no healthy replica" in text, text
 
 
 @pytest.mark.parametrize("transport", ["http"])
