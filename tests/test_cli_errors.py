@@ -113,6 +113,22 @@ def test_agent_on_a_busy_port() -> None:
     assert "--port 0" in line[0]
 
 
+def test_the_token_service_on_a_busy_port(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = Proc(
+            ["sts", "--config", str(MESH_YAML), "--port", str(port)],
+            {"MESH_DATA_DIR": str(tmp_path)},
+        )
+        code = proc.popen.wait(timeout=60)
+    proc.lines.get(timeout=10)
+    line = _one_line("".join(proc.stderr))
+    assert code == 2
+    assert f"127.0.0.1:{port} is already in use, so the token service cannot listen" in line
+
+
 def test_a_busy_metrics_port_is_the_one_named() -> None:
     """Not the service's own (free) port: the metrics port that is taken."""
     with socket.socket() as holder:

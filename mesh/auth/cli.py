@@ -7,6 +7,7 @@ function taking the parsed namespace and returning an exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import threading
@@ -74,8 +75,18 @@ def run_sts(args: argparse.Namespace) -> int:
             print(f"sts: new signing key {kid}", flush=True)
             return 0
         service = TokenService(config, host=args.host, port=args.port).start()
-    except (ConfigError, OSError) as err:
+    except ConfigError as err:
         print(f"mesh sts: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        message = str(err)
+        if err.errno == errno.EADDRINUSE:
+            from mesh.cli._common import port_in_use
+
+            host = args.host or config.auth.sts.host
+            port = config.auth.sts.port if args.port is None else args.port
+            message = str(port_in_use("the token service", f"{host}:{port}"))
+        print(f"mesh sts: {message}", file=sys.stderr)
         return 2
     print(f"sts: {service.url}", flush=True)
     stop = threading.Event()
