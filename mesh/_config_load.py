@@ -99,5 +99,16 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>") -> MeshCo
                 str(p) for p in e["loc"] if not str(p).startswith(("function-", "tagged-union"))
             )
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{loc}: {msg}" if loc else msg)
+            line = f"{loc}: {msg}" if loc else msg
+            variable = _env_variable(loc)
+            lines.append(f"{line} (from ${variable})" if variable else line)
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def _env_variable(loc: str) -> str | None:
+    """The ``MESH_*`` variable that set the field at ``loc``, when one did (environment
+    variables override the mesh file: a bad value there is not the file's)."""
+    if not loc:
+        return None
+    name = "MESH_" + loc.replace(".", "__").upper()
+    return name if name in os.environ else None

@@ -43,6 +43,18 @@ def test_unknown_handoff_target_is_named(tmp_path: Path) -> None:
     assert "agents.a.handoffs: unknown target 'ghost'" in err
 
 
+def test_a_bad_value_from_the_environment_names_its_variable() -> None:
+    proc = Proc(
+        ["agent", "billing", "--config", str(MESH_YAML)], {"MESH_SERVER__GRACE_PERIOD_S": "abc"}
+    )
+    code = proc.popen.wait(timeout=60)
+    proc.lines.get(timeout=10)
+    line = _one_line("".join(proc.stderr))
+    assert code == 2
+    assert "server.grace_period_s: Input should be a valid number" in line
+    assert line.endswith("(from $MESH_SERVER__GRACE_PERIOD_S)")
+
+
 def test_invalid_yaml_names_line(tmp_path: Path) -> None:
     config = tmp_path / "mesh.yaml"
     config.write_text("agents:\n  a: {description: [unclosed\n")
