@@ -108,6 +108,9 @@ def _final_code(
     if isinstance(error, MeshError):
         return error.code
     if isinstance(error, GeneratorExit) or type(error).__name__ == "CancelledError":
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED  # the caller's deadline ended the call
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
 

@@ -442,3 +442,26 @@ async def test_tls_for_grpc_hops(config: MeshConfig, sts: TokenService, client_a
             with pytest.raises(grpc.aio.AioRpcError) as failed:
                 await seen(addr, bearer(token), credentials=anonymous)
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_call_ended_by_its_deadline_is_audited_as_such() -> None:
+    """grpc cancels a handler both when the caller cancels and when its deadline passes;
+    the audit line tells them apart."""
+    import asyncio
+
+    from mesh.auth.server_auth import _final_code
+
+    class Ended:
+        def __init__(self, remaining: float | None) -> None:
+            self.remaining = remaining
+
+        def code(self) -> None:
+            return None
+
+        def time_remaining(self) -> float | None:
+            return self.remaining
+
+    cancelled = asyncio.CancelledError()
+    assert _final_code(Ended(-0.01), cancelled) == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[arg-type]
+    assert _final_code(Ended(4.0), cancelled) == grpc.StatusCode.CANCELLED  # type: ignore[arg-type]
+    assert _final_code(Ended(None), cancelled) == grpc.StatusCode.CANCELLED  # type: ignore[arg-type]
