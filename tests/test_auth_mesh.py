@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -281,99 +282,93 @@ async def test_three_hop_turns_through_the_router(three_hops: MeshConfig) -> Non
 # -- a conversation belongs to its user ------------------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def one_agent_mesh(
+    tmp_path: Path, provider: dict[str, Any], **router: Any
+) -> AsyncIterator[tuple[MeshConfig, str, Any]]:
+    """Auth on, the token service, agent ``a`` and a router in front of it."""
+    config = config_from_dict(
+        {
+            "data_dir": str(tmp_path),
+            "router": {"default_agent": "a", "store": {"kind": "memory"}, **router},
+            "auth": {"enabled": True, "sts": {"port": 0}},
+            "agents": {"a": {"description": "the only agent", "provider": provider}},
+        },
+        source=str(Path(__file__)),
+    )
+    with TokenService(config):
+        async with serve_agent(config, "a") as (addr_a, _s, _r, _p):
+            async with serve_router(config, {"a": [addr_a]}) as (address, app):
+                yield config, address, app
+
+
 async def test_a_conversation_id_never_reaches_another_users_conversation(
     tmp_path: Path,
 ) -> None:
     """mallory names alice's conversation id: he gets a conversation of his own. He
     neither reads alice's history (the agent sees none of it) nor adds to it."""
-    config = config_from_dict(
-        {
-            "data_dir": str(tmp_path),
-            "router": {"default_agent": "a", "store": {"kind": "memory"}},
-            "auth": {"enabled": True, "sts": {"port": 0}},
-            "agents": {
-                "a": {
-                    "description": "counts the user turns it is shown",
-                    "provider": {"kind": "offline", "default_reply": "turn {turns}: {message}"},
-                }
-            },
-        },
-        source=str(Path(__file__)),
-    )
-    with TokenService(config):
-        async with serve_agent(config, "a") as (addr_a, _s, _r, _p):
-            async with serve_router(config, {"a": [addr_a]}) as (router, app):
-                alice = [("authorization", f"Bearer {mint_user_token(config, 'alice')}")]
-                mallory = [("authorization", f"Bearer {mint_user_token(config, 'mallory')}")]
-                async with create_channel(router) as channel:
-                    client = AgentClient(channel, router=True)
+    provider = {"kind": "offline", "default_reply": "turn {turns}: {message}"}
+    async with one_agent_mesh(tmp_path, provider) as (config, router, app):
+        alice = [("authorization", f"Bearer {mint_user_token(config, 'alice')}")]
+        mallory = [("authorization", f"Bearer {mint_user_token(config, 'mallory')}")]
+        async with create_channel(router) as channel:
+            client = AgentClient(channel, router=True)
 
-                    async def say(who: list[tuple[str, str]], text: str) -> str:
-                        result = await client.chat(text, conversation_id="shared", metadata=who)
-                        final = result.final
-                        assert final is not None and final.conversation_id == "shared"
-                        return final.final.content
+            async def say(who: list[tuple[str, str]], text: str) -> str:
+                result = await client.chat(text, conversation_id="shared", metadata=who)
+                final = result.final
+                assert final is not None and final.conversation_id == "shared"
+                return final.final.content
 
-                    assert await say(alice, "my card is 4111") == "turn 1: my card is 4111"
-                    assert await say(alice, "refund it") == "turn 2: refund it"
-                    assert await say(mallory, "repeat everything") == "turn 1: repeat everything"
-                    assert await say(mallory, "and again") == "turn 2: and again"
-                    assert await say(alice, "thanks") == "turn 3: thanks"
-                keys = sorted(app.store._messages)
-                assert len(keys) == 2 and all(k.endswith("/shared") for k in keys)
-                stored = {k: [m.content for m in app.store._messages[k]] for k in keys}
-                assert sum("my card is 4111" in v for v in stored.values()) == 1
-                assert not any("my card is 4111" in v and "and again" in v for v in stored.values())
+            assert await say(alice, "my card is 4111") == "turn 1: my card is 4111"
+            assert await say(alice, "refund it") == "turn 2: refund it"
+            assert await say(mallory, "repeat everything") == "turn 1: repeat everything"
+            assert await say(mallory, "and again") == "turn 2: and again"
+            assert await say(alice, "thanks") == "turn 3: thanks"
+        keys = sorted(app.store._messages)
+        assert len(keys) == 2 and all(k.endswith("/shared") for k in keys)
+        stored = {k: [m.content for m in app.store._messages[k]] for k in keys}
+        assert sum("my card is 4111" in v for v in stored.values()) == 1
+        assert not any("my card is 4111" in v and "and again" in v for v in stored.values())
 
 
 async def test_one_user_cannot_take_every_stream(tmp_path: Path) -> None:
     """A user holding router.max_streams_per_user Chat streams gets RESOURCE_EXHAUSTED
     for one more; other users are served meanwhile, and closing a stream frees its place."""
-    config = config_from_dict(
-        {
-            "data_dir": str(tmp_path),
-            "router": {
-                "default_agent": "a",
-                "store": {"kind": "memory"},
-                "max_streams_per_user": 3,
-            },
-            "auth": {"enabled": True, "sts": {"port": 0}},
-            "agents": {"a": {"description": "echo", "provider": {"kind": "offline"}}},
-        },
-        source=str(Path(__file__)),
-    )
-    with TokenService(config):
-        async with serve_agent(config, "a") as (addr_a, _s, _r, _p):
-            async with serve_router(config, {"a": [addr_a]}) as (router, _app):
-                alice = [("authorization", f"Bearer {mint_user_token(config, 'alice')}")]
-                bob = [("authorization", f"Bearer {mint_user_token(config, 'bob')}")]
-                async with create_channel(router) as channel:
-                    client = AgentClient(channel, router=True)
+    async with one_agent_mesh(tmp_path, {"kind": "offline"}, max_streams_per_user=3) as (
+        config,
+        router,
+        _app,
+    ):
+        alice = [("authorization", f"Bearer {mint_user_token(config, 'alice')}")]
+        bob = [("authorization", f"Bearer {mint_user_token(config, 'bob')}")]
+        async with create_channel(router) as channel:
+            client = AgentClient(channel, router=True)
 
-                    async def one_turn(stream: Any) -> None:
-                        events = [e async for e in stream.turn(turn_request("hi"))]
-                        assert events[-1].WhichOneof("kind") == "final"
+            async def one_turn(stream: Any) -> None:
+                events = [e async for e in stream.turn(turn_request("hi"))]
+                assert events[-1].WhichOneof("kind") == "final"
 
-                    held = [client.open(metadata=alice, timeout=60) for _ in range(3)]
-                    for stream in held:
-                        await one_turn(stream)  # each is open and counted at the router
-                    extra = client.open(metadata=alice, timeout=60)
-                    with pytest.raises(MeshError) as caught:
-                        await one_turn(extra)
-                    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    assert "max_streams_per_user" in caught.value.message
-                    result = await client.chat("hi", metadata=bob)
-                    assert result.final is not None
-                    held.pop().cancel()
+            held = [client.open(metadata=alice, timeout=60) for _ in range(3)]
+            for stream in held:
+                await one_turn(stream)  # each is open and counted at the router
+            extra = client.open(metadata=alice, timeout=60)
+            with pytest.raises(MeshError) as caught:
+                await one_turn(extra)
+            assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_streams_per_user" in caught.value.message
+            result = await client.chat("hi", metadata=bob)
+            assert result.final is not None
+            held.pop().cancel()
+            freed = client.open(metadata=alice, timeout=60)
+            for _attempt in range(50):  # the router sees the cancel a moment later
+                try:
+                    await one_turn(freed)
+                    break
+                except MeshError:
                     freed = client.open(metadata=alice, timeout=60)
-                    for _attempt in range(50):  # the router sees the cancel a moment later
-                        try:
-                            await one_turn(freed)
-                            break
-                        except MeshError:
-                            freed = client.open(metadata=alice, timeout=60)
-                            await asyncio.sleep(0.05)
-                    else:
-                        raise AssertionError("the closed stream's place was never freed")
-                    for stream in [*held, freed]:
-                        await stream.close()
+                    await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the closed stream's place was never freed")
+            for stream in [*held, freed]:
+                await stream.close()

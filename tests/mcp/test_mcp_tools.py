@@ -254,37 +254,31 @@ async def test_required_server_down_turns_health_not_serving(tmp_path: Path) -> 
                 await close_toolset(runtime)
 
 
-async def test_a_missing_command_is_named(tmp_path: Path) -> None:
-    """A stdio server whose command does not exist says which command, not a bare
-    "No such file or directory"."""
-    spec = {"name": "gone", "stdio": {"command": "no-such-mcp-server-xyz", "args": []}}
-    config = config_for(agent_with([spec], []))
+_BAD_LISTING = str(Path(__file__).with_name("bad_listing.py"))
+
+
+@pytest.mark.parametrize(
+    ("stdio", "why"),
+    [
+        # A command that does not exist: which one, not a bare "No such file or directory".
+        ({"command": "no-such-mcp-server-xyz"}, "no command 'no-such-mcp-server-xyz'"),
+        # A tools/list answer the MCP SDK refuses (the server is down and retried):
+        # where the answer breaks the schema.
+        (
+            {"command": sys.executable, "args": [_BAD_LISTING]},
+            "does not follow the MCP schema at tools.0.inputSchema.properties",
+        ),
+    ],
+)
+async def test_a_server_that_cannot_serve_says_why(stdio: dict[str, Any], why: str) -> None:
+    config = config_for(agent_with([{"name": "broken", "stdio": stdio}], []))
     async with serve_agent(config, "helper") as (_addr, _server, runtime, _rec):
         toolset = toolset_of(runtime)
         assert toolset is not None
         try:
             await toolset.wait_started()
             [server] = toolset.servers
-            assert "no command 'no-such-mcp-server-xyz'" in server.last_error
-        finally:
-            await close_toolset(runtime)
-
-
-async def test_a_listing_that_breaks_the_mcp_schema_says_where() -> None:
-    """A tools/list answer the MCP SDK refuses takes that server down (it is retried);
-    the reason names where the answer breaks the schema."""
-    script = str(Path(__file__).with_name("bad_listing.py"))
-    spec = {"name": "bad", "stdio": {"command": sys.executable, "args": [script]}}
-    config = config_for(agent_with([spec], []))
-    async with serve_agent(config, "helper") as (_addr, _server, runtime, _rec):
-        toolset = toolset_of(runtime)
-        assert toolset is not None
-        try:
-            await toolset.wait_started()
-            [server] = toolset.servers
-            assert "does not follow the MCP schema at tools.0.inputSchema.properties" in (
-                server.last_error
-            )
+            assert why in server.last_error
         finally:
             await close_toolset(runtime)
 
