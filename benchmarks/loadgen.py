@@ -175,6 +175,8 @@ class LoadGen:
         warmup, duration = float(cmd["warmup"]), float(cmd["duration"])
         method = self.method(cmd["address"], cmd["kind"], tls_ca=cmd.get("tls_ca", ""))
         metadata = tuple((str(k), str(v)) for k, v in cmd.get("metadata", []))
+        # One metadata list per user: worker i is user i (modulo), as many clients are.
+        users = [tuple((str(k), str(v)) for k, v in pairs) for pairs in cmd.get("users", [])]
         per_turn = cmd.get("conversation", "worker") == "turn"
         pids: dict[str, int] = {str(k): int(v) for k, v in cmd.get("pids", {}).items()}
         pids["loadgen"] = os.getpid()
@@ -194,11 +196,11 @@ class LoadGen:
                 self._worker(
                     method,
                     turn_request(cmd["message"], agent=cmd.get("agent", "")),
-                    metadata,
+                    users[i % len(users)] if users else metadata,
                     per_turn,
                     window,
                 )
-                for _ in range(concurrency)
+                for i in range(concurrency)
             )
         )
         while len(samples) < 2:  # the stop sample is due at the window's end
@@ -288,7 +290,7 @@ class LoadGen:
 async def serve_commands(loop_name: str) -> None:
     gen = LoadGen()
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=16 << 20)  # a command may carry a token per user
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     print(json.dumps({"ready": True, "loop": loop_name}), flush=True)
     try:

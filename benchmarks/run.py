@@ -56,6 +56,8 @@ class Case:
     agent: str = ""
     conversation: str = "worker"
     metadata: list[tuple[str, str]] = field(default_factory=list)
+    users: list[list[tuple[str, str]]] = field(default_factory=list)
+    """Per-user metadata (a bearer each): load worker i is user i, as clients are."""
     tls_ca: str = ""
 
 
@@ -131,6 +133,8 @@ class Bench:
         self.notes: list[str] = []
         self.hold_rows: list[dict[str, Any]] = []
         self.tls_ca = ""
+        self.users: list[str] = []
+        """A user token per load worker for the auth cases."""
 
     # -- processes ----------------------------------------------------------------------
 
@@ -227,6 +231,14 @@ class Bench:
             check=True,
             cwd=REPO,
         ).stdout.strip()
+        # One user per load worker (a router holds at most router.max_streams_per_user
+        # streams of one user): minted with the token service's key, as `mesh token` does.
+        from mesh.auth.sts import mint_user_token
+        from mesh.config import load_config
+
+        config = load_config(path)
+        workers = max(CONCURRENCY)
+        self.users = [mint_user_token(config, f"bench-{i:03d}") for i in range(workers)]
         return {"router": token}
 
     def _start_traced(self, base: Path) -> None:
@@ -265,10 +277,14 @@ class Bench:
             servers = ["router-redis", "agent-a", "redis"]
             grid.append(("router Redis", spec("router", "router-redis", servers)))
         if tokens:
-            auth = spec("router", "router-auth", ["router-auth", "agent-a-auth"], metadata=bearer)
+            users = [[("authorization", f"Bearer {t}")] for t in self.users]
+            servers = ["router-auth", "agent-a-auth"]
+            auth = spec("router", "router-auth", servers, metadata=bearer, users=users)
             grid.append(("router auth", auth))
             servers = ["router-tls", "agent-a-tls"]
-            tls = spec("router", "router-tls", servers, metadata=bearer, tls_ca=self.tls_ca)
+            tls = spec(
+                "router", "router-tls", servers, metadata=bearer, users=users, tls_ca=self.tls_ca
+            )
             grid.append(("router auth+TLS", tls))
         if "router-traced" in s:
             servers = ["router-traced", "agent-a-traced", "otlp-sink"]
@@ -341,6 +357,7 @@ class Bench:
                 "agent": case.agent,
                 "message": case.message,
                 "metadata": case.metadata,
+                "users": case.users,
                 "conversation": case.conversation,
                 "tls_ca": case.tls_ca,
                 "concurrency": concurrency or case.concurrency,
