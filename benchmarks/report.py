@@ -459,7 +459,9 @@ TARGETS = (
     (
         "router auth",
         "the same with `auth.enabled`: JWT validation at every hop and the router's "
-        "on-behalf-of exchange per hop, against the embedded token service",
+        "on-behalf-of exchange per hop, against the embedded token service; each load "
+        "worker is its own user with its own token (one user holds at most "
+        "`router.max_streams_per_user`, 64, streams)",
     ),
     (
         "router auth+TLS",
