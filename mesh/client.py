@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 
 from mesh.config import ServerSettings
-from mesh.errors import from_rpc_error
+from mesh.errors import MeshError, from_rpc_error, from_status
 from mesh.v1 import agent_pb2, agent_pb2_grpc, router_pb2_grpc, types_pb2
 
 
@@ -131,18 +131,23 @@ class ChatStream:
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from None
             if event is grpc.aio.EOF:
-                code = await self.call.code()
-                if code != grpc.StatusCode.OK:
-                    details = await self.call.details()
-                    trailing = await self.call.trailing_metadata()
-                    from mesh.errors import from_status
-
-                    raise from_status(code, details or "", list(trailing or ()))
+                failure = await self.status_error()
+                if failure is not None:
+                    raise failure
                 return
             assert isinstance(event, types_pb2.ChatEvent)
             yield event
             if event.WhichOneof("kind") in ("final", "error"):
                 return
+
+    async def status_error(self) -> MeshError | None:
+        """The error the call's status stands for (None when it ended OK); waits for
+        the status when the call has not ended yet."""
+        code = await self.call.code()
+        if code == grpc.StatusCode.OK:
+            return None
+        trailing = await self.call.trailing_metadata()
+        return from_status(code, await self.call.details() or "", list(trailing or ()))
 
     async def request_cancel(self, reason: str = "cancelled by the user") -> None:
         """Ask the server to cancel the turn in flight; it ends it with a final

@@ -4,6 +4,7 @@ conversation id); cancel cancels the router call, and with it every hop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +29,7 @@ from mesh.a2a._cards import CardBook
 from mesh.a2a._errors import a2a_code, task_state_for
 from mesh.client import AgentClient, ChatStream, create_channel, turn_request
 from mesh.convert import error_code_name
-from mesh.errors import MeshError, RemoteError, Unavailable, from_status
+from mesh.errors import MeshError, RemoteError, Unavailable
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.a2a")
@@ -347,15 +348,11 @@ def _answer(context: RequestContext, approval_id: str) -> types_pb2.ApprovalAnsw
 async def _failure(stream: ChatStream, error: types_pb2.ErrorEvent) -> MeshError:
     """What a turn's error event stands for: the router call's status, which follows it
     with the rich details (the reason, the field), or the event itself if none comes."""
-    call = stream.call
-    try:
+    with contextlib.suppress(TimeoutError, grpc.RpcError):
         async with asyncio.timeout(_STATUS_TIMEOUT_S):
-            code = await call.code()
-            if code != grpc.StatusCode.OK:
-                trailing = list(await call.trailing_metadata() or ())
-                return from_status(code, await call.details() or "", trailing)
-    except (TimeoutError, grpc.RpcError):
-        pass
+            failure = await stream.status_error()
+            if failure is not None:
+                return failure
     status = grpc.StatusCode[error_code_name(error.code)]
     return RemoteError(status, error.message or "the turn failed", error.reason)
 

@@ -192,7 +192,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
         metrics."""
         span = None
         started = state.started = time.perf_counter()
-        agent, outcome = self._label(named), "error"
+        agent, outcome = "", "error"  # "": no agent chosen yet (labelled below)
         try:
             async with asyncio.timeout(budget):
                 target = agent = await self.s.router.choose(state, named, self.metadata, active)
@@ -216,6 +216,7 @@ class _ChatStream(TurnStream[types_pb2.ChatRequest, _Pending]):
             outcome = "cancelled"
             raise
         finally:
+            agent = agent or self._label(named)  # only a turn that failed before routing
             metrics = telemetry.metrics
             metrics.turns.labels("router", agent, outcome).inc()
             metrics.turn_duration.labels("router", agent).observe(time.perf_counter() - started)
