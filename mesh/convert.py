@@ -94,23 +94,46 @@ def message_from_pb(msg: types_pb2.Message) -> ChatMessage:
 
 
 def message_to_pb(msg: ChatMessage) -> types_pb2.Message:
-    return types_pb2.Message(
-        role=_ROLE_TO_PB[msg.role],
-        content=msg.content,
-        agent=msg.agent,
-        tool_calls=[
-            types_pb2.ToolCall(id=c.id, name=c.name, arguments=to_struct(c.arguments))
-            for c in msg.tool_calls
-        ],
-        tool_call_id=msg.tool_call_id,
-        name=msg.name,
-    )
+    """The wire form of a message, made once per message (it is immutable) and kept on
+    it: callers copy it into their request (protobuf copies a message it is given)."""
+    out: types_pb2.Message | None = msg.wire
+    if out is None:
+        out = types_pb2.Message(
+            role=_ROLE_TO_PB[msg.role],
+            content=msg.content,
+            agent=msg.agent,
+            tool_calls=[
+                types_pb2.ToolCall(id=c.id, name=c.name, arguments=to_struct(c.arguments))
+                for c in msg.tool_calls
+            ],
+            tool_call_id=msg.tool_call_id,
+            name=msg.name,
+        )
+        object.__setattr__(msg, "wire", out)  # frozen: the one field written after init
+    return out
 
 
 def history_from_pb(history: Iterable[types_pb2.Message]) -> tuple[ChatMessage, ...]:
-    return tuple(
-        message_from_pb(m) for m in history if m.role != types_pb2.Message.ROLE_UNSPECIFIED
-    )
+    """Every message of a turn's history (its text-only messages, most of them, built
+    without the tool-call conversion: this runs for the whole history on every turn)."""
+    out: list[ChatMessage] = []
+    for m in history:
+        role = m.role
+        if role == types_pb2.Message.ROLE_UNSPECIFIED:
+            continue
+        if m.tool_calls:
+            out.append(message_from_pb(m))
+        else:
+            out.append(
+                ChatMessage(
+                    _ROLE_FROM_PB.get(role, "user"),
+                    m.content,
+                    tool_call_id=m.tool_call_id,
+                    name=m.name,
+                    agent=m.agent,
+                )
+            )
+    return tuple(out)
 
 
 def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:

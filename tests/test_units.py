@@ -24,6 +24,7 @@ from mesh.providers.base import (
     Stop,
     TextDelta,
     ToolCall,
+    ToolCallRequest,
     ToolSpec,
 )
 from mesh.providers.offline import OfflineOptions, OfflineProvider, chunk_text
@@ -151,3 +152,29 @@ def test_error_table_round_trip() -> None:
         assert back.field == err.field
     unknown = from_status(grpc.StatusCode.DATA_LOSS, "lost")
     assert isinstance(unknown, RemoteError) and unknown.status_code == grpc.StatusCode.DATA_LOSS
+
+
+def test_history_round_trips_and_the_wire_form_is_made_once() -> None:
+    """A history goes router -> agent on every turn: each message's protobuf form is made
+    once and kept on the (immutable) message; the agent's conversion gives the same
+    messages back, tool calls included, and skips a message with no role."""
+    from mesh.convert import history_from_pb, message_to_pb
+    from mesh.v1 import types_pb2
+
+    call = ToolCallRequest("call_1", "lookup", {"city": "Oslo", "days": 2})
+    history = [
+        ChatMessage("user", "weather?"),
+        ChatMessage("assistant", "", tool_calls=(call,), agent="a"),
+        ChatMessage("tool", "sunny", tool_call_id="call_1", name="lookup"),
+        ChatMessage("assistant", "It is sunny.", agent="a"),
+    ]
+    first = [message_to_pb(m) for m in history]
+    assert [message_to_pb(m) for m in history] == first
+    assert all(message_to_pb(m) is pb for m, pb in zip(history, first, strict=True))
+    turn = types_pb2.Turn(history=[*first, types_pb2.Message(content="no role")])
+    wire = types_pb2.Turn.FromString(turn.SerializeToString())
+    assert history_from_pb(wire.history) == tuple(history)
+    # The kept wire form is no part of a message's value, and a copy starts without it.
+    same = ChatMessage("user", "weather?")
+    assert same == history[0] and hash(same) == hash(history[0]) and same.wire is None
+    assert "wire" not in repr(history[0])

@@ -43,6 +43,9 @@ class ChatMessage:
     """For tool messages: the tool failed and ``content`` says why."""
     agent: str = ""
     """For assistant messages: the agent that wrote it."""
+    wire: Any = field(default=None, init=False, repr=False, compare=False)
+    """The message's protobuf form, made once (``mesh.convert.message_to_pb``): a
+    conversation's history is sent to an agent again on every turn."""
 
 
 @dataclass(frozen=True)
