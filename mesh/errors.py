@@ -99,6 +99,13 @@ class HandoffNotAllowed(MeshError):
     reason = "HANDOFF_NOT_ALLOWED"
 
 
+class HistoryNotKept(MeshError):
+    """A turn named kept history (``Turn.kept``) that its stream does not keep."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "HISTORY_NOT_KEPT"
+
+
 class Unauthenticated(MeshError):
     code = grpc.StatusCode.UNAUTHENTICATED
     reason = "UNAUTHENTICATED"
@@ -177,6 +184,7 @@ _ALL: Sequence[type[MeshError]] = (
     HopBudgetExceeded,
     HandoffCycle,
     HandoffNotAllowed,
+    HistoryNotKept,
     Unauthenticated,
     PermissionDenied,
     Unavailable,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mesh.errors import AgentNotFound, HandoffCycle, HandoffNotAllowed, HopBudgetExceeded
-from mesh.router._agents import (
+from mesh.router._core import HopBudget, RoutingCore
+from mesh.router._wire import (
     KIND_DELTA,
     KIND_ERROR,
     KIND_FINAL,
@@ -15,7 +16,6 @@ from mesh.router._agents import (
     encode_seq,
     peek_kind,
 )
-from mesh.router._core import HopBudget, RoutingCore
 from mesh.v1 import types_pb2
 
 from .meshtest import mesh_config, offline_agent

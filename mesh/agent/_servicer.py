@@ -41,9 +41,12 @@ from mesh.context import (
 from mesh.convert import MODE_FROM_PB, MODE_TO_PB, event_to_pb, history_from_pb, to_struct
 from mesh.errors import (
     DeadlineExceeded,
+    HistoryNotKept,
     InvalidArgument,
     MeshError,
 )
+from mesh.kept import HEADER, HEADER_VALUE, KeptHistories
+from mesh.kept import resolve as resolve_kept
 from mesh.lifecycle import Lifecycle
 from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
@@ -72,17 +75,34 @@ def _hop(hop: types_pb2.HopContext, fallback: tuple[str, ...]) -> dict[str, Any]
     }
 
 
-def parse_chat_turn(request: types_pb2.ChatRequest) -> TurnInput:
+def parse_chat_turn(request: types_pb2.ChatRequest, kept: KeptHistories | None = None) -> TurnInput:
+    """The turn a Chat request carries; ``kept``: the stream's kept histories, which
+    resolve ``turn.kept`` and then record this turn's whole history."""
     turn = request.turn
     if not turn.message.strip():
         raise InvalidArgument("turn.message is required: the user's message", field="turn.message")
     check_conversation_id(turn.conversation_id, "turn.conversation_id")
     hop = _hop(turn.hop, current_hop_path.get())
     hops = turn.hop.hops_remaining if turn.HasField("hop") else None
+    history = history_from_pb(turn.history)
+    conversation = turn.conversation_id
+    if turn.HasField("kept"):
+        start = None
+        if kept is not None and conversation:
+            start = resolve_kept(kept.get(conversation), turn.kept.skip, turn.kept.count)
+        if start is None:
+            raise HistoryNotKept(
+                f"turn.kept names {turn.kept.count} messages from {turn.kept.skip} of "
+                "conversation history this stream does not keep; send the whole history",
+                field="turn.kept",
+            )
+        history = start + history
+    if kept is not None and conversation:
+        kept.put(conversation, history)
     return TurnInput(
-        conversation_id=turn.conversation_id or uuid.uuid4().hex,
+        conversation_id=conversation or uuid.uuid4().hex,
         message=turn.message,
-        history=history_from_pb(turn.history),
+        history=history,
         context=dict(turn.context),
         turn_id=turn.turn_id or uuid.uuid4().hex[:12],
         hops_remaining=hops,
@@ -153,6 +173,8 @@ class _AgentStream(TurnStream[Req, TurnInput]):
         self.opening = opening
         self.one_turn = opening == "handoff"
         self.broker = ConsultBroker()
+        self.kept = KeptHistories(runtime.mesh.server.max_message_bytes)
+        """The histories this stream keeps (``mesh.kept``), for Chat turns."""
 
     def accept(self, request: Req, first: bool) -> TurnInput | None:
         kind = request.WhichOneof("kind")
@@ -197,7 +219,7 @@ class _AgentStream(TurnStream[Req, TurnInput]):
             return _within_budget(parse_handoff(request))
         assert isinstance(request, types_pb2.ChatRequest)
         if kind == "turn":
-            return _within_budget(parse_chat_turn(request))
+            return _within_budget(parse_chat_turn(request, self.kept))
         if kind == "handoff":
             return _within_budget(parse_handoff_turn(request.handoff))
         raise InvalidArgument("the request carries no `turn`", field="turn")
@@ -305,6 +327,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         request_iterator: AsyncIterator[types_pb2.ChatRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[types_pb2.ChatEvent]:
+        await context.send_initial_metadata(((HEADER, HEADER_VALUE),))
         async for event in serve_stream(self._stream(context, "turn"), request_iterator, context):
             yield event
 

@@ -11,8 +11,12 @@ Identity survives pooling: a stream is reused only for the same delegated token
 (the bearer the agent validated when the stream opened), so a turn never runs at
 the agent under another user's token.
 
+A Chat turn's history is filled in for the stream it goes on: an agent that keeps
+the histories sent on a stream (``mesh.kept``) gets only what it does not keep, and
+a conversation's next turn prefers the idle stream that keeps its history.
+
 Events are relayed as the agent serialized them: the engine peeks at the kind
-(:func:`peek_kind`) and parses only finals, handoffs and errors.
+(``mesh.router._wire.peek_kind``) and parses only finals, handoffs and errors.
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from typing import Any, Protocol
 import grpc
 
 from mesh import telemetry
-from mesh.errors import MeshError, Unavailable, decode_details, from_status
+from mesh.convert import message_to_pb
+from mesh.errors import HistoryNotKept, MeshError, Unavailable, decode_details, from_status
+from mesh.kept import HEADER, HEADER_VALUE, ROUTER_BYTES, KeptHistories, overlap
+from mesh.providers.base import ChatMessage
 from mesh.router._pool import AgentPool, Endpoint
 from mesh.v1 import types_pb2
 
@@ -36,67 +43,6 @@ log = logging.getLogger("mesh.router")
 
 CHAT_METHOD = "/mesh.v1.AgentService/Chat"
 OPEN_ATTEMPTS = 3
-
-# ChatEvent field numbers of the ``kind`` oneof (see types.proto).
-KIND_DELTA = 10
-KIND_TOOL_CALL = 11
-KIND_TOOL_RESULT = 12
-KIND_HANDOFF = 13
-KIND_FINAL = 14
-KIND_ERROR = 15
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
-def peek_kind(data: bytes) -> int:
-    """The field number of a serialized ChatEvent's ``kind`` (0 when it has none).
-
-    Walks the top-level fields without parsing them: agent, seq, conversation_id and
-    turn_id come first, then the one ``kind`` field.
-    """
-    pos, size = 0, len(data)
-    try:
-        while pos < size:
-            tag, pos = _varint(data, pos)
-            number, wire = tag >> 3, tag & 7
-            if number >= KIND_DELTA:
-                return number
-            if wire == 0:
-                _, pos = _varint(data, pos)
-            elif wire == 2:
-                length, pos = _varint(data, pos)
-                pos += length
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            else:
-                return 0
-    except IndexError:
-        return 0
-    return 0
-
-
-def encode_seq(seq: int) -> bytes:
-    """``seq`` (field 2) as bytes to append to a serialized ChatEvent (last one wins)."""
-    out = bytearray(b"\x10")
-    while True:
-        byte = seq & 0x7F
-        seq >>= 7
-        if seq:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 @dataclass(frozen=True)
@@ -136,8 +82,14 @@ class AgentStreams(Protocol):
     """The port the engine calls agents through."""
 
     async def open(
-        self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
-    ) -> tuple[AgentCall, bytes]: ...
+        self,
+        agent: str,
+        request: types_pb2.ChatRequest,
+        hop: HopCall,
+        history: Sequence[ChatMessage] | None = None,
+    ) -> tuple[AgentCall, bytes]:
+        """``history``: a Chat turn's history, filled in for the stream it goes on."""
+        ...
 
 
 @dataclass(eq=False)
@@ -151,6 +103,10 @@ class _Stream:
     idle_since: float = 0.0
     agent: str = field(init=False)
     address: str = field(init=False)
+    kept: KeptHistories | None = None
+    """What the agent keeps of the histories sent on this stream (``mesh.kept``); None
+    until its response headers say it keeps them (read with the first event)."""
+    headers_read: bool = False
     writing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     """One write at a time: the answers of CONSULTs run in parallel (and approval
     answers) reach the same stream concurrently, and grpc core refuses a second
@@ -159,6 +115,27 @@ class _Stream:
     def __post_init__(self) -> None:
         self.agent = self.endpoint.agent
         self.address = self.endpoint.address
+
+    def fill(self, request: types_pb2.ChatRequest, history: Sequence[ChatMessage]) -> None:
+        """Put the turn's history in ``request``: only what the agent does not keep for
+        the conversation on this stream, then record it as kept."""
+        turn = request.turn
+        del turn.history[:]
+        turn.ClearField("kept")
+        kept, conversation, count = self.kept, turn.conversation_id, 0
+        if kept is not None and conversation:
+            prior = kept.get(conversation)
+            if prior:
+                skip, count = overlap(prior, history)
+                if count:
+                    turn.kept.skip = skip
+                    turn.kept.count = count
+                    telemetry.metrics.history_messages.labels(self.agent, "kept").inc(count)
+            kept.put(conversation, history)
+        if len(history) > count:
+            turn.history.extend(message_to_pb(m) for m in history[count:])
+            sent = len(history) - count
+            telemetry.metrics.history_messages.labels(self.agent, "sent").inc(sent)
 
     async def send(self, request: types_pb2.ChatRequest) -> None:
         async with self.writing:
@@ -178,6 +155,11 @@ class _Stream:
             trailing = list(await self.call.trailing_metadata() or ())
             raise self.pool.status_error(code, await self.call.details(), trailing, self)
         assert isinstance(data, bytes)
+        if not self.headers_read:
+            self.headers_read = True
+            headers = await self.call.initial_metadata()
+            if (HEADER, HEADER_VALUE) in tuple(headers or ()):
+                self.kept = KeptHistories(ROUTER_BYTES)
         return data
 
     def finish(self, reusable: bool) -> None:
@@ -239,8 +221,15 @@ class StreamPool:
 
     # -- the pool ----------------------------------------------------------------------
 
-    def _take(self, endpoint: Endpoint, key: str) -> _Stream | None:
+    def _take(self, endpoint: Endpoint, key: str, conversation: str = "") -> _Stream | None:
+        """An idle stream; one that keeps ``conversation``'s history when there is one."""
         streams = self._idle.get(endpoint, {}).get(key)
+        if streams and conversation:
+            for index in range(len(streams) - 1, -1, -1):
+                kept = streams[index].kept
+                if kept is not None and conversation in kept:
+                    streams.append(streams.pop(index))
+                    break
         while streams:
             stream = streams.pop()
             if not stream.call.done():
@@ -329,13 +318,24 @@ class StreamPool:
         telemetry.metrics.agent_streams.labels(endpoint.agent, "new").inc()
         return method(metadata=tuple(metadata))
 
-    async def _first(self, stream: _Stream, request: types_pb2.ChatRequest) -> bytes | None:
+    async def _first(
+        self,
+        stream: _Stream,
+        request: types_pb2.ChatRequest,
+        history: Sequence[ChatMessage] | None,
+    ) -> bytes | None:
         """Send the request and read the first event; None when the stream ended first."""
+        if history is not None:
+            stream.fill(request, history)
         await stream.send(request)
         return await stream.read()
 
     async def open(
-        self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
+        self,
+        agent: str,
+        request: types_pb2.ChatRequest,
+        hop: HopCall,
+        history: Sequence[ChatMessage] | None = None,
     ) -> tuple[AgentCall, bytes]:
         """A stream to ``agent`` that has taken ``request``, and its first event.
 
@@ -345,6 +345,7 @@ class StreamPool:
         yet, so nothing is replayed.
         """
         key = _token_key(hop.token)
+        conversation = request.turn.conversation_id if history is not None else ""
         tried: set[str] = set()
         evicted = False
         last: MeshError | None = None
@@ -353,20 +354,12 @@ class StreamPool:
             if endpoint is None:
                 break
             endpoint.active += 1
-            stream = self._take(endpoint, key)
-            while stream is not None:
-                self.reused += 1
-                try:
-                    first = await self._first(stream, request)
-                except MeshError:
-                    first = None
-                if first is not None:
-                    return stream, first
-                stream.call.cancel()
-                stream = self._take(endpoint, key)
+            reused = await self._reuse(endpoint, key, conversation, request, history)
+            if reused is not None:
+                return reused
             stream = _Stream(self._new_call(endpoint, hop), endpoint, key, self)
             try:
-                first = await self._first(stream, request)
+                first = await self._first(stream, request, history)
                 if first is not None:
                     return stream, first
                 err: MeshError = Unavailable(f"agent {agent} ended the stream without an event")
@@ -394,6 +387,31 @@ class StreamPool:
             last = err
         detail = f": {last.message}" if last else ""
         raise Unavailable(f"no healthy replica of agent {agent!r}{detail}")
+
+    async def _reuse(
+        self,
+        endpoint: Endpoint,
+        key: str,
+        conversation: str,
+        request: types_pb2.ChatRequest,
+        history: Sequence[ChatMessage] | None,
+    ) -> tuple[_Stream, bytes] | None:
+        """The request sent on an idle stream, and its first event; None when there is
+        none that still works (each one found closed is dropped)."""
+        stream = self._take(endpoint, key, conversation)
+        while stream is not None:
+            self.reused += 1
+            try:
+                first = await self._first(stream, request, history)
+            except MeshError as err:
+                if isinstance(err, HistoryNotKept):  # sent again, whole, on another stream
+                    log.info("%s at %s: %s", endpoint.agent, endpoint.address, err.message)
+                first = None
+            if first is not None:
+                return stream, first
+            stream.call.cancel()
+            stream = self._take(endpoint, key, conversation)
+        return None
 
     async def _pick(self, agent: str, tried: set[str], hop: HopCall) -> Endpoint | None:
         endpoint = self.pool.pick(agent, tried)

@@ -26,29 +26,27 @@ from mesh import telemetry
 from mesh.convert import MODE_FROM_PB
 from mesh.errors import MeshError, Unavailable
 from mesh.providers.base import ChatMessage
-from mesh.router._agents import (
-    KIND_DELTA,
-    KIND_ERROR,
-    KIND_FINAL,
-    KIND_HANDOFF,
-    AgentCall,
-    AgentStreams,
-    HopCall,
-    peek_kind,
-)
+from mesh.router._agents import AgentCall, AgentStreams, HopCall
 from mesh.router._core import Plan, RoutingCore
 from mesh.router._requests import chat_turn, handoff_turn
 from mesh.router._returns import follow
 from mesh.router._routing import BestMatch
 from mesh.router._store import ConversationStore
 from mesh.router._turn import Outcome, TurnState
+from mesh.router._wire import (
+    KIND_APPROVAL,
+    KIND_DELTA,
+    KIND_ERROR,
+    KIND_FINAL,
+    KIND_HANDOFF,
+    peek_kind,
+)
 from mesh.v1 import types_pb2
 
 TRANSFER = types_pb2.HANDOFF_MODE_TRANSFER
 CONSULT = types_pb2.HANDOFF_MODE_CONSULT
 END = types_pb2.HANDOFF_MODE_END_CONVERSATION
-KIND_APPROVAL = 18
-"""ChatEvent field number of ``approval_request`` (see types.proto and peek_kind)."""
+
 STRATEGY_PB: dict[str, types_pb2.ReturnStrategy.ValueType] = {
     "bubble_up": types_pb2.RETURN_STRATEGY_BUBBLE_UP,
     "return_to_caller": types_pb2.RETURN_STRATEGY_RETURN_TO_CALLER,
@@ -159,7 +157,8 @@ class Router:
                 state.tokens[agent] = token
         traceparent = _hop_of(request).trace_context.get("traceparent", "")
         hop = HopCall(token, state.request_id, traceparent, state.remaining())
-        return await self.streams.open(agent, request, hop)
+        history = state.history if request.HasField("turn") else None
+        return await self.streams.open(agent, request, hop, history)
 
     # -- one agent's part of the turn ----------------------------------------------------
 

@@ -25,12 +25,13 @@ def hop_context(state: TurnState, hops_remaining: int) -> types_pb2.HopContext:
 
 
 def chat_turn(state: TurnState, hops_remaining: int) -> types_pb2.ChatRequest:
-    """The turn as its first agent gets it (history as the router windowed it)."""
+    """The turn as its first agent gets it, without its history: the agent stream it
+    goes on fills that in (``state.history``, as the router windowed it), sending only
+    what the agent does not keep for the conversation on that stream (``mesh.kept``)."""
     return types_pb2.ChatRequest(
         turn=types_pb2.Turn(
             conversation_id=state.conversation_id,
             message=state.message,
-            history=[message_to_pb(m) for m in state.history],
             context=state.context,
             turn_id=state.turn_id,
             hop=hop_context(state, hops_remaining),

@@ -40,7 +40,6 @@ from mesh.errors import (
 from mesh.interceptors import text_metadata
 from mesh.lifecycle import Lifecycle
 from mesh.logs import safe_text
-from mesh.router._agents import encode_seq
 from mesh.router._core import HopBudget
 from mesh.router._engine import Router
 from mesh.router._owners import conversation_key, user_key
@@ -48,6 +47,7 @@ from mesh.router._pool import AgentPool
 from mesh.router._registration import authorize_registration
 from mesh.router._requests import window_history
 from mesh.router._turn import TurnState
+from mesh.router._wire import encode_seq
 from mesh.streams import (
     Emitter,
     TurnEnd,

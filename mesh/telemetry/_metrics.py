@@ -82,6 +82,12 @@ agent_streams = Counter(
     "Agent streams the router used for a turn: new or reused.",
     ["agent", "kind"],
 )
+history_messages = Counter(
+    "mesh_history_messages",
+    "History messages of Chat turns the router gave an agent: sent, or kept by the agent "
+    "on that stream from an earlier turn.",
+    ["agent", "source"],
+)
 token_exchanges = Counter(
     "mesh_token_exchanges",
     "On-behalf-of token exchanges, by result (exchanged, cache_hit).",
@@ -148,6 +154,7 @@ def names() -> Iterable[str]:
         "mesh_handoffs_total",
         "mesh_handoff_refusals_total",
         "mesh_agent_streams_total",
+        "mesh_history_messages_total",
         "mesh_token_exchanges_total",
         "mesh_jwks_fetches_total",
         "mesh_auth_refusals_total",

@@ -436,6 +436,7 @@ class Turn(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     TURN_ID_FIELD_NUMBER: _builtins.int
     HOP_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     """Names the conversation; the router keeps its history under this id."""
     message: _builtins.str
@@ -458,6 +459,13 @@ class Turn(_message.Message):
         stream can carry many turns and conversations. Clients leave it empty.
         """
 
+    @_builtins.property
+    def kept(self) -> Global___KeptHistory:
+        """Router to agent only: this turn's history starts with messages the agent already
+        keeps for this conversation on this stream, and `history` holds only the rest.
+        Sent only to an agent whose Chat response headers say `mesh-history: kept`.
+        """
+
     def __init__(
         self,
         *,
@@ -468,14 +476,46 @@ class Turn(_message.Message):
         agent: _builtins.str = ...,
         turn_id: _builtins.str = ...,
         hop: Global___HopContext | None = ...,
+        kept: Global___KeptHistory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop", "kept", b"kept"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop", b"hop", "message", b"message", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop", b"hop", "kept", b"kept", "message", b"message", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Turn: _TypeAlias = Turn  # noqa: Y015
+
+@_typing.final
+class KeptHistory(_message.Message):
+    """Which part of the history an agent keeps for a conversation on one Chat stream a turn
+    starts from. An agent that says `mesh-history: kept` keeps, per stream, the whole
+    history of the last turn of each of the 8 conversations it most recently carried, at
+    most its largest message size in all (older ones are dropped first). The turn's
+    history is the kept one's messages [skip, skip + count), then `history`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKIP_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    skip: _builtins.int
+    """Kept messages to leave out from the start (the router's history window moved on)."""
+    count: _builtins.int
+    """Kept messages the turn's history starts with, after the skipped ones (at least 1)."""
+    def __init__(
+        self,
+        *,
+        skip: _builtins.int = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "skip", b"skip"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeptHistory: _TypeAlias = KeptHistory  # noqa: Y015
 
 @_typing.final
 class HopContext(_message.Message):
