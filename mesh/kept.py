@@ -32,6 +32,9 @@ ROUTER_BYTES = 1 << 20
 """The router counts on at most this much kept history per stream (an agent keeps up to
 its largest message size, 4 MiB by default)."""
 _OVERHEAD = 64
+_MAX_SKIP = 64
+"""How far into a kept history its overlap is looked for (a window moves on by a turn's
+few messages; this bounds the search for a history of many equal messages)."""
 
 
 def size(messages: Sequence[ChatMessage]) -> int:
@@ -84,7 +87,8 @@ def overlap(kept: Sequence[ChatMessage], history: Sequence[ChatMessage]) -> tupl
     if not kept or not history:
         return 0, 0
     first = history[0]
-    for skip, message in enumerate(kept):
+    for skip in range(min(len(kept), _MAX_SKIP)):
+        message = kept[skip]
         if message is not first and message != first:
             continue
         count = len(kept) - skip

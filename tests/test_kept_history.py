@@ -246,3 +246,12 @@ def test_kept_histories_keep_the_newest_conversations_within_their_bound() -> No
     assert "big" in kept and sum(f"c{i}" in kept for i in range(KEEP + 2)) < KEEP - 1
     kept.put("huge", _messages("x" * 20_000))
     assert "huge" not in kept and kept.get("huge") is None
+
+
+def test_overlap_of_many_equal_messages_is_found_or_given_up_quickly() -> None:
+    same = _messages(*["ok"] * 2000)
+    assert overlap(same, same) == (0, 2000)
+    assert overlap(same, [*same[:-1], ChatMessage("user", "other")]) == (1, 1999)
+    # Only the last 10 kept messages start this history: that far in, the search has
+    # given up (it tries a bounded number of starting points), and the turn goes whole.
+    assert overlap(same, [*same[:10], ChatMessage("user", "other")]) == (0, 0)
