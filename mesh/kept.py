@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from operator import attrgetter
 
 from mesh.providers.base import ChatMessage
 
@@ -31,20 +32,15 @@ KEEP = 8
 ROUTER_BYTES = 1 << 20
 """The router counts on at most this much kept history per stream (an agent keeps up to
 its largest message size, 4 MiB by default)."""
-_OVERHEAD = 64
+_size_of = attrgetter("size")
 _MAX_SKIP = 64
 """How far into a kept history its overlap is looked for (a window moves on by a turn's
 few messages; this bounds the search for a history of many equal messages)."""
 
 
 def size(messages: Sequence[ChatMessage]) -> int:
-    """The measure both sides bound a record by: text lengths plus a fixed overhead."""
-    total = 0
-    for m in messages:
-        total += len(m.content) + len(m.agent) + len(m.name) + _OVERHEAD
-        for call in m.tool_calls:
-            total += len(call.name) + len(str(call.arguments)) + _OVERHEAD
-    return total
+    """The measure both sides bound a record by (``ChatMessage.size``, kept per message)."""
+    return sum(map(_size_of, messages))
 
 
 class KeptHistories:
@@ -92,9 +88,8 @@ def overlap(kept: Sequence[ChatMessage], history: Sequence[ChatMessage]) -> tupl
         if message is not first and message != first:
             continue
         count = len(kept) - skip
-        if count <= len(history) and all(
-            a is b or a == b for a, b in zip(kept[skip:], history, strict=False)
-        ):
+        # Tuples compare in C, each pair by identity first (most are the same objects).
+        if count <= len(history) and tuple(kept[skip:]) == tuple(history[:count]):
             return skip, count
     return 0, 0
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
 Role = Literal["system", "user", "assistant", "tool"]
+_OVERHEAD = 64
+"""Bytes a message costs beyond its texts (framing, role, ids) in ``ChatMessage.size``."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,16 @@ class ChatMessage:
     wire: Any = field(default=None, init=False, repr=False, compare=False)
     """The message's protobuf form, made once (``mesh.convert.message_to_pb``): a
     conversation's history is sent to an agent again on every turn."""
+
+    @cached_property
+    def size(self) -> int:
+        """About the bytes the message takes on the wire (its texts, tool-call arguments
+        and a fixed overhead): history windows and kept histories are bounded by it.
+        Computed once per message (it is immutable)."""
+        total = len(self.content.encode()) + len(self.agent) + len(self.name) + _OVERHEAD
+        for call in self.tool_calls:
+            total += len(call.id) + len(call.name) + len(str(call.arguments)) + _OVERHEAD
+        return total + len(self.tool_call_id)
 
 
 @dataclass(frozen=True)

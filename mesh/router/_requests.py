@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mesh import kept
 from mesh.convert import message_to_pb
 from mesh.providers.base import ChatMessage
 from mesh.v1 import types_pb2
@@ -67,16 +68,15 @@ def handoff_turn(
     )
 
 
-_MESSAGE_OVERHEAD = 64
-"""Bytes a history message costs beyond its text (framing, role, agent tag)."""
-
-
 def window_history(history: list[ChatMessage], max_bytes: int) -> tuple[list[ChatMessage], int]:
-    """The newest messages that fit in ``max_bytes``, and how many were left out."""
+    """The newest messages that fit in ``max_bytes`` (``ChatMessage.size``), and how many
+    were left out."""
+    if kept.size(history) <= max_bytes:  # the common case, summed in C
+        return history, 0
     total = 0
     keep = 0
     for message in reversed(history):
-        size = len(message.content.encode()) + len(message.agent) + _MESSAGE_OVERHEAD
+        size = message.size
         if total + size > max_bytes:
             break
         total += size
