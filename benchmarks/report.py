@@ -354,6 +354,17 @@ def findings(report: dict[str, Any]) -> list[str]:
             f"**Auth on**: {auth:.2f}x auth off through the router at c=16 "
             f"({_range([r(f'auth/no auth c={c}') for c in (1, 16, 128)])} over c=1-128){tail}."
         )
+    history = r("history 200/20 c=16")
+    long_row = summary.get("turns/router history 200/c16")
+    if history is not None and long_row:
+        cpu = cpu_by_role(long_row)
+        out.append(
+            f"**Long histories** (`history_limit` 200, the default; the other rows keep 20): "
+            f"{history:.2f}x the 20-message router at c=16, router {cpu['router']} ms and "
+            f"agent {cpu['agent']} ms of CPU per turn (each worker's conversation grows "
+            "from empty during a case; agents keep each stream's histories, so a turn "
+            "carries only the messages the agent does not keep)."
+        )
     transfer = r("transfer/direct c=16")
     if transfer is not None:
         out.append(f"**Transfer** (2 hops): {transfer:.2f}x direct at c=16.")
@@ -450,6 +461,11 @@ TARGETS = (
         "The practical limit of a Python relay; the router is judged against it.",
     ),
     ("router", "`Router.Chat` → agent `a` (1 hop), memory store"),
+    (
+        "router history 200",
+        "the same with `router.store.history_limit` at its default, 200 (every other row "
+        "keeps 20 messages); a worker's conversation grows from empty during a case",
+    ),
     ("router SQLite", "the same with the SQLite store (WAL, `synchronous=FULL`, group commit)"),
     (
         "router Redis",

@@ -38,6 +38,8 @@ CONCURRENCY = (1, 16, 128)
 HOLD_COUNTS = (1000, 10000)
 #: Messages of history the router hands the agent per turn in the bench's mesh files.
 HISTORY_LIMIT = 20
+DEFAULT_HISTORY_LIMIT = 200
+"""``router.store.history_limit`` as shipped: one router row runs with it."""
 
 
 @dataclass
@@ -79,6 +81,7 @@ def mesh_file(
     store: str = "memory",
     auth: bool = False,
     tls: bool = False,
+    history_limit: int = HISTORY_LIMIT,
 ) -> Path:
     data: dict[str, Any] = {
         "name": f"bench-{name}",
@@ -86,7 +89,7 @@ def mesh_file(
         "server": _server_block(),
         "router": {
             "default_agent": "a",
-            "store": {"kind": store, "history_limit": HISTORY_LIMIT},
+            "store": {"kind": store, "history_limit": history_limit},
         },
         "agents": {
             "a": {
@@ -196,6 +199,8 @@ class Bench:
         front = self.agent("agent-front", base, "front")
         self.proxy("proxy", a)
         self.router("router", base, {"a": a, "front": front})
+        long = mesh_file(self.work, "history", history_limit=DEFAULT_HISTORY_LIMIT)
+        self.router("router-history", long, {"a": a})
         if self.args.sqlite:
             sqlite = mesh_file(self.work, "sqlite", store="sqlite")
             self.router("router-sqlite", sqlite, {"a": a})
@@ -269,6 +274,10 @@ class Bench:
             ("direct", spec("agent", "agent-a", ["agent-a"])),
             ("raw proxy", spec("agent", "proxy", ["proxy", "agent-a"])),
             ("router", spec("router", "router", ["router", "agent-a"])),
+            (
+                f"router history {DEFAULT_HISTORY_LIMIT}",
+                spec("router", "router-history", ["router-history", "agent-a"]),
+            ),
         ]
         if "router-sqlite" in s:
             servers = ["router-sqlite", "agent-a"]
@@ -472,6 +481,11 @@ def ratio_pairs() -> list[tuple[str, str, str]]:
             (f"auth+TLS/no auth c={c}", f"turns/router auth+TLS/{t}", f"turns/router/{t}"),
             (f"auth+TLS/auth c={c}", f"turns/router auth+TLS/{t}", f"turns/router auth/{t}"),
             (f"tracing/no tracing c={c}", f"turns/router tracing/{t}", f"turns/router/{t}"),
+            (
+                f"history {DEFAULT_HISTORY_LIMIT}/{HISTORY_LIMIT} c={c}",
+                f"turns/router history {DEFAULT_HISTORY_LIMIT}/{t}",
+                f"turns/router/{t}",
+            ),
             (
                 f"router/direct, a new conversation every turn c={c}",
                 f"newconv/router/{t}",
