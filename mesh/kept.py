@@ -18,6 +18,7 @@ router still counts on. If it ever did, the agent refuses the turn (FAILED_PRECO
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from operator import attrgetter
@@ -79,16 +80,19 @@ class KeptHistories:
 
 def overlap(kept: Sequence[ChatMessage], history: Sequence[ChatMessage]) -> tuple[int, int]:
     """(skip, count): ``history`` starts with ``kept[skip:skip + count]``, which runs to
-    the end of ``kept``; (0, 0) when no tail of ``kept`` starts ``history``."""
+    the end of ``kept``; (0, 0) when no tail of ``kept`` starts ``history``.
+
+    Looked for by identity first (a store hands out the same message objects turn after
+    turn), then by value (messages decoded again are equal, not the same)."""
     if not kept or not history:
         return 0, 0
     first = history[0]
-    for skip in range(min(len(kept), _MAX_SKIP)):
-        message = kept[skip]
-        if message is not first and message != first:
-            continue
+    starts = range(min(len(kept), _MAX_SKIP))
+    for skip in itertools.chain(
+        (i for i in starts if kept[i] is first), (i for i in starts if kept[i] == first)
+    ):
         count = len(kept) - skip
-        # Tuples compare in C, each pair by identity first (most are the same objects).
+        # Tuples compare in C, each pair by identity first.
         if count <= len(history) and tuple(kept[skip:]) == tuple(history[:count]):
             return skip, count
     return 0, 0
