@@ -182,6 +182,38 @@ class RecordingProvider:
         await self.inner.aclose()
 
 
+class RawAgent:
+    """A bare gRPC server with one ``mesh.v1.AgentService/Chat`` handler and a health
+    service that says SERVING once started: an agent the mesh did not build."""
+
+    def __init__(self, chat: Any) -> None:
+        import grpc
+        from grpc_health.v1 import health_pb2_grpc
+        from grpc_health.v1._async import HealthServicer
+
+        from mesh.v1 import types_pb2
+
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        handler = grpc.stream_stream_rpc_method_handler(
+            chat,
+            request_deserializer=types_pb2.ChatRequest.FromString,
+            response_serializer=types_pb2.ChatEvent.SerializeToString,
+        )
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("mesh.v1.AgentService", {"Chat": handler}),)
+        )
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    async def start(self) -> int:
+        from grpc_health.v1 import health_pb2
+
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        await self.health.set("mesh.v1.AgentService", health_pb2.HealthCheckResponse.SERVING)
+        return port
+
+
 @contextlib.asynccontextmanager
 async def serve_agent(
     config: MeshConfig, name: str, *, record: bool = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ from mesh.kept import KEEP, KeptHistories, overlap, resolve
 from mesh.providers.base import ChatMessage
 from mesh.v1 import agent_pb2_grpc, types_pb2
 
-from .meshtest import mesh_config, offline_agent, serve_agent, serve_router
+from .meshtest import RawAgent, mesh_config, offline_agent, serve_agent, serve_router
 
 HISTORY_LIMIT = 8  # four turns of the conversation
 
@@ -64,21 +65,30 @@ async def _rounds(
     await asyncio.gather(*(worker(conversations[i::clients]) for i in range(clients)))
 
 
+@contextlib.asynccontextmanager
+async def _mesh(**extra: Any) -> AsyncIterator[tuple[str, Any, Any, Any]]:
+    """An echoing agent ``memo`` behind a router with an 8-message history window:
+    (router address, router app, agent server, the agent's recording provider)."""
+    config = mesh_config(
+        {"memo": offline_agent(default_reply="{message}")},
+        router={"default_agent": "memo", "store": {"history_limit": HISTORY_LIMIT}},
+        **extra,
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        address, server, _runtime, provider = await stack.enter_async_context(
+            serve_agent(config, "memo")
+        )
+        router, app = await stack.enter_async_context(serve_router(config, {"memo": [address]}))
+        yield router, app, server, provider
+
+
 async def test_the_agent_sees_every_history_whole_while_the_router_sends_what_is_new() -> None:
     """One client, turns one after another over three conversations: one pooled stream
     carries them all, and after a conversation's first turn the router sends only the
     two messages the last turn added."""
-    config = mesh_config(
-        {"memo": offline_agent(default_reply="{message}")},
-        router={"default_agent": "memo", "store": {"history_limit": HISTORY_LIMIT}},
-    )
     conversations = ["a", "b", "c"]
     sent, kept = _sample("memo", "sent"), _sample("memo", "kept")
-    async with contextlib.AsyncExitStack() as stack:
-        address, _server, _runtime, provider = await stack.enter_async_context(
-            serve_agent(config, "memo")
-        )
-        router, app = await stack.enter_async_context(serve_router(config, {"memo": [address]}))
+    async with _mesh() as (router, app, _server, provider):
         await _rounds(router, conversations, rounds=8, clients=1)
         assert app.streams.opened == 1
     seen = _seen(provider)
@@ -93,17 +103,9 @@ async def test_concurrent_clients_share_pooled_streams_and_every_history_stays_r
     """Three clients at once over six conversations: a conversation's turns land on
     different pooled streams, each keeping what it carried; every model call still sees
     exactly its own conversation's history."""
-    config = mesh_config(
-        {"memo": offline_agent(default_reply="{message}")},
-        router={"default_agent": "memo", "store": {"history_limit": HISTORY_LIMIT}},
-    )
     conversations = [f"conv-{i}" for i in range(6)]
     sent, kept = _sample("memo", "sent"), _sample("memo", "kept")
-    async with contextlib.AsyncExitStack() as stack:
-        address, _server, _runtime, provider = await stack.enter_async_context(
-            serve_agent(config, "memo")
-        )
-        router, app = await stack.enter_async_context(serve_router(config, {"memo": [address]}))
+    async with _mesh() as (router, app, _server, provider):
         await _rounds(router, conversations, rounds=8, clients=3)
         opened = app.streams.opened
     seen = _seen(provider)
@@ -123,18 +125,9 @@ async def test_an_agent_that_forgot_gets_the_turn_again_whole_on_a_new_stream() 
     """An agent whose bound is below the router's forgets histories the router counts on
     (here: 16 KiB per stream, long messages); it refuses such a turn before running
     it, and the router sends it again, whole, on a new stream. The client sees nothing."""
-    config = mesh_config(
-        {"memo": offline_agent(default_reply="{message}")},
-        router={"default_agent": "memo", "store": {"history_limit": HISTORY_LIMIT}},
-        server={"max_message_bytes": 16384},
-    )
     pad = "x" * 400  # 8 messages of history fit the router's window (half the limit)
     conversations = [f"c{i}" for i in range(6)]
-    async with contextlib.AsyncExitStack() as stack:
-        address, server, _runtime, provider = await stack.enter_async_context(
-            serve_agent(config, "memo")
-        )
-        router, app = await stack.enter_async_context(serve_router(config, {"memo": [address]}))
+    async with _mesh(server={"max_message_bytes": 16384}) as (router, app, server, provider):
         await _rounds(router, conversations, rounds=6, clients=1, pad=pad)
         opened = app.streams.opened
     seen = _seen(provider)
@@ -144,13 +137,12 @@ async def test_an_agent_that_forgot_gets_the_turn_again_whole_on_a_new_stream() 
     assert server.lifecycle.turns_started == len(conversations) * 6  # each ran once
 
 
-class _OldAgent:
+class _OldAgent(RawAgent):
     """An agent built before kept histories: no ``mesh-history`` header. It records the
     turns it receives and answers each with a final event."""
 
     def __init__(self) -> None:
         self.turns: list[types_pb2.Turn] = []
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
 
         async def chat(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             async for request in requests:
@@ -158,32 +150,12 @@ class _OldAgent:
                 final = types_pb2.FinalMessage(content=request.turn.message)
                 yield types_pb2.ChatEvent(agent="memo", final=final)
 
-        handler = grpc.stream_stream_rpc_method_handler(
-            chat,
-            request_deserializer=types_pb2.ChatRequest.FromString,
-            response_serializer=types_pb2.ChatEvent.SerializeToString,
-        )
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("mesh.v1.AgentService", {"Chat": handler}),)
-        )
-        from grpc_health.v1 import health_pb2_grpc
-        from grpc_health.v1._async import HealthServicer
-
-        self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-
-    async def start(self) -> str:
-        from grpc_health.v1 import health_pb2
-
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        await self.health.set("mesh.v1.AgentService", health_pb2.HealthCheckResponse.SERVING)
-        return f"127.0.0.1:{port}"
+        super().__init__(chat)
 
 
 async def test_an_agent_without_the_header_gets_every_history_whole() -> None:
     old = _OldAgent()
-    address = await old.start()
+    address = f"127.0.0.1:{await old.start()}"
     config = mesh_config(
         {"memo": offline_agent()},
         router={"default_agent": "memo", "store": {"history_limit": HISTORY_LIMIT}},

@@ -28,7 +28,14 @@ from mesh.providers.base import ModelEvent, ModelRequest
 from mesh.server import MeshServer
 from mesh.v1 import router_pb2, router_pb2_grpc, types_pb2
 
-from .meshtest import RecordingProvider, mesh_config, offline_agent, serve_agent, serve_router
+from .meshtest import (
+    RawAgent,
+    RecordingProvider,
+    mesh_config,
+    offline_agent,
+    serve_agent,
+    serve_router,
+)
 
 
 class ContextRecorder(RecordingProvider):
@@ -138,12 +145,10 @@ async def test_forged_hop_path_from_a_user_is_ignored() -> None:
 # -- errors relayed honestly ---------------------------------------------------------------
 
 
-class _StatusAgent:
+class _StatusAgent(RawAgent):
     """A raw ``mesh.v1.AgentService`` that ends every Chat with the status the message names."""
 
     def __init__(self) -> None:
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-
         async def chat(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
             async for request in requests:
                 code_name, _, reason = request.turn.message.partition(":")
@@ -154,27 +159,7 @@ class _StatusAgent:
                     await context.abort(code, "from the agent", err.trailing_metadata())
                 await context.abort(code, "from the agent")
 
-        handler = grpc.stream_stream_rpc_method_handler(
-            chat,
-            request_deserializer=types_pb2.ChatRequest.FromString,
-            response_serializer=types_pb2.ChatEvent.SerializeToString,
-        )
-        self.server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler("mesh.v1.AgentService", {"Chat": handler}),)
-        )
-        from grpc_health.v1 import health_pb2_grpc
-        from grpc_health.v1._async import HealthServicer
-
-        self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-
-    async def start(self) -> int:
-        from grpc_health.v1 import health_pb2
-
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        await self.health.set("mesh.v1.AgentService", health_pb2.HealthCheckResponse.SERVING)
-        return port
+        super().__init__(chat)
 
 
 async def _status_through_router(router: str, message: str) -> MeshError:

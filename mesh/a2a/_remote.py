@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -47,7 +47,6 @@ from mesh.a2a._errors import error_for_state, from_a2a_error
 from mesh.config import A2aRemoteConfig, MeshConfig
 from mesh.convert import message_to_pb
 from mesh.errors import MeshError, Unavailable
-from mesh.providers.base import ChatMessage
 from mesh.router._agents import AgentCall, AgentStreams, HopCall
 from mesh.v1 import types_pb2
 
@@ -304,15 +303,11 @@ class A2aAgents:
         return agent in self.agents
 
     async def open(
-        self,
-        agent: str,
-        request: types_pb2.ChatRequest,
-        hop: HopCall,
-        history: Sequence[ChatMessage] | None = None,
+        self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
     ) -> tuple[AgentCall, bytes]:
-        if history is not None:  # an A2A agent keeps nothing: the whole history, always
+        if hop.history is not None:  # an A2A agent keeps nothing: the whole history, always
             del request.turn.history[:]
-            request.turn.history.extend(message_to_pb(m) for m in history)
+            request.turn.history.extend(message_to_pb(m) for m in hop.history)
         call = A2aCall(self.agents[agent], request, hop)
         call.start()
         try:
@@ -338,15 +333,11 @@ class MeshStreams:
         self.a2a = a2a_agents
 
     async def open(
-        self,
-        agent: str,
-        request: types_pb2.ChatRequest,
-        hop: HopCall,
-        history: Sequence[ChatMessage] | None = None,
+        self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
     ) -> tuple[AgentCall, bytes]:
         if agent in self.a2a:
-            return await self.a2a.open(agent, request, hop, history)
-        return await self.grpc.open(agent, request, hop, history)
+            return await self.a2a.open(agent, request, hop)
+        return await self.grpc.open(agent, request, hop)
 
 
 __all__ = ["A2aAgents", "A2aCall", "MeshStreams", "RemoteAgent", "a2a_message"]

@@ -56,6 +56,9 @@ class HopCall:
     timeout: float | None = None
     """Seconds the turn may still take (a new stream's own deadline is not set from it:
     a pooled stream outlives turns; the engine enforces the turn's deadline)."""
+    history: Sequence[ChatMessage] | None = None
+    """A Chat turn's history: the stream the turn goes on fills it into the request
+    (only what the agent does not keep there); None: the request carries its own."""
 
 
 class AgentCall(Protocol):
@@ -82,14 +85,8 @@ class AgentStreams(Protocol):
     """The port the engine calls agents through."""
 
     async def open(
-        self,
-        agent: str,
-        request: types_pb2.ChatRequest,
-        hop: HopCall,
-        history: Sequence[ChatMessage] | None = None,
-    ) -> tuple[AgentCall, bytes]:
-        """``history``: a Chat turn's history, filled in for the stream it goes on."""
-        ...
+        self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
+    ) -> tuple[AgentCall, bytes]: ...
 
 
 @dataclass(eq=False)
@@ -331,11 +328,7 @@ class StreamPool:
         return await stream.read()
 
     async def open(
-        self,
-        agent: str,
-        request: types_pb2.ChatRequest,
-        hop: HopCall,
-        history: Sequence[ChatMessage] | None = None,
+        self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
     ) -> tuple[AgentCall, bytes]:
         """A stream to ``agent`` that has taken ``request``, and its first event.
 
@@ -345,6 +338,7 @@ class StreamPool:
         yet, so nothing is replayed.
         """
         key = _token_key(hop.token)
+        history = hop.history
         conversation = request.turn.conversation_id if history is not None else ""
         tried: set[str] = set()
         evicted = False

@@ -156,9 +156,9 @@ class Router:
             if token is not None:
                 state.tokens[agent] = token
         traceparent = _hop_of(request).trace_context.get("traceparent", "")
-        hop = HopCall(token, state.request_id, traceparent, state.remaining())
         history = state.history if request.HasField("turn") else None
-        return await self.streams.open(agent, request, hop, history)
+        hop = HopCall(token, state.request_id, traceparent, state.remaining(), history)
+        return await self.streams.open(agent, request, hop)
 
     # -- one agent's part of the turn ----------------------------------------------------
 

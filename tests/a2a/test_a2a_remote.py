@@ -186,8 +186,14 @@ async def test_remote_a2a_agent_as_transfer_and_consult_target(tmp_path: Path) -
                     refused = await client.chat(
                         "where is my invoice?", agent="tight", conversation_id="c-3", metadata=md
                     )
+                    # A turn straight to the remote agent carries the conversation's whole
+                    # history (an A2A agent keeps none): what c-1's first turn stored.
+                    again = await client.chat(
+                        "and the due date?", agent="remote", conversation_id="c-1", metadata=md
+                    )
                 validator = make_validator(config, "remote")
-                claims = [await validator.validate(c["authorization"][7:]) for c in remote.calls]
+                handed = remote.calls[:2]  # the TRANSFER and the CONSULT, handed by triage
+                claims = [await validator.validate(c["authorization"][7:]) for c in handed]
     # TRANSFER: the remote agent's chunks stream to the gRPC client, then its final
     kinds = [e.WhichOneof("kind") for e in moved.events]
     assert kinds[0] == "handoff" and kinds[-1] == "final"
@@ -216,7 +222,16 @@ async def test_remote_a2a_agent_as_transfer_and_consult_target(tmp_path: Path) -
         assert config.auth.client_id_for("triage") in actors(seen)
     assert user not in [c["authorization"][7:] for c in remote.calls]
     # the budget: an agent with no hops left cannot reach the remote agent
-    assert len(remote.calls) == calls_before == 2
+    assert calls_before == 2 and len(remote.calls) == 3
+    assert again.final is not None and again.final.final.content.endswith("the due date?")
+    assert remote.calls[2]["mesh"]["history"] == [
+        {"role": "ROLE_USER", "agent": "", "content": "where is my invoice?"},
+        {
+            "role": "ROLE_ASSISTANT",
+            "agent": "remote",
+            "content": "remote answers: where is my invoice?",
+        },
+    ]
     error = refused.events[-1]
     assert error.WhichOneof("kind") == "error"
     assert error.error.reason == "HOP_BUDGET_EXCEEDED"
