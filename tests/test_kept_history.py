@@ -257,3 +257,27 @@ def test_overlap_of_many_equal_messages_is_found_or_given_up_quickly() -> None:
     # Only the last 10 kept messages start this history: that far in, the search has
     # given up (it tries a bounded number of starting points), and the turn goes whole.
     assert overlap(same, [*same[:10], ChatMessage("user", "other")]) == (0, 0)
+
+
+async def test_a_conversation_stays_with_the_replica_that_keeps_its_history() -> None:
+    """Two replicas: a conversation's first turn goes to either, and its later turns to
+    the replica whose idle stream keeps its history, so only new messages travel."""
+    config = mesh_config(
+        {"memo": offline_agent(default_reply="{message}")},
+        router={"default_agent": "memo", "store": {"history_limit": HISTORY_LIMIT}},
+    )
+    conversations = ["a", "b", "c"]
+    sent, kept = _sample("memo", "sent"), _sample("memo", "kept")
+    async with contextlib.AsyncExitStack() as stack:
+        replicas = [await stack.enter_async_context(serve_agent(config, "memo")) for _ in "12"]
+        addresses = [address for address, *_ in replicas]
+        router, _app = await stack.enter_async_context(serve_router(config, {"memo": addresses}))
+        await _rounds(router, conversations, rounds=8, clients=1)
+    seen = [_seen(provider) for *_, provider in replicas]
+    assert all(seen)  # both replicas carried conversations
+    for conversation in conversations:
+        (calls,) = [at[conversation] for at in seen if conversation in at]
+        assert calls == [_expected(conversation, r) for r in range(8)]
+    sent, kept = _sample("memo", "sent") - sent, _sample("memo", "kept") - kept
+    total = sum(min(2 * r, HISTORY_LIMIT) for r in range(8)) * len(conversations)
+    assert sent == 2 * 7 * len(conversations) and kept == total - sent

@@ -13,7 +13,7 @@ the agent under another user's token.
 
 A Chat turn's history is filled in for the stream it goes on: an agent that keeps
 the histories sent on a stream (``mesh.kept``) gets only what it does not keep, and
-a conversation's next turn prefers the idle stream that keeps its history.
+a conversation's next turn prefers the replica and idle stream that keep its history.
 
 Events are relayed as the agent serialized them: the engine peeks at the kind
 (``mesh.router._wire.peek_kind``) and parses only finals, handoffs and errors.
@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -104,6 +104,9 @@ class _Stream:
     """What the agent keeps of the histories sent on this stream (``mesh.kept``); None
     until its response headers say it keeps them (read with the first event)."""
     headers_read: bool = False
+    first: tuple[str, Sequence[ChatMessage]] | None = None
+    """The first turn's conversation and history, sent before the headers said whether
+    the agent keeps it (it does, if it keeps any): recorded once they do."""
     writing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     """One write at a time: the answers of CONSULTs run in parallel (and approval
     answers) reach the same stream concurrently, and grpc core refuses a second
@@ -120,6 +123,8 @@ class _Stream:
         del turn.history[:]
         turn.ClearField("kept")
         kept, conversation, count = self.kept, turn.conversation_id, 0
+        if kept is None and not self.headers_read and conversation:
+            self.first = (conversation, history)
         if kept is not None and conversation:
             prior = kept.get(conversation)
             if prior:
@@ -157,6 +162,9 @@ class _Stream:
             headers = await self.call.initial_metadata()
             if (HEADER, HEADER_VALUE) in tuple(headers or ()):
                 self.kept = KeptHistories(ROUTER_BYTES)
+                if self.first is not None:
+                    self.kept.put(*self.first)
+            self.first = None
         return data
 
     def finish(self, reusable: bool) -> None:
@@ -344,7 +352,7 @@ class StreamPool:
         evicted = False
         last: MeshError | None = None
         for _attempt in range(OPEN_ATTEMPTS):
-            endpoint = await self._pick(agent, tried, hop)
+            endpoint = await self._pick(agent, tried, hop, conversation)
             if endpoint is None:
                 break
             endpoint.active += 1
@@ -407,8 +415,21 @@ class StreamPool:
             stream = self._take(endpoint, key, conversation)
         return None
 
-    async def _pick(self, agent: str, tried: set[str], hop: HopCall) -> Endpoint | None:
-        endpoint = self.pool.pick(agent, tried)
+    def _keeps(self, key: str, conversation: str) -> Callable[[Endpoint], bool] | None:
+        """Whether an endpoint has an idle stream that keeps ``conversation``'s history."""
+        if not conversation:
+            return None
+
+        def keeps(endpoint: Endpoint) -> bool:
+            streams = self._idle.get(endpoint, {}).get(key, ())
+            return any(s.kept is not None and conversation in s.kept for s in streams)
+
+        return keeps
+
+    async def _pick(
+        self, agent: str, tried: set[str], hop: HopCall, conversation: str = ""
+    ) -> Endpoint | None:
+        endpoint = self.pool.pick(agent, tried, self._keeps(_token_key(hop.token), conversation))
         if endpoint is None and not tried and agent in self.pool.endpoints:
             # Give a starting (or re-probed) replica up to the connect timeout.
             wait = self.connect_timeout

@@ -204,8 +204,15 @@ class AgentPool:
 
     # -- picking ---------------------------------------------------------------------
 
-    def pick(self, agent: str, exclude: set[str]) -> Endpoint | None:
-        """The healthy endpoint with the fewest streams in flight (ties rotate)."""
+    def pick(
+        self,
+        agent: str,
+        exclude: set[str],
+        prefer: Callable[[Endpoint], bool] | None = None,
+    ) -> Endpoint | None:
+        """The healthy endpoint with the fewest streams in flight (ties rotate); one that
+        ``prefer`` says keeps the turn's history when it has at most one stream more in
+        flight than that."""
         candidates = [
             e
             for e in self.endpoints.get(agent, {}).values()
@@ -214,6 +221,10 @@ class AgentPool:
         if not candidates:
             return None
         least = min(e.active for e in candidates)
+        if prefer is not None and len(candidates) > 1:
+            for endpoint in candidates:
+                if endpoint.active <= least + 1 and prefer(endpoint):
+                    return endpoint
         best = [e for e in candidates if e.active == least]
         return best[next(self._rr) % len(best)]
 
