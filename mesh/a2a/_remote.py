@@ -47,7 +47,7 @@ from mesh.a2a._errors import error_for_state, from_a2a_error
 from mesh.config import A2aRemoteConfig, MeshConfig
 from mesh.convert import message_to_pb
 from mesh.errors import MeshError, Unavailable
-from mesh.router._agents import AgentCall, AgentStreams, HopCall
+from mesh.router._port import AgentCall, AgentStreams, HopCall
 from mesh.v1 import types_pb2
 
 log = logging.getLogger("mesh.a2a")

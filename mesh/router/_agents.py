@@ -1,4 +1,4 @@
-"""The agent-stream port and its gRPC adapter.
+"""The gRPC adapter of the agent-stream port (``mesh.router._port``).
 
 The engine asks for "a stream to agent X carrying this first request" and gets an
 :class:`AgentCall` plus its first event; it never sees a channel, a stub or a status.
@@ -27,7 +27,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
@@ -37,56 +37,13 @@ from mesh.errors import HistoryNotKept, MeshError, Unavailable, decode_details, 
 from mesh.kept import HEADER, HEADER_VALUE, ROUTER_BYTES, KeptHistories, overlap
 from mesh.providers.base import ChatMessage
 from mesh.router._pool import AgentPool, Endpoint
+from mesh.router._port import AgentCall, HopCall
 from mesh.v1 import types_pb2
 
 log = logging.getLogger("mesh.router")
 
 CHAT_METHOD = "/mesh.v1.AgentService/Chat"
 OPEN_ATTEMPTS = 3
-
-
-@dataclass(frozen=True)
-class HopCall:
-    """What the call to the next agent carries besides its request."""
-
-    token: str | None
-    """The bearer for this agent (exchanged for its audience), None with auth off."""
-    request_id: str
-    traceparent: str = ""
-    timeout: float | None = None
-    """Seconds the turn may still take (a new stream's own deadline is not set from it:
-    a pooled stream outlives turns; the engine enforces the turn's deadline)."""
-    history: Sequence[ChatMessage] | None = None
-    """A Chat turn's history: the stream the turn goes on fills it into the request
-    (only what the agent does not keep there); None: the request carries its own."""
-
-
-class AgentCall(Protocol):
-    """One agent stream carrying the current turn."""
-
-    agent: str
-    address: str
-
-    async def send(self, request: types_pb2.ChatRequest) -> None: ...
-
-    async def read(self) -> bytes | None:
-        """The next serialized event; None at the end of the stream (status OK).
-
-        Raises the mapped MeshError when the stream ended with another status.
-        """
-        ...
-
-    def finish(self, reusable: bool) -> None:
-        """The turn is over: give the stream back to the pool, or close it."""
-        ...
-
-
-class AgentStreams(Protocol):
-    """The port the engine calls agents through."""
-
-    async def open(
-        self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
-    ) -> tuple[AgentCall, bytes]: ...
 
 
 @dataclass(eq=False)

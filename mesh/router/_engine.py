@@ -26,8 +26,8 @@ from mesh import telemetry
 from mesh.convert import MODE_FROM_PB
 from mesh.errors import MeshError, Unavailable
 from mesh.providers.base import ChatMessage
-from mesh.router._agents import AgentCall, AgentStreams, HopCall
 from mesh.router._core import Plan, RoutingCore
+from mesh.router._port import AgentCall, AgentStreams, HopCall
 from mesh.router._requests import chat_turn, handoff_turn
 from mesh.router._returns import follow
 from mesh.router._routing import BestMatch

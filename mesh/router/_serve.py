@@ -12,10 +12,11 @@ from mesh.config import DiscoveryConfig, MeshConfig, RouterConfig
 from mesh.interceptors import server_interceptors
 from mesh.interceptors import service_credentials as server_credentials
 from mesh.lifecycle import Lifecycle
-from mesh.router._agents import AgentStreams, StreamPool
+from mesh.router._agents import StreamPool
 from mesh.router._core import RoutingCore
 from mesh.router._engine import Router
 from mesh.router._pool import AgentPool
+from mesh.router._port import AgentStreams
 from mesh.router._servicer import RouterServicer, add_router_service
 from mesh.router._store import ConversationStore, open_store
 from mesh.server import MeshServer, Service

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mesh.providers.base import ChatMessage
-from mesh.router._agents import AgentCall
 from mesh.router._core import HopBudget, RoutingCore
+from mesh.router._port import AgentCall
 from mesh.v1 import types_pb2
 
 Emit = Callable[[types_pb2.ChatEvent | bytes], None]
