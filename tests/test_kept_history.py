@@ -271,7 +271,9 @@ async def test_a_conversation_stays_with_the_replica_that_keeps_its_history() ->
     async with contextlib.AsyncExitStack() as stack:
         replicas = [await stack.enter_async_context(serve_agent(config, "memo")) for _ in "12"]
         addresses = [address for address, *_ in replicas]
-        router, _app = await stack.enter_async_context(serve_router(config, {"memo": addresses}))
+        router, app = await stack.enter_async_context(serve_router(config, {"memo": addresses}))
+        for endpoint in app.pool.endpoints["memo"].values():  # both, before the first turn
+            assert await app.pool.wait_endpoint(endpoint, 10)
         await _rounds(router, conversations, rounds=8, clients=1)
     seen = [_seen(provider) for *_, provider in replicas]
     assert all(seen)  # both replicas carried conversations
