@@ -80,13 +80,15 @@ def from_struct(data: struct_pb2.Struct) -> dict[str, Any]:
 
 
 def message_from_pb(msg: types_pb2.Message) -> ChatMessage:
-    role = _ROLE_FROM_PB.get(msg.role, "user")
+    calls = msg.tool_calls
     return ChatMessage(
-        role=role,
-        content=msg.content,
-        tool_calls=tuple(
-            ToolCallRequest(c.id, c.name, from_struct(c.arguments)) for c in msg.tool_calls
-        ),
+        _ROLE_FROM_PB.get(msg.role, "user"),
+        msg.content,
+        # Most messages carry no tool call: no conversion (this runs for a turn's whole
+        # history on every turn).
+        tuple(ToolCallRequest(c.id, c.name, from_struct(c.arguments)) for c in calls)
+        if calls
+        else (),
         tool_call_id=msg.tool_call_id,
         name=msg.name,
         agent=msg.agent,
@@ -114,26 +116,7 @@ def message_to_pb(msg: ChatMessage) -> types_pb2.Message:
 
 
 def history_from_pb(history: Iterable[types_pb2.Message]) -> tuple[ChatMessage, ...]:
-    """Every message of a turn's history (its text-only messages, most of them, built
-    without the tool-call conversion: this runs for the whole history on every turn)."""
-    out: list[ChatMessage] = []
-    for m in history:
-        role = m.role
-        if role == types_pb2.Message.ROLE_UNSPECIFIED:
-            continue
-        if m.tool_calls:
-            out.append(message_from_pb(m))
-        else:
-            out.append(
-                ChatMessage(
-                    _ROLE_FROM_PB.get(role, "user"),
-                    m.content,
-                    tool_call_id=m.tool_call_id,
-                    name=m.name,
-                    agent=m.agent,
-                )
-            )
-    return tuple(out)
+    return tuple([message_from_pb(m) for m in history if m.role])  # ROLE_UNSPECIFIED is 0
 
 
 def event_to_pb(event: RuntimeEvent) -> types_pb2.ChatEvent:

@@ -57,13 +57,11 @@ class _Stream:
     idle_since: float = 0.0
     agent: str = field(init=False)
     address: str = field(init=False)
-    kept: KeptHistories | None = None
-    """What the agent keeps of the histories sent on this stream (``mesh.kept``); None
-    until its response headers say it keeps them (read with the first event)."""
+    kept: KeptHistories | None = field(default_factory=lambda: KeptHistories(ROUTER_BYTES))
+    """What the agent keeps of the histories sent on this stream (``mesh.kept``): recorded
+    from the first turn, named in a turn once the agent's response headers (read with the
+    first event) say it keeps them, None when they say it does not."""
     headers_read: bool = False
-    first: tuple[str, Sequence[ChatMessage]] | None = None
-    """The first turn's conversation and history, sent before the headers said whether
-    the agent keeps it (it does, if it keeps any): recorded once they do."""
     writing: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
     """One write at a time: the answers of CONSULTs run in parallel (and approval
     answers) reach the same stream concurrently, and grpc core refuses a second
@@ -80,10 +78,8 @@ class _Stream:
         del turn.history[:]
         turn.ClearField("kept")
         kept, conversation, count = self.kept, turn.conversation_id, 0
-        if kept is None and not self.headers_read and conversation:
-            self.first = (conversation, history)
         if kept is not None and conversation:
-            prior = kept.get(conversation)
+            prior = kept.get(conversation) if self.headers_read else None
             if prior:
                 skip, count = overlap(prior, history)
                 if count:
@@ -117,11 +113,8 @@ class _Stream:
         if not self.headers_read:
             self.headers_read = True
             headers = await self.call.initial_metadata()
-            if (HEADER, HEADER_VALUE) in tuple(headers or ()):
-                self.kept = KeptHistories(ROUTER_BYTES)
-                if self.first is not None:
-                    self.kept.put(*self.first)
-            self.first = None
+            if (HEADER, HEADER_VALUE) not in tuple(headers or ()):
+                self.kept = None
         return data
 
     def finish(self, reusable: bool) -> None:
@@ -183,15 +176,22 @@ class StreamPool:
 
     # -- the pool ----------------------------------------------------------------------
 
+    def _keeper(self, endpoint: Endpoint, key: str, conversation: str) -> int:
+        """The index of an idle stream that keeps ``conversation``'s history, or -1."""
+        streams = self._idle.get(endpoint, {}).get(key, ())
+        for index in range(len(streams) - 1, -1, -1):
+            kept = streams[index].kept
+            if kept is not None and conversation in kept:
+                return index
+        return -1
+
     def _take(self, endpoint: Endpoint, key: str, conversation: str = "") -> _Stream | None:
         """An idle stream; one that keeps ``conversation``'s history when there is one."""
         streams = self._idle.get(endpoint, {}).get(key)
         if streams and conversation:
-            for index in range(len(streams) - 1, -1, -1):
-                kept = streams[index].kept
-                if kept is not None and conversation in kept:
-                    streams.append(streams.pop(index))
-                    break
+            index = self._keeper(endpoint, key, conversation)
+            if index >= 0:
+                streams.append(streams.pop(index))
         while streams:
             stream = streams.pop()
             if not stream.call.done():
@@ -377,11 +377,7 @@ class StreamPool:
         if not conversation:
             return None
 
-        def keeps(endpoint: Endpoint) -> bool:
-            streams = self._idle.get(endpoint, {}).get(key, ())
-            return any(s.kept is not None and conversation in s.kept for s in streams)
-
-        return keeps
+        return lambda endpoint: self._keeper(endpoint, key, conversation) >= 0
 
     async def _pick(
         self, agent: str, tried: set[str], hop: HopCall, conversation: str = ""
