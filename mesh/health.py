@@ -40,6 +40,10 @@ class Health(health_pb2_grpc.HealthServicer):
         self._status: dict[str, Status] = {"": SERVING}
         self._changed = asyncio.Event()
         self._draining = False
+        self._watching = 0
+        self._quiet = asyncio.Event()
+        """Set while no Watch stream is open (the drain waits for their last word)."""
+        self._quiet.set()
 
     @property
     def draining(self) -> bool:
@@ -88,6 +92,27 @@ class Health(health_pb2_grpc.HealthServicer):
     async def Watch(  # noqa: N802  (the gRPC method's name)
         self, request: health_pb2.HealthCheckRequest, context: Context
     ) -> None:
+        self._watching += 1
+        self._quiet.clear()
+        try:
+            await self._watch(request, context)
+        finally:
+            self._watching -= 1
+            if not self._watching:
+                self._quiet.set()
+
+    async def watchers_ended(self, timeout: float) -> bool:
+        """Wait (at most ``timeout``) until every Watch stream has ended: after the drain
+        began, each ends once it has written NOT_SERVING. Stopping the server before
+        that could cut the write, and a watcher would see the end without the status."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._quiet.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
         last: Status | None = None
         while True:
             changed = self._changed  # taken before the write: a change during it wakes us

@@ -228,7 +228,10 @@ class MeshServer:
             self.lifecycle.turns,
             grace,
         )
+        started = asyncio.get_running_loop().time()
         finished = await self.lifecycle.wait_idle(grace)
+        left = grace - (asyncio.get_running_loop().time() - started)
+        await self.health.watchers_ended(max(left, 1.0))
         if not finished:
             log.warning(
                 "%s grace period over with %d turns in flight; cancelling them",
