@@ -19,7 +19,7 @@ from mesh.client import AgentClient, create_channel
 from mesh.errors import HistoryNotKept, from_rpc_error
 from mesh.kept import KEEP, KeptHistories, overlap, resolve
 from mesh.providers.base import ChatMessage
-from mesh.v1 import agent_pb2_grpc, types_pb2
+from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 from .meshtest import RawAgent, mesh_config, offline_agent, serve_agent, serve_router
 
@@ -283,3 +283,72 @@ async def test_a_conversation_stays_with_the_replica_that_keeps_its_history() ->
     sent, kept = _sample("memo", "sent") - sent, _sample("memo", "kept") - kept
     total = sum(min(2 * r, HISTORY_LIMIT) for r in range(8)) * len(conversations)
     assert sent == 2 * 7 * len(conversations) and kept == total - sent
+
+
+async def test_handoff_turns_send_only_what_the_target_does_not_keep() -> None:
+    """A sequence hands every turn from ``front`` to ``memo`` (a TRANSFER on a pooled
+    stream), and turns addressed to ``memo`` itself come between: both kinds of turn of
+    one conversation share memo's kept record, so after the first only new messages
+    travel, and memo's model sees each history whole."""
+    config = mesh_config(
+        {
+            "front": offline_agent(default_reply="{message}"),
+            "memo": offline_agent(default_reply="{message}"),
+        },
+        router={
+            "default_agent": "memo",
+            "sequences": {"chain": {"steps": ["front", "memo"]}},
+            "store": {"history_limit": HISTORY_LIMIT},
+        },
+    )
+    sent, kept = _sample("memo", "sent"), _sample("memo", "kept")
+    async with contextlib.AsyncExitStack() as stack:
+        agents = {
+            name: await stack.enter_async_context(serve_agent(config, name))
+            for name in ("front", "memo")
+        }
+        router, app = await stack.enter_async_context(
+            serve_router(config, {name: [address] for name, (address, *_) in agents.items()})
+        )
+        async with create_channel(router) as channel:
+            client = AgentClient(channel, router=True)
+            for round_ in range(8):
+                result = await client.chat(
+                    f"c-{round_}", conversation_id="c", agent="chain" if round_ % 2 else "memo"
+                )
+                assert result.final is not None and result.final.agent == "memo"
+    seen = _seen(agents["memo"][3])["c"]
+    handed = [ChatMessage("user", f"c-{r}") if r % 2 else None for r in range(8)]
+    assert seen == [[*_expected("c", r), *filter(None, [handed[r]])] for r in range(8)]
+    # Whole, the 8 histories hold 48 messages. Sent: a handoff's first one whole (3),
+    # then per chat turn the last answer (1) and per handoff the answer and the two
+    # user messages since (3); 15 in all.
+    sent, kept = _sample("memo", "sent") - sent, _sample("memo", "kept") - kept
+    assert (sent, kept) == (15, 33)
+    assert app.streams.opened == 2  # one pooled stream per agent
+
+
+async def test_a_handoff_naming_history_no_stream_keeps_is_refused() -> None:
+    """``handoff.kept`` on ``AgentService.Handoff`` (one turn: nothing kept) or naming
+    what a Chat stream does not keep gets HISTORY_NOT_KEPT before the model runs."""
+    config = mesh_config({"memo": offline_agent(default_reply="{message}")})
+    handoff = types_pb2.HandoffTurn(
+        conversation_id="c1",
+        source_agent="front",
+        mode=types_pb2.HANDOFF_MODE_TRANSFER,
+        message="hello",
+        kept=types_pb2.KeptHistory(count=1),
+    )
+    async with serve_agent(config, "memo") as (address, _server, _runtime, provider):
+        async with create_channel(address) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            calls = [
+                stub.Handoff(iter([agent_pb2.HandoffRequest(handoff=handoff)]), timeout=20),
+                stub.Chat(iter([types_pb2.ChatRequest(handoff=handoff)]), timeout=20),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    _ = [event async for event in call]
+                err = from_rpc_error(caught.value)
+                assert isinstance(err, HistoryNotKept) and err.field == "handoff.kept"
+        assert provider.requests == []

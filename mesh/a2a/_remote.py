@@ -47,7 +47,7 @@ from mesh.a2a._errors import error_for_state, from_a2a_error
 from mesh.config import A2aRemoteConfig, MeshConfig
 from mesh.convert import message_to_pb
 from mesh.errors import MeshError, Unavailable
-from mesh.router._port import AgentCall, AgentStreams, HopCall
+from mesh.router._port import AgentCall, AgentStreams, HopCall, history_body
 from mesh.v1 import types_pb2
 
 log = logging.getLogger("mesh.a2a")
@@ -306,8 +306,9 @@ class A2aAgents:
         self, agent: str, request: types_pb2.ChatRequest, hop: HopCall
     ) -> tuple[AgentCall, bytes]:
         if hop.history is not None:  # an A2A agent keeps nothing: the whole history, always
-            del request.turn.history[:]
-            request.turn.history.extend(message_to_pb(m) for m in hop.history)
+            body = history_body(request)
+            del body.history[:]
+            body.history.extend(message_to_pb(m) for m in hop.history)
         call = A2aCall(self.agents[agent], request, hop)
         call.start()
         try:

@@ -48,6 +48,7 @@ from mesh.errors import (
 from mesh.kept import HEADER, HEADER_VALUE, KeptHistories
 from mesh.kept import resolve as resolve_kept
 from mesh.lifecycle import Lifecycle
+from mesh.providers.base import ChatMessage
 from mesh.streams import Emitter, TurnEnd, TurnStream, abort_with, serve_stream
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -75,6 +76,30 @@ def _hop(hop: types_pb2.HopContext, fallback: tuple[str, ...]) -> dict[str, Any]
     }
 
 
+def _kept_history(
+    body: types_pb2.Turn | types_pb2.HandoffTurn, kept: KeptHistories | None, field: str
+) -> tuple[ChatMessage, ...]:
+    """A request's whole history: the kept messages ``body.kept`` names (``kept``: the
+    stream's record, None where nothing is kept), then ``body.history``; recorded as
+    the conversation's newest."""
+    history = history_from_pb(body.history)
+    conversation = body.conversation_id
+    if body.HasField("kept"):
+        start = None
+        if kept is not None and conversation:
+            start = resolve_kept(kept.get(conversation), body.kept.skip, body.kept.count)
+        if start is None:
+            raise HistoryNotKept(
+                f"{field} names {body.kept.count} messages from {body.kept.skip} of "
+                "conversation history this stream does not keep; send the whole history",
+                field=field,
+            )
+        history = start + history
+    if kept is not None and conversation:
+        kept.put(conversation, history)
+    return history
+
+
 def parse_chat_turn(request: types_pb2.ChatRequest, kept: KeptHistories | None = None) -> TurnInput:
     """The turn a Chat request carries; ``kept``: the stream's kept histories, which
     resolve ``turn.kept`` and then record this turn's whole history."""
@@ -84,25 +109,10 @@ def parse_chat_turn(request: types_pb2.ChatRequest, kept: KeptHistories | None =
     check_conversation_id(turn.conversation_id, "turn.conversation_id")
     hop = _hop(turn.hop, current_hop_path.get())
     hops = turn.hop.hops_remaining if turn.HasField("hop") else None
-    history = history_from_pb(turn.history)
-    conversation = turn.conversation_id
-    if turn.HasField("kept"):
-        start = None
-        if kept is not None and conversation:
-            start = resolve_kept(kept.get(conversation), turn.kept.skip, turn.kept.count)
-        if start is None:
-            raise HistoryNotKept(
-                f"turn.kept names {turn.kept.count} messages from {turn.kept.skip} of "
-                "conversation history this stream does not keep; send the whole history",
-                field="turn.kept",
-            )
-        history = start + history
-    if kept is not None and conversation:
-        kept.put(conversation, history)
     return TurnInput(
-        conversation_id=conversation or uuid.uuid4().hex,
+        conversation_id=turn.conversation_id or uuid.uuid4().hex,
         message=turn.message,
-        history=history,
+        history=_kept_history(turn, kept, "turn.kept"),
         context=dict(turn.context),
         turn_id=turn.turn_id or uuid.uuid4().hex[:12],
         hops_remaining=hops,
@@ -110,7 +120,11 @@ def parse_chat_turn(request: types_pb2.ChatRequest, kept: KeptHistories | None =
     )
 
 
-def parse_handoff_turn(handoff: types_pb2.HandoffTurn) -> TurnInput:
+def parse_handoff_turn(
+    handoff: types_pb2.HandoffTurn, kept: KeptHistories | None = None
+) -> TurnInput:
+    """The handoff a request carries; ``kept`` as for :func:`parse_chat_turn` (None on
+    an ``AgentService.Handoff`` stream, which keeps nothing)."""
     if not handoff.message.strip():
         raise InvalidArgument(
             "handoff.message is required: what the target should answer", field="handoff.message"
@@ -124,7 +138,7 @@ def parse_handoff_turn(handoff: types_pb2.HandoffTurn) -> TurnInput:
     return TurnInput(
         conversation_id=handoff.conversation_id or uuid.uuid4().hex,
         message=handoff.message,
-        history=history_from_pb(handoff.history),
+        history=_kept_history(handoff, kept, "handoff.kept"),
         context=dict(handoff.context),
         turn_id=handoff.turn_id or uuid.uuid4().hex[:12],
         hop_path=tuple(handoff.hop_path) or current_hop_path.get(),
@@ -174,7 +188,7 @@ class _AgentStream(TurnStream[Req, TurnInput]):
         self.one_turn = opening == "handoff"
         self.broker = ConsultBroker()
         self.kept = KeptHistories(runtime.mesh.server.max_message_bytes)
-        """The histories this stream keeps (``mesh.kept``), for Chat turns."""
+        """The histories this stream keeps (``mesh.kept``), for its turns and handoffs."""
 
     def accept(self, request: Req, first: bool) -> TurnInput | None:
         kind = request.WhichOneof("kind")
@@ -221,7 +235,7 @@ class _AgentStream(TurnStream[Req, TurnInput]):
         if kind == "turn":
             return _within_budget(parse_chat_turn(request, self.kept))
         if kind == "handoff":
-            return _within_budget(parse_handoff_turn(request.handoff))
+            return _within_budget(parse_handoff_turn(request.handoff, self.kept))
         raise InvalidArgument("the request carries no `turn`", field="turn")
 
     async def produce(self, turn: TurnInput, emitter: Emitter) -> TurnEnd:

@@ -11,7 +11,7 @@ Identity survives pooling: a stream is reused only for the same delegated token
 (the bearer the agent validated when the stream opened), so a turn never runs at
 the agent under another user's token.
 
-A Chat turn's history is filled in for the stream it goes on: an agent that keeps
+A turn's (or handoff's) history is filled in for the stream it goes on: an agent that keeps
 the histories sent on a stream (``mesh.kept``) gets only what it does not keep, and
 a conversation's next turn prefers the replica and idle stream that keep its history.
 
@@ -37,7 +37,7 @@ from mesh.errors import HistoryNotKept, MeshError, Unavailable, decode_details, 
 from mesh.kept import HEADER, HEADER_VALUE, ROUTER_BYTES, KeptHistories, overlap
 from mesh.providers.base import ChatMessage
 from mesh.router._pool import AgentPool, Endpoint
-from mesh.router._port import AgentCall, HopCall
+from mesh.router._port import AgentCall, HopCall, history_body
 from mesh.v1 import types_pb2
 
 log = logging.getLogger("mesh.router")
@@ -74,7 +74,7 @@ class _Stream:
     def fill(self, request: types_pb2.ChatRequest, history: Sequence[ChatMessage]) -> None:
         """Put the turn's history in ``request``: only what the agent does not keep for
         the conversation on this stream, then record it as kept."""
-        turn = request.turn
+        turn = history_body(request)
         del turn.history[:]
         turn.ClearField("kept")
         kept, conversation, count = self.kept, turn.conversation_id, 0
@@ -304,7 +304,7 @@ class StreamPool:
         """
         key = _token_key(hop.token)
         history = hop.history
-        conversation = request.turn.conversation_id if history is not None else ""
+        conversation = history_body(request).conversation_id if history is not None else ""
         tried: set[str] = set()
         evicted = False
         last: MeshError | None = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from mesh import telemetry
 from mesh.convert import MODE_FROM_PB
@@ -141,13 +141,17 @@ class Router:
         reason: str,
         message: str,
         context: dict[str, str],
-        history: list[ChatMessage],
     ) -> types_pb2.ChatRequest:
         hops = self.core.hops_remaining(target, state.budget)
-        return handoff_turn(state, source, mode, reason, message, context, history, hops)
+        return handoff_turn(state, source, mode, reason, message, context, hops)
 
     async def _open(
-        self, state: TurnState, agent: str, request: types_pb2.ChatRequest, source: str
+        self,
+        state: TurnState,
+        agent: str,
+        request: types_pb2.ChatRequest,
+        history: Sequence[ChatMessage],
+        source: str,
     ) -> tuple[AgentCall, bytes]:
         token = None
         if self.token_for is not None:
@@ -156,7 +160,6 @@ class Router:
             if token is not None:
                 state.tokens[agent] = token
         traceparent = _hop_of(request).trace_context.get("traceparent", "")
-        history = state.history if request.HasField("turn") else None
         hop = HopCall(token, state.request_id, traceparent, state.remaining(), history)
         return await self.streams.open(agent, request, hop)
 
@@ -167,12 +170,14 @@ class Router:
         state: TurnState,
         agent: str,
         request: types_pb2.ChatRequest,
+        history: Sequence[ChatMessage],
         stack: list[str],
         source: str = "",
     ) -> Outcome:
-        """Relay one agent's events until its final; runs its CONSULTs concurrently."""
+        """Relay one agent's events until its final; runs its CONSULTs concurrently.
+        ``history``: the conversation as this agent gets it (the stream fills it in)."""
         if not telemetry.state.tracing:
-            return await self._relay(state, agent, request, stack, source)
+            return await self._relay(state, agent, request, history, stack, source)
         hop = _hop_of(request)
         mode = ""
         if request.HasField("handoff"):
@@ -184,17 +189,18 @@ class Router:
         hop.trace_context.clear()
         hop.trace_context.update(carrier)
         with telemetry.tracing.scope(span):
-            return await self._relay(state, agent, request, stack, source)
+            return await self._relay(state, agent, request, history, stack, source)
 
     async def _relay(
         self,
         state: TurnState,
         agent: str,
         request: types_pb2.ChatRequest,
+        history: Sequence[ChatMessage],
         stack: list[str],
         source: str,
     ) -> Outcome:
-        call, data = await self._open(state, agent, request, source)
+        call, data = await self._open(state, agent, request, history, source)
         if telemetry.state.tracing:
             telemetry.tracing.replica(telemetry.tracing.current(), call.address)
         outcome = Outcome(agent)
@@ -304,9 +310,8 @@ class Router:
             handoff.reason,
             handoff.message,
             dict(handoff.context),
-            history,
         )
-        outcome = await self._run_agent(state, handoff.target, request, stack, source)
+        outcome = await self._run_agent(state, handoff.target, request, history, stack, source)
         assert outcome.final is not None
         result = types_pb2.ConsultResult(
             call_id=handoff.call_id, agent=handoff.target, content=outcome.final.content
@@ -323,7 +328,8 @@ class Router:
         for index, agent in enumerate(plan.steps):
             if index == 0:
                 state.path.append(agent)
-                outcome = await self._run_agent(state, agent, self._chat_turn(state, agent), [])
+                request = self._chat_turn(state, agent)
+                outcome = await self._run_agent(state, agent, request, state.history, [])
             else:
                 assert outcome is not None and outcome.final is not None
                 previous = outcome.agent
@@ -336,9 +342,9 @@ class Router:
                     f"step {index + 1} of sequence {target}",
                     outcome.final.content or f"{previous} gave no answer",
                     {},
-                    [*state.history, user],
                 )
-                outcome = await self._run_agent(state, agent, request, [], previous)
+                history = [*state.history, user]
+                outcome = await self._run_agent(state, agent, request, history, [], previous)
             outcome = await follow(self, state, outcome, user, [])
             if outcome.ended or outcome.strategy == "bubble_up":
                 break  # the conversation ended, or a TRANSFER's target took the turn over
@@ -389,9 +395,8 @@ class Router:
             handoff.reason,
             handoff.message or state.message,
             dict(handoff.context),
-            history,
         )
-        return await self._run_agent(state, handoff.target, request, [], outcome.agent)
+        return await self._run_agent(state, handoff.target, request, history, [], outcome.agent)
 
     async def hand_over(
         self,
@@ -402,8 +407,8 @@ class Router:
         message: str,
         history: list[ChatMessage],
     ) -> Outcome:
-        request = self._handoff_turn(state, source, target, TRANSFER, reason, message, {}, history)
-        return await self._run_agent(state, target, request, [], source)
+        request = self._handoff_turn(state, source, target, TRANSFER, reason, message, {})
+        return await self._run_agent(state, target, request, history, [], source)
 
 
 def _unanswerable(approval_id: str) -> types_pb2.ApprovalAnswer:

@@ -23,8 +23,13 @@ class HopCall:
     """Seconds the turn may still take (a new stream's own deadline is not set from it:
     a pooled stream outlives turns; the engine enforces the turn's deadline)."""
     history: Sequence[ChatMessage] | None = None
-    """A Chat turn's history: the stream the turn goes on fills it into the request
-    (only what the agent does not keep there); None: the request carries its own."""
+    """The turn's (or handoff's) history: the stream it goes on fills it into the
+    request (only what the agent does not keep there); None: the request carries its own."""
+
+
+def history_body(request: types_pb2.ChatRequest) -> types_pb2.Turn | types_pb2.HandoffTurn:
+    """The part of a request to an agent that carries a conversation's history."""
+    return request.handoff if request.HasField("handoff") else request.turn
 
 
 class AgentCall(Protocol):

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mesh import kept
-from mesh.convert import message_to_pb
 from mesh.providers.base import ChatMessage
 from mesh.v1 import types_pb2
 
@@ -47,10 +46,10 @@ def handoff_turn(
     reason: str,
     message: str,
     context: dict[str, str],
-    history: list[ChatMessage],
     hops_remaining: int,
 ) -> types_pb2.ChatRequest:
-    """The turn as a handoff target gets it, on a pooled Chat stream."""
+    """The turn as a handoff target gets it, on a pooled Chat stream, without its
+    history: the stream fills that in, as for :func:`chat_turn`."""
     return types_pb2.ChatRequest(
         handoff=types_pb2.HandoffTurn(
             conversation_id=state.conversation_id,
@@ -58,7 +57,6 @@ def handoff_turn(
             mode=mode,
             reason=reason,
             message=message,
-            history=[message_to_pb(m) for m in history],
             context=context,
             hop_path=list(state.path),
             turn_id=state.turn_id,

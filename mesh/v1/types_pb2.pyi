@@ -490,9 +490,10 @@ Global___Turn: _TypeAlias = Turn  # noqa: Y015
 class KeptHistory(_message.Message):
     """Which part of the history an agent keeps for a conversation on one Chat stream a turn
     starts from. An agent that says `mesh-history: kept` keeps, per stream, the whole
-    history of the last turn of each of the 8 conversations it most recently carried, at
-    most its largest message size in all (older ones are dropped first). The turn's
-    history is the kept one's messages [skip, skip + count), then `history`.
+    history of the last turn (a Turn or a HandoffTurn) of each of the 8 conversations it
+    most recently carried, at most its largest message size in all (older ones are
+    dropped first). The turn's history is the kept one's messages [skip, skip + count),
+    then `history`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -675,6 +676,7 @@ class HandoffTurn(_message.Message):
     TURN_ID_FIELD_NUMBER: _builtins.int
     HOPS_REMAINING_FIELD_NUMBER: _builtins.int
     HOP_FIELD_NUMBER: _builtins.int
+    KEPT_FIELD_NUMBER: _builtins.int
     conversation_id: _builtins.str
     """The conversation being handed over."""
     source_agent: _builtins.str
@@ -707,6 +709,13 @@ class HandoffTurn(_message.Message):
         the time the turn may still take), as on Turn.
         """
 
+    @_builtins.property
+    def kept(self) -> Global___KeptHistory:
+        """Router to agent only, on a pooled Chat stream: `history` starts with messages the
+        agent already keeps for this conversation on this stream, as on Turn. Never on
+        AgentService.Handoff (a stream of one turn keeps nothing).
+        """
+
     def __init__(
         self,
         *,
@@ -721,10 +730,11 @@ class HandoffTurn(_message.Message):
         turn_id: _builtins.str = ...,
         hops_remaining: _builtins.int = ...,
         hop: Global___HopContext | None = ...,
+        kept: Global___KeptHistory | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hop", b"hop", "kept", b"kept"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop", b"hop", "hop_path", b"hop_path", "hops_remaining", b"hops_remaining", "message", b"message", "mode", b"mode", "reason", b"reason", "source_agent", b"source_agent", "turn_id", b"turn_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["context", b"context", "conversation_id", b"conversation_id", "history", b"history", "hop", b"hop", "hop_path", b"hop_path", "hops_remaining", b"hops_remaining", "kept", b"kept", "message", b"message", "mode", b"mode", "reason", b"reason", "source_agent", b"source_agent", "turn_id", b"turn_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
