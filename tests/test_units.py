@@ -178,3 +178,23 @@ def test_history_round_trips_and_the_wire_form_is_made_once() -> None:
     same = ChatMessage("user", "weather?")
     assert same == history[0] and hash(same) == hash(history[0]) and same.wire is None
     assert "wire" not in repr(history[0])
+
+
+def test_a_started_server_process_leaves_its_start_up_heap_out_of_collections() -> None:
+    """``settle_heap`` (run by ``mesh agent`` / ``mesh router`` once serving) freezes what
+    start-up made, so a full collection walks only what came later."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, mesh.router, mesh.agent\n"
+        "from mesh.cli._serve import settle_heap\n"
+        "before = len(gc.get_objects())\n"
+        "settle_heap()\n"
+        "print(before, gc.get_freeze_count(), len(gc.get_objects()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    before, frozen, tracked = map(int, out.stdout.split())
+    assert frozen > before // 2 and tracked < before // 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -88,7 +89,16 @@ async def _start(
         if is_bind_error(err):
             raise port_in_use(what, f"{host}:{port}") from None
         raise
+    settle_heap()
     return bound
+
+
+def settle_heap() -> None:
+    """Leave what start-up made (modules, config, clients: ~140,000 objects) out of
+    every later garbage collection. A full collection otherwise walks them all each
+    time (60-100 ms here, a pause in every stream the process carries)."""
+    gc.collect()
+    gc.freeze()
 
 
 async def _run_agent(config: MeshConfig, args: argparse.Namespace) -> int:
