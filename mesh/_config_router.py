@@ -92,7 +92,9 @@ class StoreConfig(_Frozen):
     """Bytes of history handed to an agent per turn (the newest messages that fit; the
     turn's final says how many were left out). Keep it well under the message limit."""
     ttl_s: float | None = Field(default=None, gt=0)
-    """Forget a conversation this long after its last turn (Redis only)."""
+    """Forget a conversation this long after its last turn (every store: it reads as new
+    at once; Redis expires its keys, SQLite and memory delete it within a quarter of
+    the TTL, at most a minute). None keeps conversations until deleted by hand."""
 
 
 class RoutingConfig(_Frozen):

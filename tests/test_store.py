@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from mesh.config import config_from_dict
 from mesh.errors import Unavailable
 from mesh.providers.base import ChatMessage
-from mesh.router import RedisStore, SqliteStore, open_store
+from mesh.router import MemoryStore, RedisStore, SqliteStore, open_store
 
 from .meshtest import redis_server
 
@@ -262,3 +262,70 @@ async def test_redis_restarted_under_the_store_serves_again(tmp_path: Path) -> N
             assert [m.content for m in history] == ["after", "re: after"] and active == "b"
     finally:
         await store.close()
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+async def test_a_conversation_past_its_ttl_reads_as_new(kind: str, tmp_path: Path) -> None:
+    """``ttl_s``: a conversation idle longer reads as new, and a turn under its id starts
+    it afresh (its old messages never come back); others are untouched."""
+    clock = _Clock()
+    store = (
+        SqliteStore(tmp_path / "c.db", ttl_s=100, clock=clock)
+        if kind == "sqlite"
+        else MemoryStore(100, clock=clock)
+    )
+    try:
+        await store.append("old", _turn("one"), "a")
+        clock.now += 60
+        await store.append("kept", _turn("two"), "b")
+        clock.now += 60  # "old" idle 120 s, "kept" 60 s
+        assert await store.load("old", 10) == ([], "")
+        assert await store.load("kept", 10) == (_turn("two"), "b")
+        await store.append("old", _turn("three"), "c")
+        assert await store.load("old", 10) == (_turn("three"), "c")
+    finally:
+        await store.close()
+    if kind == "sqlite":
+        assert _committed(tmp_path / "c.db")["old"] == [
+            '{"role":"user","content":"three","agent":""}',
+            '{"role":"assistant","content":"re: three","agent":"a"}',
+        ]
+
+
+async def test_sqlite_deletes_expired_conversations_from_its_file(tmp_path: Path) -> None:
+    """The writer deletes expired conversations on its own (here a TTL of 0.2 s: the first
+    sweep after it runs a second later), as another connection to the file sees."""
+    path = tmp_path / "c.db"
+    store = SqliteStore(path, ttl_s=0.2)
+    try:
+        for i in range(300):  # more than one sweep's transaction
+            await store.append(f"c{i}", _turn(f"t{i}"), "a")
+        async with asyncio.timeout(30):
+            while store.forgotten < 300:
+                await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+    assert store.forgotten == 300 and _committed(path) == {}
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT COUNT(*) FROM conversations").fetchone() == (0,)
+    finally:
+        db.close()
+
+
+async def test_memory_store_sweeps_expired_conversations() -> None:
+    clock = _Clock()
+    store = MemoryStore(100, clock=clock)
+    for i in range(5):
+        await store.append(f"c{i}", _turn(f"t{i}"), "a")
+    clock.now += 200  # past the TTL and the next sweep: the next append sweeps
+    await store.append("new", _turn("n"), "a")
+    assert len(store) == 1 and await store.load("c0", 10) == ([], "")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -23,6 +24,8 @@ from typing import Any, Protocol
 from mesh.config import MeshConfig, StoreConfig
 from mesh.errors import ConfigError, Unavailable
 from mesh.providers.base import ChatMessage
+
+log = logging.getLogger("mesh.router")
 
 
 def _encode(message: ChatMessage) -> str:
@@ -59,7 +62,13 @@ CREATE TABLE IF NOT EXISTS conversations (
     active_agent TEXT NOT NULL,
     updated REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS conversations_by_updated ON conversations (updated);
 """
+
+
+def _sweep_every(ttl_s: float) -> float:
+    """How often expired conversations are deleted: a quarter of the TTL, 1-60 s."""
+    return min(max(ttl_s / 4, 1.0), 60.0)
 
 
 class ConversationStore(Protocol):
@@ -78,17 +87,56 @@ class ConversationStore(Protocol):
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    """Histories in this process only (tests, a throwaway router). With ``ttl_s``, a
+    conversation is forgotten that long after its last turn: not read from then on, and
+    its messages dropped by a sweep (at most every minute) as other turns are stored."""
+
+    def __init__(
+        self, ttl_s: float | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._messages: dict[str, list[ChatMessage]] = {}
         self._active: dict[str, str] = {}
+        self._ttl = ttl_s
+        self._clock = clock
+        self._updated: dict[str, float] = {}
+        """Last turn per conversation, oldest first (with a TTL only)."""
+        self._next_sweep = 0.0
+
+    def __len__(self) -> int:
+        """Conversations held."""
+        return len(self._messages)
+
+    def _forget(self, conversation_id: str) -> None:
+        self._messages.pop(conversation_id, None)
+        self._active.pop(conversation_id, None)
+        self._updated.pop(conversation_id, None)
+
+    def _expired(self, conversation_id: str, now: float) -> bool:
+        assert self._ttl is not None
+        updated = self._updated.get(conversation_id)
+        return updated is not None and updated < now - self._ttl
 
     async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
+        if self._ttl is not None and self._expired(conversation_id, self._clock()):
+            self._forget(conversation_id)
         history = self._messages.get(conversation_id, [])[-limit:]
         return history, self._active.get(conversation_id, "")
 
     async def append(
         self, conversation_id: str, messages: Sequence[ChatMessage], active_agent: str
     ) -> None:
+        if self._ttl is not None:
+            now = self._clock()
+            if self._expired(conversation_id, now):  # the same id, a new conversation
+                self._forget(conversation_id)
+            self._updated.pop(conversation_id, None)
+            self._updated[conversation_id] = now
+            if now >= self._next_sweep:
+                self._next_sweep = now + _sweep_every(self._ttl)
+                for oldest in list(self._updated):
+                    if not self._expired(oldest, now):
+                        break
+                    self._forget(oldest)
         self._messages.setdefault(conversation_id, []).extend(messages)
         self._active[conversation_id] = active_agent
 
@@ -108,6 +156,11 @@ class SqliteStore:
     last commit and never waits for the writer. A read is a lookup by primary key and an
     index range over a file in the page cache, cheaper than a hop to a thread.
 
+    With ``ttl_s``, a conversation is forgotten that long after its last turn: reads
+    treat it as new at once, a turn under its id starts it afresh, and the writer deletes
+    expired conversations every quarter of the TTL (1-60 s), 256 per transaction between
+    groups of turns.
+
     The file, its ``-wal`` and ``-shm`` are 0600; directories the store creates are 0700.
     ``before_commit`` and ``after_commit`` (called on the writer thread with the number of
     turns in the transaction) are hooks for metrics and tests.
@@ -120,12 +173,19 @@ class SqliteStore:
         self,
         path: Path,
         *,
+        ttl_s: float | None = None,
+        clock: Callable[[], float] = time.time,
         before_commit: Callable[[int], None] | None = None,
         after_commit: Callable[[int], None] | None = None,
     ) -> None:
         self.path = path
         _private_dirs(path.parent)
         _private_file(path)
+        self._ttl = ttl_s
+        self._clock = clock
+        self._next_sweep = 0.0
+        self.forgotten = 0
+        """Expired conversations deleted so far."""
         self._before_commit = before_commit
         self._after_commit = after_commit
         self._writer_db = self._connect()
@@ -155,6 +215,13 @@ class SqliteStore:
     async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
         db = self._reader_db
         try:
+            if self._ttl is not None:
+                alive = db.execute(
+                    "SELECT 1 FROM conversations WHERE conversation_id = ? AND updated >= ?",
+                    (conversation_id, self._clock() - self._ttl),
+                ).fetchone()
+                if alive is None:  # new, or expired (and not yet deleted)
+                    return [], ""
             rows = db.execute(
                 "SELECT body FROM (SELECT seq, body FROM messages WHERE conversation_id = ? "
                 "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
@@ -185,12 +252,16 @@ class SqliteStore:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
+                while not self._queue and not self._closing and not self._sweep_due():
+                    self._cond.wait(self._sweep_wait())
+                if not self._queue and self._closing:
                     return
                 batch = self._queue[: self.MAX_BATCH]
                 del self._queue[: self.MAX_BATCH]
+            if self._sweep_due():
+                self._sweep()
+            if not batch:
+                continue
             error = self._commit(batch)
             by_loop: dict[asyncio.AbstractEventLoop, list[_PendingTurn]] = {}
             for turn in batch:
@@ -199,12 +270,51 @@ class SqliteStore:
                 with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
                     loop.call_soon_threadsafe(_settle, turns, error)
 
+    def _sweep_due(self) -> bool:
+        return self._ttl is not None and time.monotonic() >= self._next_sweep
+
+    def _sweep_wait(self) -> float | None:
+        return None if self._ttl is None else max(0.0, self._next_sweep - time.monotonic())
+
+    def _sweep(self) -> None:
+        """Delete up to 256 expired conversations in one transaction; the sweep stays due
+        while more are left (turns queued meanwhile go first)."""
+        assert self._ttl is not None
+        db = self._writer_db
+        cutoff = self._clock() - self._ttl
+        try:
+            ids = db.execute(
+                "SELECT conversation_id FROM conversations WHERE updated < ? LIMIT 256", (cutoff,)
+            ).fetchall()
+            if ids:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("DELETE FROM messages WHERE conversation_id = ?", ids)
+                    db.executemany("DELETE FROM conversations WHERE conversation_id = ?", ids)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as err:
+            log.warning("conversation store: deleting expired conversations failed: %s", err)
+            ids = []
+        self.forgotten += len(ids)
+        if len(ids) < 256:
+            self._next_sweep = time.monotonic() + _sweep_every(self._ttl)
+
     def _commit(self, batch: list[_PendingTurn]) -> Exception | None:
         db = self._writer_db
-        now = time.time()
+        now = self._clock()
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
+                if self._ttl is not None:  # an expired conversation's id starts a new one
+                    cutoff = now - self._ttl
+                    db.executemany(
+                        "DELETE FROM messages WHERE conversation_id = ? AND EXISTS (SELECT 1 "
+                        "FROM conversations WHERE conversation_id = ? AND updated < ?)",
+                        [(t.conversation_id, t.conversation_id, cutoff) for t in batch],
+                    )
                 db.executemany(
                     "INSERT INTO messages (conversation_id, body) VALUES (?, ?)",
                     [(t.conversation_id, _encode(m)) for t in batch for m in t.messages],
@@ -246,13 +356,6 @@ class _PendingTurn:
     done: asyncio.Future[None]
 
 
-@dataclass(slots=True)
-class _PendingRead:
-    conversation_id: str
-    limit: int
-    done: asyncio.Future[tuple[list[ChatMessage], str]]
-
-
 def _settle(turns: list[_PendingTurn], error: Exception | None) -> None:
     for turn in turns:
         if turn.done.done():  # the caller went away (cancelled); the turn is stored anyway
@@ -291,156 +394,21 @@ def _private_file(path: Path, *, create: bool = True) -> None:
         os.chmod(path, 0o600)
 
 
-class RedisStore:
-    """A Redis list per conversation plus a key for the active agent.
-
-    Appends are written in groups: every turn that finishes while a write is in flight
-    joins the next one, and each group is one pipelined MULTI/EXEC (one round trip); an
-    ``append`` returns once the EXEC holding its turn has succeeded. Loads are grouped
-    the same way into one non-transactional pipeline (LRANGE + GET per conversation).
-    ``after_commit`` (called with the number of turns in each EXEC) is a hook for metrics
-    and tests.
-    """
-
-    #: The most turns one MULTI takes (the rest join the next).
-    MAX_BATCH = 256
-
-    def __init__(
-        self,
-        url: str,
-        ttl_s: float | None = None,
-        timeout_s: float = 5.0,
-        *,
-        after_commit: Callable[[int], None] | None = None,
-    ) -> None:
-        from redis.asyncio import Redis
-
-        self._redis = Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, decode_responses=False
-        )
-        self._ttl = int(ttl_s) if ttl_s else None
-        self._after_commit = after_commit
-        self._queue: list[_PendingTurn] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self._reads: list[_PendingRead] = []
-        self._reader: asyncio.Task[None] | None = None
-        self._closed = False
-        self.commits = 0
-        """MULTI/EXEC groups written so far (each covers one or more turns)."""
-        self.turns = 0
-        """Turns written so far."""
-        self.reads = 0
-        """Read pipelines sent so far (each serves one or more loads)."""
-
-    @staticmethod
-    def _keys(conversation_id: str) -> tuple[str, str]:
-        return f"mesh:conv:{conversation_id}:messages", f"mesh:conv:{conversation_id}:active"
-
-    async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
-        if self._closed:
-            raise Unavailable("conversation store is closed")
-        loop = asyncio.get_running_loop()
-        read = _PendingRead(conversation_id, limit, loop.create_future())
-        self._reads.append(read)
-        if self._reader is None:
-            self._reader = loop.create_task(self._flush_reads())
-        return await read.done
-
-    async def _flush_reads(self) -> None:
-        """Serve queued reads, one pipeline (LRANGE + GET each) per group, until none wait."""
-        from redis.exceptions import RedisError
-
-        try:
-            while self._reads:
-                batch = self._reads[: self.MAX_BATCH]
-                del self._reads[: self.MAX_BATCH]
-                try:
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for read in batch:
-                            messages_key, active_key = self._keys(read.conversation_id)
-                            pipe.lrange(messages_key, -read.limit, -1)
-                            pipe.get(active_key)
-                        values = await pipe.execute()
-                    self.reads += 1
-                except (RedisError, OSError) as err:
-                    error = Unavailable(f"conversation store unavailable: {type(err).__name__}")
-                    for read in batch:
-                        if not read.done.done():
-                            read.done.set_exception(error)
-                    continue
-                for i, read in enumerate(batch):
-                    if read.done.done():  # the caller went away
-                        continue
-                    rows, value = values[2 * i], values[2 * i + 1]
-                    active = value.decode() if isinstance(value, bytes) else ""
-                    read.done.set_result(([_decode(row) for row in rows], active))
-        finally:
-            self._reader = None
-
-    async def append(
-        self, conversation_id: str, messages: Sequence[ChatMessage], active_agent: str
-    ) -> None:
-        if self._closed:
-            raise Unavailable("conversation store is closed")
-        loop = asyncio.get_running_loop()
-        turn = _PendingTurn(conversation_id, list(messages), active_agent, loop.create_future())
-        self._queue.append(turn)
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush())
-        await turn.done
-
-    async def _flush(self) -> None:
-        """Write queued turns, one MULTI per group, until the queue is empty."""
-        try:
-            while self._queue:
-                batch = self._queue[: self.MAX_BATCH]
-                del self._queue[: self.MAX_BATCH]
-                _settle(batch, await self._write(batch))
-        finally:
-            self._flusher = None
-
-    async def _write(self, batch: list[_PendingTurn]) -> Exception | None:
-        from redis.exceptions import RedisError
-
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for turn in batch:
-                    messages_key, active_key = self._keys(turn.conversation_id)
-                    pipe.rpush(messages_key, *[_encode(m) for m in turn.messages])
-                    pipe.set(active_key, turn.active_agent)
-                    if self._ttl:
-                        pipe.expire(messages_key, self._ttl)
-                        pipe.expire(active_key, self._ttl)
-                await pipe.execute()
-        except (RedisError, OSError) as err:
-            return Unavailable(f"conversation store unavailable: {type(err).__name__}")
-        self.commits += 1
-        self.turns += len(batch)
-        if self._after_commit is not None:
-            self._after_commit(len(batch))
-        return None
-
-    async def close(self) -> None:
-        self._closed = True
-        for task in (self._flusher, self._reader):
-            if task is not None:
-                await asyncio.shield(task)
-        await self._redis.aclose()
-
-
 def open_store(config: MeshConfig) -> ConversationStore:
     store: StoreConfig = config.router.store
     if store.kind == "memory":
-        return MemoryStore()
+        return MemoryStore(store.ttl_s)
     if store.kind == "sqlite":
         path = Path(store.path)
         if not path.is_absolute():
             private_data_dir(Path(config.data_dir))
             path = config.data_dir / path
-        return SqliteStore(path)
+        return SqliteStore(path, ttl_s=store.ttl_s)
     url = os.environ.get(store.url_env) or store.url
     if not url:
         raise ConfigError(
             f"router.store: kind redis needs a URL in ${store.url_env} (or router.store.url)"
         )
+    from mesh.router._store_redis import RedisStore
+
     return RedisStore(url, store.ttl_s)
