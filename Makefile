@@ -37,9 +37,10 @@ $(LLAMA_STAMP): $(STAMP)
 
 setup: $(STAMP)  ## install the locked dependencies into .venv
 
+# --exit-with-parent: when make dies, even by kill -9, mesh up stops everything too.
 run: $(STAMP)  ## start the default mesh (router + agents) on the offline model
 	@echo "make: starting the mesh (mesh up): the token service, each agent, then the router"
-	$(VENV)/bin/mesh up --config services/mesh.yaml
+	$(VENV)/bin/mesh up --config services/mesh.yaml --exit-with-parent
 
 up: run
 

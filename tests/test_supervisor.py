@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import queue
 import re
 import select
+import shlex
 import signal
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
+from typing import IO
 
-from .meshtest import Proc, mesh_token, offline_agent, start_mesh, write_config
+from .meshtest import REPO, Proc, mesh_token, offline_agent, start_mesh, write_config
 
 
 def _config(tmp_path: Path, **agents: dict[str, object]) -> Path:
@@ -17,10 +23,14 @@ def _config(tmp_path: Path, **agents: dict[str, object]) -> Path:
     return write_config(tmp_path, {"agents": agents, "auth": {"enabled": False}})
 
 
-def _up(config: Path, tmp_path: Path, agents: tuple[str, ...] = ("alpha", "beta")) -> Proc:
+def _env(tmp_path: Path, agents: tuple[str, ...]) -> dict[str, str]:
     env = {f"MESH_AGENTS__{a.upper()}__PORT": "0" for a in agents}
     env["MESH_DATA_DIR"] = str(tmp_path / "data")
-    return Proc(["up", "--config", str(config), "--router-port", "0"], env)
+    return env
+
+
+def _up(config: Path, tmp_path: Path, agents: tuple[str, ...] = ("alpha", "beta")) -> Proc:
+    return Proc(["up", "--config", str(config), "--router-port", "0"], _env(tmp_path, agents))
 
 
 def _children(pid: int) -> list[int]:
@@ -63,6 +73,93 @@ def test_sigkill_of_mesh_up_leaves_no_child(tmp_path: Path) -> None:
     proc.popen.wait()
     # The kernel's parent-death signal stops them (they drain and exit).
     assert _wait_gone(children) == []
+
+
+#: A parent as make is: it starts its argv as a child and waits for it (no exec).
+LAUNCHER = "import subprocess, sys\nsys.exit(subprocess.call(sys.argv[1:]))\n"
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def test_kill_9_of_the_process_that_started_mesh_up_stops_it_and_every_child(
+    tmp_path: Path,
+) -> None:
+    """`make run`'s `mesh up --exit-with-parent`, started by a parent that is then killed
+    with SIGKILL: the kernel's SIGTERM starts the orderly stop, and nothing is left."""
+    argv = [sys.executable, "-m", "mesh", "up", "--config", str(_config(tmp_path))]
+    argv += ["--router-port", "0", "--exit-with-parent"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **_env(tmp_path, ("alpha", "beta"))}
+    with (tmp_path / "stderr.log").open("w") as err:
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, *argv],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+    assert launcher.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(launcher.stdout, lines), daemon=True).start()
+    try:
+        while (line := lines.get(timeout=90)) != "mesh up: running; Ctrl-C stops everything\n":
+            assert line is not None, (tmp_path / "stderr.log").read_text()  # it exited
+        (up,) = _children(launcher.pid)
+        children = _children(up)
+        assert len(children) == 3  # two agents and the router
+    finally:
+        launcher.kill()  # SIGKILL, as `kill -9` of make: mesh up is not told by it
+        launcher.wait()
+    assert _wait_gone([up, *children]) == []
+    err_text = (tmp_path / "stderr.log").read_text()
+    assert "Traceback" not in err_text and "did not stop within" not in err_text
+
+
+def test_exit_with_parent_starts_nothing_when_the_parent_is_already_gone(
+    tmp_path: Path,
+) -> None:
+    """The parent died before the kernel took the request (here: a pid that was never
+    the parent): no signal would come, so mesh up says so and starts nothing."""
+    run = (
+        "import sys\n"
+        "from mesh.cli import _supervisor, main\n"
+        "_supervisor._LAUNCHER = 999_999_999\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = ["up", "--config", str(_config(tmp_path)), "--router-port", "0", "--exit-with-parent"]
+    done = subprocess.run(
+        [sys.executable, "-c", run, *argv],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **_env(tmp_path, ("alpha", "beta"))},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "mesh up: the process that started it (pid 999999999) has already exited "
+        "(--exit-with-parent); nothing was started"
+    ]
+
+
+def test_make_run_starts_mesh_up_with_exit_with_parent() -> None:
+    """The command `make run` runs (make -n prints it; UV set: no uv lookup)."""
+    out = subprocess.run(
+        ["make", "-n", "run", "UV=uv"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    commands = [shlex.split(line) for line in out.splitlines() if "bin/mesh up" in line]
+    assert commands == [
+        [".venv/bin/mesh", "up", "--config", "services/mesh.yaml", "--exit-with-parent"]
+    ]
 
 
 def test_sighup_stops_every_child(tmp_path: Path) -> None:

@@ -7,6 +7,11 @@ the supervisor dies without a chance to clean up (``PR_SET_PDEATHSIG``, set in t
 child between fork and exec), so even ``kill -9`` of ``mesh up`` leaves nothing
 running. A child that exits on its own is named, with its exit code and its last
 lines of output, and the others are stopped.
+
+With ``--exit-with-parent`` (``make run`` uses it) ``mesh up`` asks the same of the
+kernel for itself: SIGTERM, and so the orderly stop, when the process that started it
+dies, even by ``kill -9``. It is not the default: ``mesh up`` run by hand may outlive
+its shell on purpose (``nohup``, a process manager).
 """
 
 from __future__ import annotations
@@ -45,18 +50,45 @@ def _load_prctl() -> Callable[..., int] | None:
 
 #: Looked up before any fork: the child only calls it.
 _PRCTL = _load_prctl()
+#: The process that started this one, read as early as the command line can (at import):
+#: ``--exit-with-parent`` checks that it was still there when the request took effect.
+_LAUNCHER = os.getppid()
+
+
+def _sigterm_when_parent_dies(parent: int) -> bool:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux; a no-op
+    elsewhere). False when ``parent`` had already died (this process was re-parented)
+    before the request took effect: no signal will come then."""
+    if _PRCTL is None:
+        return True
+    _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    return os.getppid() == parent
 
 
 def _die_with(parent: int) -> Callable[[], None]:
     """A ``preexec_fn``: SIGTERM this child when ``parent`` dies (Linux)."""
 
     def setup() -> None:
-        if _PRCTL is not None:
-            _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-            if os.getppid() != parent:  # the supervisor died before prctl took effect
-                os._exit(1)
+        if not _sigterm_when_parent_dies(parent):  # the supervisor died before prctl
+            os._exit(1)
 
     return setup
+
+
+def _exit_with_launcher() -> None:
+    """``--exit-with-parent``: SIGTERM (handled: the orderly stop) when the process that
+    started ``mesh up`` dies. The kernel watches the thread that started it, which for
+    make or a shell is their only one."""
+    if _PRCTL is None:
+        print(
+            "mesh up: --exit-with-parent needs Linux (PR_SET_PDEATHSIG); ignored here",
+            file=sys.stderr,
+        )
+    elif not _sigterm_when_parent_dies(_LAUNCHER):
+        raise CommandError(
+            f"the process that started it (pid {_LAUNCHER}) has already exited "
+            "(--exit-with-parent); nothing was started"
+        )
 
 
 _PORT_LINES = ("metrics: ", "health: ")
@@ -270,6 +302,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     sup = Supervisor(config, ["--config", str(Path(config.source).resolve())])
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, sup.on_signal)
+    if args.exit_with_parent:  # after the handlers: the signal must stop things in order
+        _exit_with_launcher()
     failed = False
     try:
         static: list[str] = []
@@ -324,4 +358,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p = sub.add_parser("up", help="run the router and every agent, each its own process")
     add_config(p)
     p.add_argument("--router-port", type=int, help="router port (default: router.port; 0 = any)")
+    p.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="stop everything, as Ctrl-C does, when the process that started mesh up "
+        "exits, even by kill -9 (`make run` uses it; Linux only). Not for nohup or a "
+        "process manager, where mesh up should outlive its parent",
+    )
     p.set_defaults(func=cmd_up)
