@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import grpc
@@ -342,7 +342,7 @@ async def test_a_handoff_naming_history_no_stream_keeps_is_refused() -> None:
     async with serve_agent(config, "memo") as (address, _server, _runtime, provider):
         async with create_channel(address) as channel:
             stub = agent_pb2_grpc.AgentServiceStub(channel)
-            calls = [
+            calls: list[AsyncIterable[types_pb2.ChatEvent]] = [
                 stub.Handoff(iter([agent_pb2.HandoffRequest(handoff=handoff)]), timeout=20),
                 stub.Chat(iter([types_pb2.ChatRequest(handoff=handoff)]), timeout=20),
             ]

@@ -284,6 +284,7 @@ async def test_a_conversation_past_its_ttl_reads_as_new(kind: str, tmp_path: Pat
     )
     try:
         await store.append("old", _turn("one"), "a")
+        assert await store.load("old", 10) == (_turn("one"), "a")  # (SQLite keeps its tail)
         clock.now += 60
         await store.append("kept", _turn("two"), "b")
         clock.now += 60  # "old" idle 120 s, "kept" 60 s
@@ -329,3 +330,42 @@ async def test_memory_store_sweeps_expired_conversations() -> None:
     clock.now += 200  # past the TTL and the next sweep: the next append sweeps
     await store.append("new", _turn("n"), "a")
     assert len(store) == 1 and await store.load("c0", 10) == ([], "")
+
+
+async def test_sqlite_reads_only_what_was_stored_since_a_conversations_last_read(
+    tmp_path: Path,
+) -> None:
+    """A conversation's next load reads the rows stored since its last one and hands out
+    the same message objects again; a second store writing the same file (another
+    process, say) is read like the store's own, and the window stays the newest
+    ``limit``."""
+    path = tmp_path / "c.db"
+    store, other = SqliteStore(path), SqliteStore(path)
+    try:
+        expected: list[ChatMessage] = []
+        previous: list[ChatMessage] = []
+        for i in range(6):
+            writer = other if i % 3 == 2 else store
+            await writer.append("c", _turn(f"t{i}"), "a")
+            expected += _turn(f"t{i}")
+            loaded, active = await store.load("c", 5)
+            assert loaded == expected[-5:] and active == "a"
+            for message in loaded:  # what the last load had is handed out again
+                assert not any(message == p and message is not p for p in previous)
+            previous = loaded
+        assert await store.load("c", 3) == (expected[-3:], "a")  # another window
+        assert await store.load("c", 5) == (expected[-5:], "a")
+    finally:
+        await store.close()
+        await other.close()
+
+
+def test_sqlite_tails_stay_within_their_bound() -> None:
+    from mesh.router._store_sqlite import _Tails
+
+    tails = _Tails(max_bytes=2_500)
+    rows = [(i, f'{{"role":"user","content":"{"x" * 300}{i}"}}') for i in range(3)]
+    for name in "abcd":
+        tails.put(name, 10, rows)  # about 1,100 bytes each: two fit
+    assert [name for name in "abcd" if tails.get(name, 10)] == ["c", "d"]
+    assert tails.get("d", 5) is None  # kept for another window

@@ -10,7 +10,9 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.errors import Unavailable
@@ -33,6 +35,78 @@ CREATE TABLE IF NOT EXISTS conversations (
 );
 CREATE INDEX IF NOT EXISTS conversations_by_updated ON conversations (updated);
 """
+
+
+TAILS_BYTES = 32 << 20
+"""Decoded conversation tails a SQLite store keeps in memory (``ChatMessage.size``)."""
+
+
+@dataclass(slots=True)
+class _Tail:
+    limit: int
+    last: int
+    """The newest message's ``seq``."""
+    messages: tuple[ChatMessage, ...]
+    size: int
+
+
+class _Tails:
+    """The newest ``limit`` messages of recently read conversations, decoded, least
+    recently read dropped first past ``max_bytes``: a conversation's next turn reads
+    only the rows stored since (its history mostly repeats), and gets the same message
+    objects again (their wire form is made once; kept histories match them by identity).
+
+    A tail is used only while its newest row is still stored: rows are only ever added
+    to a conversation, or the whole of it deleted (TTL), so that row still being there
+    means nothing before it changed. Rows from another process writing the same file
+    are read like this process's own."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._tails: OrderedDict[str, _Tail] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, conversation: str, limit: int) -> _Tail | None:
+        tail = self._tails.get(conversation)
+        return tail if tail is not None and tail.limit == limit else None
+
+    def put(
+        self, conversation: str, limit: int, rows: Sequence[tuple[int, str]]
+    ) -> tuple[ChatMessage, ...]:
+        messages = tuple(_decode(body) for _, body in rows)
+        if rows:
+            size = sum(m.size for m in messages)
+            self._set(conversation, _Tail(limit, rows[-1][0], messages, size))
+        else:
+            self._drop(conversation)
+        return messages
+
+    def extend(
+        self, conversation: str, tail: _Tail, rows: Sequence[tuple[int, str]]
+    ) -> tuple[ChatMessage, ...]:
+        if rows:
+            added = tuple(_decode(body) for _, body in rows)
+            messages = tail.messages + added
+            drop = len(messages) - tail.limit
+            size = tail.size + sum(m.size for m in added)
+            if drop > 0:
+                size -= sum(m.size for m in messages[:drop])
+                messages = messages[drop:]
+            tail = _Tail(tail.limit, rows[-1][0], messages, size)
+        self._set(conversation, tail)
+        return tail.messages
+
+    def _set(self, conversation: str, tail: _Tail) -> None:
+        self._drop(conversation)
+        self._tails[conversation] = tail
+        self._bytes += tail.size
+        while self._bytes > self.max_bytes and self._tails:
+            self._drop(next(iter(self._tails)))
+
+    def _drop(self, conversation: str) -> None:
+        tail = self._tails.pop(conversation, None)
+        if tail is not None:
+            self._bytes -= tail.size
 
 
 class SqliteStore:
@@ -74,6 +148,7 @@ class SqliteStore:
         _private_file(path)
         self._ttl = ttl_s
         self._clock = clock
+        self._tails = _Tails(TAILS_BYTES)
         self._next_sweep = 0.0
         self.forgotten = 0
         """Expired conversations deleted so far."""
@@ -106,25 +181,33 @@ class SqliteStore:
     async def load(self, conversation_id: str, limit: int) -> tuple[list[ChatMessage], str]:
         db = self._reader_db
         try:
-            if self._ttl is not None:
-                alive = db.execute(
-                    "SELECT 1 FROM conversations WHERE conversation_id = ? AND updated >= ?",
-                    (conversation_id, self._clock() - self._ttl),
-                ).fetchone()
-                if alive is None:  # new, or expired (and not yet deleted)
-                    return [], ""
+            head = db.execute(
+                "SELECT active_agent, updated FROM conversations WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchone()
+            if head is None:
+                return [], ""
+            if self._ttl is not None and head[1] < self._clock() - self._ttl:
+                return [], ""  # expired (and not yet deleted): a new conversation
+            tail = self._tails.get(conversation_id, limit)
+            if tail is not None:
+                rows = db.execute(
+                    "SELECT seq, body FROM messages WHERE conversation_id = ? AND seq >= ? "
+                    "ORDER BY seq",
+                    (conversation_id, tail.last),
+                ).fetchall()
+                if rows and rows[0][0] == tail.last:  # still there: read only what is new
+                    messages = self._tails.extend(conversation_id, tail, rows[1:])
+                    return list(messages), str(head[0])
             rows = db.execute(
-                "SELECT body FROM (SELECT seq, body FROM messages WHERE conversation_id = ? "
+                "SELECT seq, body FROM (SELECT seq, body FROM messages WHERE conversation_id = ? "
                 "ORDER BY seq DESC LIMIT ?) ORDER BY seq",
                 (conversation_id, limit),
             ).fetchall()
-            active = db.execute(
-                "SELECT active_agent FROM conversations WHERE conversation_id = ?",
-                (conversation_id,),
-            ).fetchone()
         except sqlite3.Error as err:
             raise Unavailable(f"conversation store unavailable: {err}") from None
-        return [_decode(row[0]) for row in rows], str(active[0]) if active else ""
+        messages = self._tails.put(conversation_id, limit, rows)
+        return list(messages), str(head[0])
 
     # -- writes ---------------------------------------------------------------------------
 
