@@ -42,6 +42,7 @@ from mcp.shared.exceptions import MCPError
 
 from mesh.config import McpServerConfig, MeshConfig
 from mesh.context import current_token
+from mesh.mcp._listing import ListingGuard
 from mesh.mcp._schema import render_result, schema_problem
 from mesh.mcp._transport import _BEARER, _BearerAuth, _describe, _headers, _watched
 from mesh.providers.base import ToolSpec
@@ -126,6 +127,8 @@ class McpServerConnection:
         self._task: asyncio.Task[None] | None = None
         self._service_token: tuple[str, float] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._skipped: set[tuple[str, str]] = set()
+        """Malformed tools of its listings already logged (tool, problem)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -240,9 +243,11 @@ class McpServerConnection:
             await stack.enter_async_context(http)
             transport = streamable_http_client(cfg.streamable_http.url, http_client=http)
         # The SDK's response cache is off: the tool list is cached here (cache_tools).
+        guard = ListingGuard(self.name, self._skipped)
         client = Client(
-            _watched(transport, self._ended), message_handler=self._on_message, cache=None
+            _watched(transport, self._ended, guard), message_handler=self._on_message, cache=None
         )
+        guard.version = lambda: client.session.protocol_version
         token = _BEARER.set(await self._service_bearer())
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):

@@ -1,4 +1,5 @@
-"""MCP transport helpers: bearer auth on httpx, read-side watching, headers and error text."""
+"""MCP transport helpers: bearer auth on httpx, stream watching (the end of the read
+side; the listing guard on both), headers and error text."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import anyio
 import httpx2
 
 from mesh.config import McpHttpConfig
+from mesh.mcp._listing import ListingGuard
 
 log = logging.getLogger("mesh.mcp")
 
@@ -36,11 +38,13 @@ class _BearerAuth(httpx2.Auth):
 
 
 class _WatchedRead:
-    """The transport's read stream, noting when it ends (the server went away)."""
+    """The transport's read stream, noting when it ends (the server went away); the
+    guard drops the malformed tools of ``tools/list`` answers."""
 
-    def __init__(self, inner: Any, ended: asyncio.Event) -> None:
+    def __init__(self, inner: Any, ended: asyncio.Event, guard: ListingGuard | None) -> None:
         self._inner = inner
         self._ended = ended
+        self._guard = guard
 
     @property
     def last_context(self) -> Any:
@@ -48,10 +52,11 @@ class _WatchedRead:
 
     async def receive(self) -> Any:
         try:
-            return await self._inner.receive()
+            item = await self._inner.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._ended.set()
             raise
+        return item if self._guard is None else self._guard.inbound(item)
 
     def __aiter__(self) -> _WatchedRead:
         return self
@@ -73,11 +78,35 @@ class _WatchedRead:
         await self.aclose()
 
 
+class _GuardedWrite:
+    """The transport's write stream, showing each request to the listing guard."""
+
+    def __init__(self, inner: Any, guard: ListingGuard) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    async def send(self, item: Any, /) -> None:
+        self._guard.outbound(item)
+        await self._inner.send(item)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    async def __aenter__(self) -> _GuardedWrite:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 @contextlib.asynccontextmanager
-async def _watched(transport: Any, ended: asyncio.Event) -> AsyncIterator[tuple[Any, Any]]:
+async def _watched(
+    transport: Any, ended: asyncio.Event, guard: ListingGuard | None = None
+) -> AsyncIterator[tuple[Any, Any]]:
     try:
         async with transport as (read, write):
-            yield _WatchedRead(read, ended), write
+            sink = write if guard is None else _GuardedWrite(write, guard)
+            yield _WatchedRead(read, ended, guard), sink
     finally:
         ended.set()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mesh.agent._runtime import AgentRuntime
 from mesh.client import AgentClient, create_channel, turn_request
 from mesh.config import MeshConfig, config_from_dict
-from mesh.mcp import McpToolset, close_toolset, toolset_of
+from mesh.mcp import McpTool, McpToolset, close_toolset, toolset_of
 from mesh.v1 import types_pb2
 from tests.mcp.servers import EVENTS_ENV, Events, bound_socket, notes_server, serve_http
 from tests.meshtest import REPO, serve_agent, serve_router
@@ -281,6 +282,37 @@ async def test_a_server_that_cannot_serve_says_why(stdio: dict[str, Any], why: s
             assert why in server.last_error
         finally:
             await close_toolset(runtime)
+
+
+async def test_a_listing_with_malformed_tools_keeps_the_good_ones(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One good tool beside two the MCP schema refuses (``properties`` not an object, no
+    name): the good one is published and called, each bad one is one WARNING line."""
+    stdio = {"command": sys.executable, "args": [_BAD_LISTING, "mixed"]}
+    server = {"name": "mixed", "stdio": stdio, "cache_tools": False}  # re-listed per call
+    rules = [{"contains": "echo", "tool": "echo", "arguments": {"text": "hi"}}]
+    config = config_for(agent_with([server], rules))
+    with caplog.at_level(logging.DEBUG, logger="mesh.mcp"):
+        async with mesh_with(config) as (client, runtime, _addr):
+            toolset = toolset_of(runtime)
+            assert toolset is not None and toolset.servers[0].state == "ready"
+            assert {"echo"} == {n for n, t in runtime.tools.items() if isinstance(t, McpTool)}
+            result = await client.chat("echo please")
+            again = await client.chat("echo again")
+    for turn in (result, again):
+        call, tool_result = tool_events(turn.events)
+        assert call.name == "echo"
+        assert not tool_result.is_error, tool_result.content
+        assert tool_result.content == 'echo got {"text": "hi"}'  # what the server received
+    loud = [r for r in caplog.records if r.name == "mesh.mcp" and r.levelno >= logging.WARNING]
+    assert sorted(r.getMessage() for r in loud) == [
+        "MCP server mixed: tool #3 (no name) skipped: its entry breaks the MCP schema at "
+        "name: Field required",
+        "MCP server mixed: tool 'broken' skipped: its entry breaks the MCP schema at "
+        "inputSchema.properties: Input should be a valid dictionary",
+    ]  # once each, though every call re-listed the tools
+    assert all(r.exc_info is None for r in caplog.records)
 
 
 def _claims(content: str) -> dict[str, Any]:
