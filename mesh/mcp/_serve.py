@@ -7,6 +7,11 @@ agent answers. Two transports: stdio (desktop and IDE clients; the caller is the
 user, ``$MESH_TOKEN`` or a token minted from the embedded STS) and stateless
 streamable HTTP (remote clients; each request's bearer token, for this server's
 audience, is exchanged on behalf of its user for the router: never passed through).
+
+The caller's W3C trace context (``params._meta``, else the HTTP request's headers;
+malformed values dropped) goes with the router call, so the turn continues the caller's
+trace. Each tool call counts in ``mesh_mcp_tool_calls_total`` and
+``mesh_mcp_tool_call_duration_seconds``, served with ``--metrics-port``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Generator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +39,8 @@ from mesh.client import AgentClient, create_channel, turn_request
 from mesh.config import MeshConfig
 from mesh.convert import error_code_name
 from mesh.errors import ConfigError, MeshError
+from mesh.mcp._trace import incoming as incoming_trace
+from mesh.telemetry import metrics
 from mesh.version import __version__
 
 log = logging.getLogger("mesh.mcp")
@@ -70,9 +78,49 @@ class MeshAsker:
             self._channel = create_channel(self.router, credentials=self.credentials)
         return AgentClient(self._channel, router=True)
 
-    async def ask(self, target: str, message: str, conversation_id: str, progress: Progress) -> str:
-        token = await self.identity()
-        metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    async def ask(
+        self,
+        target: str,
+        message: str,
+        conversation_id: str,
+        progress: Progress,
+        trace: Mapping[str, str] | None = None,
+    ) -> str:
+        """The agent's answer; ``trace`` (the caller's W3C trace context) goes with the
+        router call, so the turn continues the caller's trace."""
+        started = time.monotonic()
+        outcome = "UNKNOWN"
+        try:
+            text = await self._turn(target, message, conversation_id, progress, trace or {})
+            outcome = "ok"
+            return text
+        except _Failed as err:
+            outcome = err.code
+            raise
+        except MeshError as err:
+            outcome = err.code.name
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            metrics.mcp_tool_calls.labels(target, outcome).inc()
+            metrics.mcp_tool_call_duration.labels(target).observe(time.monotonic() - started)
+
+    async def _turn(
+        self,
+        target: str,
+        message: str,
+        conversation_id: str,
+        progress: Progress,
+        trace: Mapping[str, str],
+    ) -> str:
+        try:
+            token = await self.identity()
+        except ToolError as err:
+            raise _Failed("UNAUTHENTICATED", str(err)) from None
+        metadata = [("authorization", f"Bearer {token}")] if token else []
+        metadata.extend(trace.items())
         stream = self._client().open(metadata=metadata, timeout=self.timeout_s)
         text = ""
         count = 0
@@ -89,7 +137,8 @@ class MeshAsker:
                 elif kind == "handoff":
                     note = f"[{event.agent} hands over to {event.handoff.target}]"
                 elif kind == "error":
-                    raise ToolError(f"{error_code_name(event.error.code)}: {event.error.message}")
+                    code = error_code_name(event.error.code)
+                    raise _Failed(code, f"{code}: {event.error.message}")
                 elif kind == "final":
                     text = event.final.content or text
                 if note:
@@ -99,7 +148,7 @@ class MeshAsker:
             async with asyncio.timeout(10):
                 await stream.call.code()
         except MeshError as err:
-            raise ToolError(f"{err.code.name}: {err.message}") from None
+            raise _Failed(err.code.name, f"{err.code.name}: {err.message}") from None
         finally:
             stream.cancel()  # no-op once the call has ended
         return text
@@ -110,12 +159,21 @@ class MeshAsker:
             self._channel = None
 
 
+class _Failed(ToolError):
+    """A failed ask: the tool error the caller sees, and its gRPC code for the metrics."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
 def _tool(asker: MeshAsker, target: str) -> Callable[..., Awaitable[str]]:
     async def ask(ctx: Context, message: str, conversation_id: str = "") -> str:
         async def progress(count: float, note: str) -> None:
             await ctx.report_progress(count, None, note)
 
-        return await asker.ask(target, message, conversation_id, progress)
+        trace = incoming_trace(ctx.request_context.meta, ctx.headers)
+        return await asker.ask(target, message, conversation_id, progress, trace)
 
     ask.__doc__ = f"Ask {target}."
     return ask
@@ -204,10 +262,40 @@ def http_identity(config: MeshConfig) -> Identity:
     return identity
 
 
-async def serve_stdio(config: MeshConfig, router: str, *, user: str, timeout_s: float) -> None:
+@contextlib.asynccontextmanager
+async def serve_metrics(
+    host: str, port: int | None, ready: Callable[[], bool], on_bound: Callable[[str], None]
+) -> AsyncIterator[None]:
+    """Prometheus ``/metrics`` (and ``/healthz``, ``/readyz``) on ``port`` while inside
+    (0: any free port, reported to ``on_bound`` as HOST:PORT); None: no endpoint."""
+    if port is None:
+        yield
+        return
+    from mesh.telemetry import MetricsServer
+
+    server = MetricsServer(ready)
+    bound = await server.start(host, port)
+    on_bound(f"{host}:{bound}")
+    try:
+        yield
+    finally:
+        await server.stop()
+
+
+async def serve_stdio(
+    config: MeshConfig,
+    router: str,
+    *,
+    user: str,
+    timeout_s: float,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
+    on_metrics: Callable[[str], None] = lambda address: None,
+) -> None:
     asker = MeshAsker(router, stdio_identity(config, user), _credentials(config), timeout_s)
     try:
-        await build_mcp_server(config, asker).run_stdio_async()
+        async with serve_metrics(metrics_host, metrics_port, lambda: True, on_metrics):
+            await build_mcp_server(config, asker).run_stdio_async()
     finally:
         await asker.aclose()
 
@@ -220,6 +308,8 @@ async def serve_http(
     port: int,
     timeout_s: float,
     on_bound: Callable[[str], None] = lambda url: None,
+    metrics_port: int | None = None,
+    on_metrics: Callable[[str], None] = lambda address: None,
 ) -> None:
     import uvicorn
 
@@ -247,9 +337,10 @@ async def serve_http(
     server = build_mcp_server(config, asker, auth=auth, verifier=verifier)
     app = server.streamable_http_app(stateless_http=True, host=host)
     web = server_class(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    on_bound(url)
     try:
-        await web.serve(sockets=[sock])
+        async with serve_metrics(host, metrics_port, lambda: not web.should_exit, on_metrics):
+            on_bound(url)
+            await web.serve(sockets=[sock])
     finally:
         sock.close()
         await asker.aclose()
@@ -298,6 +389,7 @@ __all__ = [
     "http_identity",
     "routable",
     "serve_http",
+    "serve_metrics",
     "serve_stdio",
     "stdio_identity",
 ]

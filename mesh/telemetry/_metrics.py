@@ -106,6 +106,17 @@ store_commit = Histogram(
     buckets=_FAST,
 )
 open_streams = Gauge("mesh_open_streams", "Work streams (Chat/Handoff) open now.", ["service"])
+mcp_tool_calls = Counter(
+    "mesh_mcp_tool_calls",
+    "Tool calls (ask_<agent>) that mesh mcp answered, by the agent asked and the outcome.",
+    ["agent", "outcome"],
+)
+mcp_tool_call_duration = Histogram(
+    "mesh_mcp_tool_call_duration_seconds",
+    "Time mesh mcp took to answer a tool call (the turn through the router).",
+    ["agent"],
+    buckets=_DURATION,
+)
 
 
 class _ReplicaHealth(Collector):
@@ -161,4 +172,6 @@ def names() -> Iterable[str]:
         "mesh_store_commit_duration_seconds",
         "mesh_open_streams",
         "mesh_replica_healthy",
+        "mesh_mcp_tool_calls_total",
+        "mesh_mcp_tool_call_duration_seconds",
     ]

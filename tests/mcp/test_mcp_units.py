@@ -100,3 +100,105 @@ def test_mesh_mcp_offers_every_agent_and_sequence() -> None:
         }
     )
     assert routable(config) == {"a": "first", "b": "second", "ab": "sequence of a, b"}
+
+
+_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+_PARENT = f"00-{_ID}-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        (_PARENT, _PARENT),
+        (f" {_PARENT} ", _PARENT),  # optional blanks around a header value
+        (
+            f"cc-{_ID}-00f067aa0ba902b7-09-more",
+            f"cc-{_ID}-00f067aa0ba902b7-09-more",
+        ),  # later version
+        (f"00-{_ID}-00f067aa0ba902b7-01-more", None),  # version 00 has exactly four fields
+        (f"ff-{_ID}-00f067aa0ba902b7-01", None),  # version ff is invalid
+        (f"00-{_ID.upper()}-00f067aa0ba902b7-01", None),  # lowercase hex only
+        (f"00-{'0' * 32}-00f067aa0ba902b7-01", None),  # all-zero trace id
+        (f"00-{_ID}-{'0' * 16}-01", None),  # all-zero parent id
+        (f"00-{_ID}-00f067aa0ba902b7", None),
+        (f"00-{_ID}-00f067aa0ba902b7-01\nx", None),
+        ("garbage", None),
+        ("", None),
+        (123, None),
+        (None, None),
+    ],
+)
+def test_traceparent_is_kept_only_when_well_formed(value: object, kept: str | None) -> None:
+    from mesh.mcp._trace import traceparent
+
+    assert traceparent(value) == kept
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("vendor=abc", "vendor=abc"),
+        ("a=1 , b@sys=x y,,", "a=1,b@sys=x y"),  # blanks around members go, empty ones too
+        ("Vendor=abc", None),  # keys are lowercase
+        ("a=1,a=2", None),  # a key at most once
+        ("a=", None),
+        ("a=b=c", None),
+        (",".join(f"k{n}=v" for n in range(33)), None),  # 32 members at most
+        ("", None),
+        (["a=1"], None),
+    ],
+)
+def test_tracestate_is_kept_only_when_well_formed(value: object, kept: str | None) -> None:
+    from mesh.mcp._trace import tracestate
+
+    assert tracestate(value) == kept
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("tenant=acme", "tenant=acme"),
+        ("a = 1 ; p ; q = 2 , b=%20x", "a=1;p;q=2,b=%20x"),
+        ("a=b c", None),  # a blank inside a value must be percent-encoded
+        ("tenant", None),  # a member needs a value
+        ("a=1,,b=2", None),
+        ("a=" + "x" * 600, None),  # longer than the router keeps
+        ("", None),
+    ],
+)
+def test_baggage_is_kept_only_when_well_formed(value: object, kept: str | None) -> None:
+    from mesh.mcp._trace import baggage
+
+    assert baggage(value) == kept
+
+
+def test_meta_wins_over_headers_and_a_malformed_source_falls_through() -> None:
+    from mesh.mcp._trace import incoming
+
+    other = f"00-{'a' * 32}-{'b' * 16}-01"
+    headers = {"traceparent": other, "tracestate": "h=1", "baggage": "h=1"}
+    meta = {"traceparent": _PARENT, "tracestate": "m=1", "baggage": "m=1"}
+    assert incoming(meta, headers) == meta
+    assert incoming({"traceparent": "bad", "tracestate": "m=1"}, headers) == headers
+    assert incoming({"baggage": "m=1"}, {"traceparent": other}) == {
+        "traceparent": other,
+        "baggage": "m=1",
+    }
+    assert incoming({"traceparent": _PARENT, "tracestate": "BAD"}, None) == {"traceparent": _PARENT}
+    assert incoming(None, None) == {}
+
+
+def test_a_listing_loses_only_its_malformed_tools() -> None:
+    from mesh.mcp._listing import tool_problem
+
+    result: dict[str, Any] = {"tools": []}
+    good = {"name": "echo", "inputSchema": {"type": "object"}}
+    assert tool_problem(result, good, "2025-11-25") is None
+    bad = {"name": "x", "inputSchema": {"type": "object", "properties": "oops"}}
+    assert tool_problem(result, bad, "2025-11-25") == (
+        "its entry breaks the MCP schema at inputSchema.properties: "
+        "Input should be a valid dictionary"
+    )
+    assert tool_problem(result, {"inputSchema": {"type": "object"}}, "2025-11-25") == (
+        "its entry breaks the MCP schema at name: Field required"
+    )

@@ -18,7 +18,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from mesh.auth.sts import TokenService, mint_user_token
 from mesh.config import config_from_dict
-from tests.meshtest import REPO, Proc, serve_agent, serve_router, write_config
+from tests.meshtest import REPO, Proc, RecordingProvider, serve_agent, serve_router, write_config
 
 MESH = {
     "router": {
@@ -42,16 +42,20 @@ MESH = {
 
 BILLING: list[Any] = []
 """The billing agent's server of the mesh running now (a test may stop it)."""
+RECORDS: dict[str, RecordingProvider] = {}
+"""What each agent of the mesh running now received (e.g. the trace context of its turns)."""
 
 
 @contextlib.asynccontextmanager
 async def running_mesh(tmp_path: Path) -> AsyncIterator[tuple[Path, str]]:
     path = write_config(tmp_path, MESH)
     config = config_from_dict(MESH, source=str(path))
-    async with serve_agent(config, "triage") as (triage, *_):
-        async with serve_agent(config, "billing") as (billing, server, *_):
+    async with serve_agent(config, "triage") as (triage, _, _, triage_seen):
+        async with serve_agent(config, "billing") as (billing, server, _, billing_seen):
             static = {"triage": [triage], "billing": [billing]}
             BILLING[:] = [server]
+            RECORDS.clear()
+            RECORDS.update(triage=triage_seen, billing=billing_seen)
             async with serve_router(config, static) as (router, _app):
                 yield path, router
 
