@@ -365,6 +365,18 @@ def findings(report: dict[str, Any]) -> list[str]:
             "from empty during a case; agents keep each stream's histories, so a turn "
             "carries only the messages the agent does not keep)."
         )
+    traced, sampled = r("tracing/no tracing c=16"), r("sampled tracing/no tracing c=16")
+    traced_row, plain_row = summary.get("turns/router tracing/c16"), summary.get("turns/router/c16")
+    if traced is not None and traced_row and plain_row:
+        on, off = cpu_by_role(traced_row), cpu_by_role(plain_row)
+        tail = ""
+        if sampled is not None:
+            tail = f"; recording one turn in ten (`parentbased_traceidratio`, 0.1): {sampled:.2f}x"
+        out.append(
+            f"**Tracing** (every span exported over OTLP to a local receiver): {traced:.2f}x "
+            f"no tracing at c=16, router {on['router']} ms and agent {on['agent']} ms of CPU "
+            f"per turn (without: {off['router']} and {off['agent']}){tail}."
+        )
     transfer = r("transfer/direct c=16")
     if transfer is not None:
         out.append(f"**Transfer** (2 hops): {transfer:.2f}x direct at c=16.")

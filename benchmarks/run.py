@@ -40,6 +40,9 @@ HOLD_COUNTS = (1000, 10000)
 HISTORY_LIMIT = 20
 DEFAULT_HISTORY_LIMIT = 200
 """``router.store.history_limit`` as shipped: one router row runs with it."""
+SAMPLED = 0.1
+"""The share of turns the sampled tracing row records (`OTEL_TRACES_SAMPLER_ARG`)."""
+SAMPLED_ROW = "router tracing 10%"
 
 
 @dataclass
@@ -253,6 +256,11 @@ class Bench:
         argv = ["benchmarks.serve", "agent", "a", "--config", str(base), "--port", "0"]
         a = self.start("agent-a-traced", argv, "agent a: ", env=env)
         self.router("router-traced", base, {"a": a}, env=env)
+        # The same, recording one turn in ten (the agent follows the router's decision).
+        env = {**env, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio"}
+        env["OTEL_TRACES_SAMPLER_ARG"] = str(SAMPLED)
+        a = self.start("agent-a-sampled", argv, "agent a: ", env=env)
+        self.router("router-sampled", base, {"a": a}, env=env)
 
     def stop_all(self) -> None:
         for loadgen in self.loadgens.values():
@@ -305,6 +313,11 @@ class Bench:
             for c in CONCURRENCY:
                 key = f"turns/{name}/c{c}"
                 out.append(Case(key, "turns", name, "asyncio", concurrency=c, **kw))
+        if "router-sampled" in s:
+            name = SAMPLED_ROW
+            servers = ["router-sampled", "agent-a-sampled", "otlp-sink"]
+            kw = spec("router", "router-sampled", servers)
+            out.append(Case(f"turns/{name}/c16", "turns", name, "asyncio", concurrency=16, **kw))
         # Every turn a new conversation (no history to load, a new conversation to store).
         fresh = [("router", c) for c in CONCURRENCY]
         fresh += [(n, 16) for n in ("router SQLite", "router Redis", "transfer") if n in targets]
@@ -481,6 +494,7 @@ def ratio_pairs() -> list[tuple[str, str, str]]:
             (f"auth+TLS/no auth c={c}", f"turns/router auth+TLS/{t}", f"turns/router/{t}"),
             (f"auth+TLS/auth c={c}", f"turns/router auth+TLS/{t}", f"turns/router auth/{t}"),
             (f"tracing/no tracing c={c}", f"turns/router tracing/{t}", f"turns/router/{t}"),
+            (f"sampled tracing/no tracing c={c}", f"turns/{SAMPLED_ROW}/{t}", f"turns/router/{t}"),
             (
                 f"history {DEFAULT_HISTORY_LIMIT}/{HISTORY_LIMIT} c={c}",
                 f"turns/router history {DEFAULT_HISTORY_LIMIT}/{t}",
