@@ -329,7 +329,7 @@ async def test_memory_store_sweeps_expired_conversations() -> None:
         await store.append(f"c{i}", _turn(f"t{i}"), "a")
     clock.now += 200  # past the TTL and the next sweep: the next append sweeps
     await store.append("new", _turn("n"), "a")
-    assert len(store) == 1 and await store.load("c0", 10) == ([], "")
+    assert store.held == 1 and await store.load("c0", 10) == ([], "")
 
 
 async def test_sqlite_reads_only_what_was_stored_since_a_conversations_last_read(

@@ -111,7 +111,7 @@ class RouterApp:
             agent_channel_factory(config),
             info_metadata=tokens.own if tokens is not None else None,
         )
-        self.store = store or open_store(config)
+        self.store = store if store is not None else open_store(config)
         router_config = config.router
         self.streams = StreamPool(
             self.pool,

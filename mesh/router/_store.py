@@ -80,7 +80,8 @@ class MemoryStore:
         """Last turn per conversation, oldest first (with a TTL only)."""
         self._next_sweep = 0.0
 
-    def __len__(self) -> int:
+    @property
+    def held(self) -> int:
         """Conversations held."""
         return len(self._messages)
 
