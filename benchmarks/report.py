@@ -223,18 +223,19 @@ def render_markdown(report: dict[str, Any]) -> str:
             ]
         )
     lines += _table(["path", "deltas/s", "first delta p50 ms", "whole turn p50 ms", "errors"], rows)
-    uv = _rows(report, "uvloop")
-    if uv:
+    plain = _rows(report, "asyncio")
+    if plain:
         lines += [
             "",
-            "## uvloop (c=16, load generator and services on uvloop)",
+            "## Plain asyncio (c=16, the services with `MESH_EVENT_LOOP=asyncio`)",
             "",
-            "Measured in the same repetitions as the asyncio rows; the ratio is against the "
-            "asyncio row of the same repetition.",
+            "Every other row runs the services on uvloop, their default where it is installed. "
+            "Measured in the same repetitions, with the same load generator; the ratio is the "
+            "uvloop row's turns/s over this one's.",
             "",
         ]
         rows = []
-        for _key, case, row in uv:
+        for _key, case, row in plain:
             cpu = cpu_by_role(row)
             rows.append(
                 [
@@ -383,9 +384,9 @@ def findings(report: dict[str, Any]) -> list[str]:
     uv = [(n, r(f"{n}: uvloop/asyncio c=16")) for n in ("direct", "raw proxy", "router")]
     if any(v is not None for _n, v in uv):
         out.append(
-            "**uvloop** (load generator and services, same repetitions): "
+            "**uvloop** (the services' default loop, used by every other row): "
             + ", ".join(f"{n} {v:.2f}x" for n, v in uv if v is not None)
-            + " asyncio at c=16."
+            + " the same services on plain asyncio at c=16 (same load generator)."
         )
     held = [h for h in report["hold"] if h.get("streams")]
     if held:
@@ -434,8 +435,10 @@ Load shapes:
 - **a new conversation every turn**: the same, but every turn carries a new
   conversation id (the way the old load generator measured every turn).
 - **streaming**: one stream, a 12,000-character reply in 12-character deltas.
-- **uvloop**: direct, raw proxy and router at c=16 with the load generator and the
-  services on uvloop, in the same repetitions as the asyncio rows.
+- **event loop**: every service runs on uvloop, its default where it is installed
+  (`mesh.loop`); direct, raw proxy and router also run at c=16 on plain asyncio
+  (`MESH_EVENT_LOOP=asyncio`), in the same repetitions. The load generator runs on
+  asyncio throughout.
 - **idle streams**: a fresh router holds 1,000 then 10,000 Chat streams that each
   take one turn and then stay open and idle; the router's RSS growth per stream.
 
@@ -514,7 +517,7 @@ def render_docs(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Every figure above is a row or a ratio in `benchmarks/results/latest.md` of the "
-        "same run, which also has p50/p99, the new-conversation rows, streaming, uvloop "
+        "same run, which also has p50/p99, the new-conversation rows, streaming, plain asyncio "
         "and the idle-stream steps.",
         "",
     ]

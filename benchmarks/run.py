@@ -158,7 +158,7 @@ class Bench:
         self.services[name] = service
         return service
 
-    def agent(self, name: str, config: Path, agent: str, uv: bool = False) -> Service:
+    def agent(self, name: str, config: Path, agent: str, uv: bool = True) -> Service:
         argv = ["benchmarks.serve", *(["--uvloop"] if uv else [])]
         argv += ["agent", agent, "--config", str(config), "--port", "0"]
         return self.start(name, argv, f"agent {agent}: ")
@@ -168,7 +168,7 @@ class Bench:
         name: str,
         config: Path,
         agents: dict[str, Service],
-        uv: bool = False,
+        uv: bool = True,
         env: dict[str, str] | None = None,
     ) -> Service:
         argv = ["benchmarks.serve", *(["--uvloop"] if uv else [])]
@@ -177,7 +177,7 @@ class Bench:
             argv += ["--static", f"{agent}={service.address}"]
         return self.start(name, argv, "router: ", env=env)
 
-    def proxy(self, name: str, upstream: Service, uv: bool = False) -> Service:
+    def proxy(self, name: str, upstream: Service, uv: bool = True) -> Service:
         argv = ["benchmarks.proxy", "--upstream", upstream.address]
         return self.start(name, [*argv, *(["--uvloop"] if uv else [])], "proxy: ")
 
@@ -210,16 +210,14 @@ class Bench:
         if self.args.redis and (url := self.redis()):
             redis = mesh_file(self.work, "redis", store="redis")
             self.router("router-redis", redis, {"a": a}, env={"MESH_REDIS_URL": url})
-        if self.args.uvloop:
-            a_uv = self.agent("agent-a-uv", base, "a", uv=True)
-            self.proxy("proxy-uv", a_uv, uv=True)
-            self.router("router-uv", base, {"a": a_uv}, uv=True)
+        if self.args.asyncio:  # the same three on plain asyncio (MESH_EVENT_LOOP=asyncio)
+            a_plain = self.agent("agent-a-asyncio", base, "a", uv=False)
+            self.proxy("proxy-asyncio", a_plain, uv=False)
+            self.router("router-asyncio", base, {"a": a_plain}, uv=False)
         tokens = self._start_auth() if self.args.auth else {}
         if self.args.tracing:
             self._start_traced(base)
         self.loadgens["asyncio"] = LoadGenProcess("loadgen", False, self.logs)
-        if self.args.uvloop:
-            self.loadgens["uvloop"] = LoadGenProcess("loadgen-uv", True, self.logs)
         return tokens
 
     def _start_auth(self) -> dict[str, str]:
@@ -336,15 +334,15 @@ class Bench:
         for name, label in (("direct", "0 hops"), ("raw proxy", "raw proxy"), ("router", "1 hop")):
             kw = {**targets[name], "message": LONG_MESSAGE}
             out.append(Case(f"stream/{label}", "stream", label, "asyncio", concurrency=1, **kw))
-        if self.args.uvloop:
-            uv = {
-                "direct": spec("agent", "agent-a-uv", ["agent-a-uv"]),
-                "raw proxy": spec("agent", "proxy-uv", ["proxy-uv", "agent-a-uv"]),
-                "router": spec("router", "router-uv", ["router-uv", "agent-a-uv"]),
+        if self.args.asyncio:
+            plain = {
+                "direct": spec("agent", "agent-a-asyncio", ["agent-a-asyncio"]),
+                "raw proxy": spec("agent", "proxy-asyncio", ["proxy-asyncio", "agent-a-asyncio"]),
+                "router": spec("router", "router-asyncio", ["router-asyncio", "agent-a-asyncio"]),
             }
-            for name, kw in uv.items():
-                key = f"uvloop/{name}/c16"
-                out.append(Case(key, "uvloop", name, "uvloop", concurrency=16, **kw))
+            for name, kw in plain.items():
+                key = f"asyncio/{name}/c16"
+                out.append(Case(key, "asyncio", name, "asyncio", concurrency=16, **kw))
         return out
 
     def warm(self, cases: list[Case]) -> None:
@@ -525,7 +523,7 @@ def ratio_pairs() -> list[tuple[str, str, str]]:
         ("raw proxy/0 hops streaming", "stream/raw proxy", "stream/0 hops"),
     ]
     for name in ("direct", "raw proxy", "router"):
-        pairs.append((f"{name}: uvloop/asyncio c=16", f"uvloop/{name}/c16", f"turns/{name}/c16"))
+        pairs.append((f"{name}: uvloop/asyncio c=16", f"turns/{name}/c16", f"asyncio/{name}/c16"))
     return pairs
 
 
@@ -648,7 +646,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each")
     p.add_argument("--quick", action="store_true", help="1 repetition, short windows (development)")
     p.add_argument("--no-auth", dest="auth", action="store_false", help="skip the auth cases")
-    p.add_argument("--no-uvloop", dest="uvloop", action="store_false", help="skip uvloop cases")
+    p.add_argument(
+        "--no-asyncio",
+        dest="asyncio",
+        action="store_false",
+        help="skip the cases with the services on plain asyncio (every other row runs them on "
+        "uvloop, their default)",
+    )
     p.add_argument("--no-sqlite", dest="sqlite", action="store_false", help="skip SQLite cases")
     p.add_argument("--no-redis", dest="redis", action="store_false", help="skip Redis cases")
     p.add_argument(
