@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -319,7 +320,15 @@ async def serve_http(
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     # Accepted connections inherit it: without it Nagle holds each SSE event ~40 ms.
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            from mesh.cli._common import port_in_use
+
+            raise port_in_use("mesh mcp", f"{host}:{port}", "--port 0 picks a free one") from None
+        raise
     sock.listen(128)
     bound = sock.getsockname()[1]
     url = f"http://{host}:{bound}/mcp"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -135,6 +136,18 @@ async def test_mesh_mcp_refuses_open_binding_without_auth(transport: str, tmp_pa
     assert proc.popen.wait(timeout=60) == 2
     err = "".join(proc.stderr)
     assert "needs auth.enabled" in err and "Traceback" not in err
+
+
+async def test_mesh_mcp_on_a_taken_port_says_so_in_one_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, MESH)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        proc = Proc(["mcp", "--config", str(path), "--transport", "http", "--port", port])
+        assert proc.popen.wait(timeout=60) != 0
+    err = "".join(proc.stderr)
+    assert f"127.0.0.1:{port} is already in use" in err and "Traceback" not in err
 
 
 def whoami() -> str:
