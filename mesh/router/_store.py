@@ -123,6 +123,20 @@ class MemoryStore:
         return None
 
 
+class _CommitCounts:
+    """Groups committed and the turns in them (for tests and metrics), then the hook."""
+
+    commits: int
+    turns: int
+    _after_commit: Callable[[int], None] | None
+
+    def _committed(self, turns: int) -> None:
+        self.commits += 1
+        self.turns += turns
+        if self._after_commit is not None:
+            self._after_commit(turns)
+
+
 @dataclass(slots=True)
 class _PendingTurn:
     conversation_id: str

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from mesh.errors import Unavailable
 from mesh.providers.base import ChatMessage
-from mesh.router._store import _decode, _encode, _PendingTurn, _settle
+from mesh.router._store import _CommitCounts, _decode, _encode, _PendingTurn, _settle
 
 
 @dataclass(slots=True)
@@ -18,7 +18,7 @@ class _PendingRead:
     done: asyncio.Future[tuple[list[ChatMessage], str]]
 
 
-class RedisStore:
+class RedisStore(_CommitCounts):
     """A Redis list per conversation plus a key for the active agent.
 
     Appends are written in groups: every turn that finishes while a write is in flight
@@ -141,10 +141,7 @@ class RedisStore:
                 await pipe.execute()
         except (RedisError, OSError) as err:
             return Unavailable(f"conversation store unavailable: {type(err).__name__}")
-        self.commits += 1
-        self.turns += len(batch)
-        if self._after_commit is not None:
-            self._after_commit(len(batch))
+        self._committed(len(batch))
         return None
 
     async def close(self) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mesh.errors import Unavailable
 from mesh.providers.base import ChatMessage
-from mesh.router._store import _decode, _encode, _PendingTurn, _settle, _sweep_every
+from mesh.router._store import _CommitCounts, _decode, _encode, _PendingTurn, _settle, _sweep_every
 
 log = logging.getLogger("mesh.router")
 
@@ -109,7 +109,7 @@ class _Tails:
             self._bytes -= tail.size
 
 
-class SqliteStore:
+class SqliteStore(_CommitCounts):
     """One SQLite file in WAL mode with ``synchronous=FULL``, written by one thread in groups.
 
     Group commit: ``append`` queues its turn and waits; a writer thread takes every turn
@@ -307,10 +307,7 @@ class SqliteStore:
                 raise
         except Exception as err:  # noqa: BLE001 (a hook or SQLite: the batch fails, the writer goes on)
             return Unavailable(f"conversation store unavailable: {type(err).__name__}: {err}")
-        self.commits += 1
-        self.turns += len(batch)
-        if self._after_commit is not None:
-            self._after_commit(len(batch))
+        self._committed(len(batch))
         return None
 
     async def close(self) -> None:
