@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from mesh import trace_context
 from mesh.context import (
     MD_CONVERSATION_ID,
     MD_HOP_PATH,
     MD_REQUEST_ID,
-    TRACE_KEYS,
     current_conversation_id,
     current_hop_path,
     current_request_id,
@@ -241,8 +241,7 @@ class CallContextInterceptor(grpc.aio.ServerInterceptor):
         current_hop_path.set(path)
         current_conversation_id.set(metadata.get(MD_CONVERSATION_ID, ""))
         current_request_id.set(_bounded(metadata.get(MD_REQUEST_ID)) or uuid.uuid4().hex[:16])
-        trace = {k: v for k in TRACE_KEYS if (v := _bounded(metadata.get(k), 512))}
-        current_trace_context.set(trace)
+        current_trace_context.set(trace_context.checked(metadata))
         return handler
 
 

@@ -97,6 +97,28 @@ async def test_agent_gets_client_traceparent_and_request_id_per_turn() -> None:
     assert all(s["path"] == ("echo",) for s in provider.seen)
 
 
+async def test_a_malformed_trace_context_from_a_client_stops_at_the_router() -> None:
+    """What the router takes from a caller's metadata is W3C trace context or nothing
+    (``mesh.trace_context``): malformed values never reach an agent."""
+    config = mesh_config({"echo": offline_agent()}, router={"default_agent": "echo"})
+    good = f"00-{7:032x}-{7:016x}-01"
+    sent = [
+        [("traceparent", "00-not-a-trace-01"), ("tracestate", "vendor=abc")],
+        [("traceparent", good), ("tracestate", "no equals sign"), ("baggage", "a=1, b=2")],
+    ]
+    async with contextlib.AsyncExitStack() as stack:
+        address, _server, provider = await stack.enter_async_context(_agent(config, "echo"))
+        router, _app = await stack.enter_async_context(serve_router(config, {"echo": [address]}))
+        async with create_channel(router) as channel:
+            client = AgentClient(channel, router=True)
+            for n, metadata in enumerate(sent):
+                await client.chat(f"hello {n}", conversation_id=f"t-{n}", metadata=metadata)
+    assert [s["trace"] for s in provider.seen] == [
+        {},
+        {"traceparent": good, "baggage": "a=1,b=2"},
+    ]
+
+
 async def test_200_turns_over_20_conversations_reuse_a_handful_of_agent_calls() -> None:
     config = mesh_config(
         {"memo": offline_agent(default_reply="turn {turns}: {message}")},

@@ -36,11 +36,11 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from pydantic import AnyHttpUrl
 
+from mesh import trace_context
 from mesh.client import AgentClient, create_channel, turn_request
 from mesh.config import MeshConfig
 from mesh.convert import error_code_name
 from mesh.errors import ConfigError, MeshError
-from mesh.mcp._trace import incoming as incoming_trace
 from mesh.telemetry import metrics
 from mesh.version import __version__
 
@@ -173,7 +173,7 @@ def _tool(asker: MeshAsker, target: str) -> Callable[..., Awaitable[str]]:
         async def progress(count: float, note: str) -> None:
             await ctx.report_progress(count, None, note)
 
-        trace = incoming_trace(ctx.request_context.meta, ctx.headers)
+        trace = trace_context.incoming(ctx.request_context.meta, ctx.headers)
         return await asker.ask(target, message, conversation_id, progress, trace)
 
     ask.__doc__ = f"Ask {target}."

@@ -129,7 +129,7 @@ _PARENT = f"00-{_ID}-00f067aa0ba902b7-01"
     ],
 )
 def test_traceparent_is_kept_only_when_well_formed(value: object, kept: str | None) -> None:
-    from mesh.mcp._trace import traceparent
+    from mesh.trace_context import traceparent
 
     assert traceparent(value) == kept
 
@@ -149,7 +149,7 @@ def test_traceparent_is_kept_only_when_well_formed(value: object, kept: str | No
     ],
 )
 def test_tracestate_is_kept_only_when_well_formed(value: object, kept: str | None) -> None:
-    from mesh.mcp._trace import tracestate
+    from mesh.trace_context import tracestate
 
     assert tracestate(value) == kept
 
@@ -167,13 +167,13 @@ def test_tracestate_is_kept_only_when_well_formed(value: object, kept: str | Non
     ],
 )
 def test_baggage_is_kept_only_when_well_formed(value: object, kept: str | None) -> None:
-    from mesh.mcp._trace import baggage
+    from mesh.trace_context import baggage
 
     assert baggage(value) == kept
 
 
 def test_meta_wins_over_headers_and_a_malformed_source_falls_through() -> None:
-    from mesh.mcp._trace import incoming
+    from mesh.trace_context import incoming
 
     other = f"00-{'a' * 32}-{'b' * 16}-01"
     headers = {"traceparent": other, "tracestate": "h=1", "baggage": "h=1"}

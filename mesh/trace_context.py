@@ -1,11 +1,10 @@
-"""The W3C trace context of an MCP ``tools/call``, for the router call it makes.
+"""W3C trace context from callers: only well-formed values pass.
 
-MCP carries trace context in the request's ``params._meta`` (``traceparent``,
-``tracestate``, ``baggage``: the keys the mesh's own MCP client writes there); over
-streamable HTTP the request's headers may carry it as well. ``_meta`` wins: it belongs
-to the call, the headers to the HTTP request. Only well-formed values pass (W3C Trace
-Context level 1, W3C Baggage): a malformed one is dropped, never forwarded as it came
-and never an error; ``tracestate`` travels only with the ``traceparent`` beside it.
+Every service takes ``traceparent``, ``tracestate`` and ``baggage`` from its callers'
+metadata (``mesh.interceptors``), and the edges take them from their protocol (MCP's
+``params._meta``, HTTP headers). Only well-formed values pass (W3C Trace Context level
+1, W3C Baggage): a malformed one is dropped, never forwarded as it came and never an
+error; ``tracestate`` travels only with the ``traceparent`` beside it.
 """
 
 from __future__ import annotations
@@ -83,19 +82,24 @@ def _pair(text: str, required: bool) -> str | None:
     return f"{key}={item}" if eq else key
 
 
-def incoming(meta: Mapping[str, Any] | None, headers: Mapping[str, str] | None) -> dict[str, str]:
-    """The trace context to forward: ``traceparent`` (and its ``tracestate``) from
-    ``_meta``, else from the headers; ``baggage`` likewise, on its own."""
+def checked(carrier: Mapping[str, Any]) -> dict[str, str]:
+    """The well-formed trace context of one carrier (metadata, ``_meta``, headers)."""
     out: dict[str, str] = {}
-    for source in (meta or {}, headers or {}):
-        parent = traceparent(source.get(MD_TRACEPARENT))
-        if parent is not None:
-            out[MD_TRACEPARENT] = parent
-            if (state := tracestate(source.get("tracestate"))) is not None:
-                out["tracestate"] = state
-            break
-    for source in (meta or {}, headers or {}):
-        if (bag := baggage(source.get("baggage"))) is not None:
-            out["baggage"] = bag
-            break
+    if (parent := traceparent(carrier.get(MD_TRACEPARENT))) is not None:
+        out[MD_TRACEPARENT] = parent
+        if (state := tracestate(carrier.get("tracestate"))) is not None:
+            out["tracestate"] = state
+    if (bag := baggage(carrier.get("baggage"))) is not None:
+        out["baggage"] = bag
+    return out
+
+
+def incoming(meta: Mapping[str, Any] | None, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The trace context to forward from two carriers: ``traceparent`` (and its
+    ``tracestate``) from ``meta``, else from ``headers``; ``baggage`` likewise, on its own."""
+    sources = (checked(meta or {}), checked(headers or {}))
+    out: dict[str, str] = {}
+    for group in ((MD_TRACEPARENT, "tracestate"), ("baggage",)):
+        source = next((s for s in sources if group[0] in s), {})
+        out.update((k, source[k]) for k in group if k in source)
     return out
