@@ -45,13 +45,14 @@ def size(messages: Sequence[ChatMessage]) -> int:
 
 
 class KeptHistories:
-    """The last history of each of the ``KEEP`` most recent conversations on a stream,
-    within ``max_bytes`` (the oldest dropped first)."""
+    """The last history of each of the ``keep`` (``KEEP``; None: any number) most recent
+    conversations, within ``max_bytes`` (the oldest dropped first)."""
 
-    __slots__ = ("_bytes", "_kept", "_sizes", "max_bytes")
+    __slots__ = ("_bytes", "_kept", "_sizes", "keep", "max_bytes")
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, keep: int | None = KEEP) -> None:
         self.max_bytes = max_bytes
+        self.keep = keep
         self._kept: OrderedDict[str, tuple[ChatMessage, ...]] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._bytes = 0
@@ -69,7 +70,8 @@ class KeptHistories:
         self._kept[conversation] = tuple(history)
         self._sizes[conversation] = measure
         self._bytes += measure
-        while len(self._kept) > KEEP or (self._bytes > self.max_bytes and self._kept):
+        keep = len(self._kept) if self.keep is None else self.keep
+        while len(self._kept) > keep or (self._bytes > self.max_bytes and self._kept):
             oldest = next(iter(self._kept))
             self.drop(oldest)
 

@@ -366,6 +366,6 @@ def test_sqlite_tails_stay_within_their_bound() -> None:
     tails = _Tails(max_bytes=2_500)
     rows = [(i, f'{{"role":"user","content":"{"x" * 300}{i}"}}') for i in range(3)]
     for name in "abcd":
-        tails.put(name, 10, rows)  # about 1,100 bytes each: two fit
-    assert [name for name in "abcd" if tails.get(name, 10)] == ["c", "d"]
-    assert tails.get("d", 5) is None  # kept for another window
+        tails.record(name, 10, rows)  # about 1,100 bytes each: two fit
+    assert [name for name in "abcd" if tails.tail(name, 10)] == ["c", "d"]
+    assert tails.tail("d", 5) is None  # kept for another window

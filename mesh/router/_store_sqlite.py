@@ -10,12 +10,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from mesh.errors import Unavailable
+from mesh.kept import KeptHistories
 from mesh.providers.base import ChatMessage
 from mesh.router._store import _CommitCounts, _decode, _encode, _PendingTurn, _settle, _sweep_every
 
@@ -41,16 +40,7 @@ TAILS_BYTES = 32 << 20
 """Decoded conversation tails a SQLite store keeps in memory (``ChatMessage.size``)."""
 
 
-@dataclass(slots=True)
-class _Tail:
-    limit: int
-    last: int
-    """The newest message's ``seq``."""
-    messages: tuple[ChatMessage, ...]
-    size: int
-
-
-class _Tails:
+class _Tails(KeptHistories):
     """The newest ``limit`` messages of recently read conversations, decoded, least
     recently read dropped first past ``max_bytes``: a conversation's next turn reads
     only the rows stored since (its history mostly repeats), and gets the same message
@@ -61,52 +51,43 @@ class _Tails:
     means nothing before it changed. Rows from another process writing the same file
     are read like this process's own."""
 
+    __slots__ = ("_marks",)
+
     def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._tails: OrderedDict[str, _Tail] = OrderedDict()
-        self._bytes = 0
+        super().__init__(max_bytes, keep=None)
+        self._marks: dict[str, tuple[int, int]] = {}
+        """Per tail kept: its ``limit`` and its newest row's ``seq``."""
 
-    def get(self, conversation: str, limit: int) -> _Tail | None:
-        tail = self._tails.get(conversation)
-        return tail if tail is not None and tail.limit == limit else None
+    def drop(self, conversation: str) -> None:
+        super().drop(conversation)
+        self._marks.pop(conversation, None)
 
-    def put(
-        self, conversation: str, limit: int, rows: Sequence[tuple[int, str]]
+    def tail(self, conversation: str, limit: int) -> tuple[int, tuple[ChatMessage, ...]] | None:
+        """(newest ``seq``, messages) of the conversation's tail for ``limit``, or None."""
+        mark = self._marks.get(conversation)
+        messages = self.get(conversation)
+        if mark is None or mark[0] != limit or messages is None:
+            return None
+        return mark[1], messages
+
+    def record(
+        self,
+        conversation: str,
+        limit: int,
+        rows: Sequence[tuple[int, str]],
+        kept: tuple[ChatMessage, ...] = (),
+        last: int = 0,
     ) -> tuple[ChatMessage, ...]:
-        messages = tuple(_decode(body) for _, body in rows)
-        if rows:
-            size = sum(m.size for m in messages)
-            self._set(conversation, _Tail(limit, rows[-1][0], messages, size))
-        else:
-            self._drop(conversation)
+        """``kept`` then ``rows`` (``seq``, body) decoded, the newest ``limit`` of them:
+        the conversation's tail from now on (its newest row ``last``, or the last of ``rows``)."""
+        messages = (*kept, *(_decode(body) for _, body in rows))[-limit:]
+        if not messages:
+            self.drop(conversation)
+            return messages
+        self.put(conversation, messages)
+        if conversation in self:
+            self._marks[conversation] = (limit, rows[-1][0] if rows else last)
         return messages
-
-    def extend(
-        self, conversation: str, tail: _Tail, rows: Sequence[tuple[int, str]]
-    ) -> tuple[ChatMessage, ...]:
-        if rows:
-            added = tuple(_decode(body) for _, body in rows)
-            messages = tail.messages + added
-            drop = len(messages) - tail.limit
-            size = tail.size + sum(m.size for m in added)
-            if drop > 0:
-                size -= sum(m.size for m in messages[:drop])
-                messages = messages[drop:]
-            tail = _Tail(tail.limit, rows[-1][0], messages, size)
-        self._set(conversation, tail)
-        return tail.messages
-
-    def _set(self, conversation: str, tail: _Tail) -> None:
-        self._drop(conversation)
-        self._tails[conversation] = tail
-        self._bytes += tail.size
-        while self._bytes > self.max_bytes and self._tails:
-            self._drop(next(iter(self._tails)))
-
-    def _drop(self, conversation: str) -> None:
-        tail = self._tails.pop(conversation, None)
-        if tail is not None:
-            self._bytes -= tail.size
 
 
 class SqliteStore(_CommitCounts):
@@ -189,15 +170,16 @@ class SqliteStore(_CommitCounts):
                 return [], ""
             if self._ttl is not None and head[1] < self._clock() - self._ttl:
                 return [], ""  # expired (and not yet deleted): a new conversation
-            tail = self._tails.get(conversation_id, limit)
+            tail = self._tails.tail(conversation_id, limit)
             if tail is not None:
+                last, kept = tail
                 rows = db.execute(
                     "SELECT seq, body FROM messages WHERE conversation_id = ? AND seq >= ? "
                     "ORDER BY seq",
-                    (conversation_id, tail.last),
+                    (conversation_id, last),
                 ).fetchall()
-                if rows and rows[0][0] == tail.last:  # still there: read only what is new
-                    messages = self._tails.extend(conversation_id, tail, rows[1:])
+                if rows and rows[0][0] == last:  # still there: read only what is new
+                    messages = self._tails.record(conversation_id, limit, rows[1:], kept, last)
                     return list(messages), str(head[0])
             rows = db.execute(
                 "SELECT seq, body FROM (SELECT seq, body FROM messages WHERE conversation_id = ? "
@@ -206,7 +188,7 @@ class SqliteStore(_CommitCounts):
             ).fetchall()
         except sqlite3.Error as err:
             raise Unavailable(f"conversation store unavailable: {err}") from None
-        messages = self._tails.put(conversation_id, limit, rows)
+        messages = self._tails.record(conversation_id, limit, rows)
         return list(messages), str(head[0])
 
     # -- writes ---------------------------------------------------------------------------
@@ -261,14 +243,9 @@ class SqliteStore(_CommitCounts):
                 "SELECT conversation_id FROM conversations WHERE updated < ? LIMIT 256", (cutoff,)
             ).fetchall()
             if ids:
-                db.execute("BEGIN IMMEDIATE")
-                try:
+                with _transaction(db):
                     db.executemany("DELETE FROM messages WHERE conversation_id = ?", ids)
                     db.executemany("DELETE FROM conversations WHERE conversation_id = ?", ids)
-                    db.execute("COMMIT")
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
         except sqlite3.Error as err:
             log.warning("conversation store: deleting expired conversations failed: %s", err)
             ids = []
@@ -280,8 +257,7 @@ class SqliteStore(_CommitCounts):
         db = self._writer_db
         now = self._clock()
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(db):
                 if self._ttl is not None:  # an expired conversation's id starts a new one
                     cutoff = now - self._ttl
                     db.executemany(
@@ -301,10 +277,6 @@ class SqliteStore(_CommitCounts):
                 )
                 if self._before_commit is not None:
                     self._before_commit(len(batch))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         except Exception as err:  # noqa: BLE001 (a hook or SQLite: the batch fails, the writer goes on)
             return Unavailable(f"conversation store unavailable: {type(err).__name__}: {err}")
         self._committed(len(batch))
@@ -317,6 +289,18 @@ class SqliteStore(_CommitCounts):
         await asyncio.to_thread(self._thread.join)
         self._reader_db.close()
         self._writer_db.close()
+
+
+@contextlib.contextmanager
+def _transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed when the block ends, rolled back when it raises."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _private_dirs(directory: Path) -> None:
