@@ -22,6 +22,8 @@ from typing import Any, TypeAlias
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh.lifecycle import wait_set
+
 log = logging.getLogger("mesh.server")
 
 Status: TypeAlias = int
@@ -105,12 +107,7 @@ class Health(health_pb2_grpc.HealthServicer):
         """Wait (at most ``timeout``) until every Watch stream has ended: after the drain
         began, each ends once it has written NOT_SERVING. Stopping the server before
         that could cut the write, and a watcher would see the end without the status."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._quiet.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._quiet, timeout)
 
     async def _watch(self, request: health_pb2.HealthCheckRequest, context: Context) -> None:
         last: Status | None = None

@@ -119,12 +119,17 @@ class Lifecycle:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no turn is in flight; False when the timeout ran out first."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, timeout)
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) until ``event`` is set; False when it was not."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 _DRAIN = object()

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.config import MeshConfig
 from mesh.errors import MeshError
+from mesh.lifecycle import wait_set
 from mesh.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("mesh.router.pool")
@@ -230,12 +231,7 @@ class AgentPool:
 
     async def wait_endpoint(self, endpoint: Endpoint, timeout: float) -> bool:
         """Wait until this one endpoint reports SERVING."""
-        try:
-            async with asyncio.timeout(timeout):
-                await endpoint.ready.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(endpoint.ready, timeout)
 
     async def wait_healthy(self, agent: str, timeout: float) -> bool:
         """Wait until ``agent`` has a healthy endpoint (used at start-up and in tests)."""
